@@ -1,0 +1,119 @@
+"sft_nb.data against TRL 1.16 on every format, and prefix-diff assistant masks against TRL's marked training templates."
+import tempfile
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+import trl
+from trl import SFTConfig as TRLConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from sft_nb.config import SFTConfig
+from sft_nb.data import prepare_dataset, DataFormatError
+from sft_nb.tiny import tiny_tokenizer, tiny_dataset, tiny_conversations, CHATML_TEMPLATE, CHATML_GENERATION_TEMPLATE
+
+TEMPLATES = Path(trl.__file__).parent/'chat_templates'
+
+def trl_prepare(ds, tok, packing=False, **kw):
+    "TRL's own `_prepare_dataset`, with the attributes its `__init__` would set"
+    args = TRLConfig(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False, **kw)
+    first = ds[0]
+    t = SFTTrainer.__new__(SFTTrainer)
+    t._tokenizer = tok
+    t.completion_only_loss = ('prompt' in first and 'completion' in first) if args.completion_only_loss is None else args.completion_only_loss
+    swap = args.assistant_only_loss and not has_generation_markers(tok.chat_template)
+    t.chat_template = get_training_chat_template(tok) if swap else None
+    return t._prepare_dataset(ds, tok, args, packing=packing, formatting_func=None, dataset_name='train')
+
+def ours(ds, tok, **kw): return prepare_dataset(ds, tok, SFTConfig(output_dir=tempfile.mkdtemp(), report_to=[], **kw))
+
+def same(a, b):
+    assert a['input_ids'][:] == b['input_ids'][:]
+    assert a['labels'][:] == b['labels'][:]
+
+@pytest.mark.parametrize('kind', ['conversational', 'prompt_completion', 'conversational_prompt_completion', 'text'])
+@pytest.mark.parametrize('kw', [{}, {'max_length': 20}, {'max_length': 20, 'truncation_mode': 'keep_end'}, {'completion_only_loss': False}])
+def test_formats_match_trl(kind, kw):
+    tok, ds = tiny_tokenizer(), tiny_dataset(kind, n=48)
+    same(ours(ds, tok, **kw), trl_prepare(ds, tok, **kw))
+
+@pytest.mark.parametrize('kind', ['conversational', 'conversational_prompt_completion'])
+def test_assistant_only_loss_matches_trl_with_markers(kind):
+    tok = tiny_tokenizer(CHATML_GENERATION_TEMPLATE)
+    ds = tiny_dataset(kind, n=48)
+    same(ours(ds, tok, assistant_only_loss=True, max_length=40), trl_prepare(ds, tok, assistant_only_loss=True, max_length=40))
+
+def test_prefix_diff_matches_markers():
+    ds = Dataset.from_list(tiny_conversations(64, max_turns=4))
+    same(ours(ds, tiny_tokenizer(CHATML_TEMPLATE), assistant_only_loss=True), ours(ds, tiny_tokenizer(CHATML_GENERATION_TEMPLATE), assistant_only_loss=True))
+
+def test_packing_keeps_full_rows():
+    tok, ds = tiny_tokenizer(), tiny_dataset('prompt_completion', n=8)
+    out = ours(ds, tok, max_length=4, packing=True)
+    assert len(out) == 8 and max(map(len, out['input_ids'][:])) > 4
+
+def test_num_proc_same_result():
+    tok, ds = tiny_tokenizer(), Dataset.from_list(tiny_conversations(40))
+    same(ours(ds, tok, assistant_only_loss=True, dataset_num_proc=2), ours(ds, tok, assistant_only_loss=True))
+
+def test_tokenized_round_trip():
+    tok, ds = tiny_tokenizer(), tiny_dataset('prompt_completion', n=16)
+    a = ours(ds, tok)
+    same(ours(a, tok), a)
+    b = ours(Dataset.from_dict({'input_ids': a['input_ids'][:], 'completion_mask': [[int(l != -100) for l in x] for x in a['labels'][:]]}), tok)
+    same(b, a)
+
+def test_local_json_file(tmp_path):
+    from sft_nb.tiny import save_tiny_dataset
+    from datasets import load_dataset
+    save_tiny_dataset(tmp_path, 'conversational', n=12)
+    ds = load_dataset('json', data_files=str(tmp_path/'train.jsonl'), split='train')
+    tok = tiny_tokenizer()
+    same(ours(ds, tok, assistant_only_loss=True), trl_prepare(ds, tok, assistant_only_loss=True))
+
+# Stock templates without markers, through the tiny BPE with each template's control tokens added
+STOCK = {
+    'llama3': (['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], '<|begin_of_text|>', '<|eot_id|>'),
+    'qwen2_5': ([], None, '<|im_end|>'),
+    'gemma': (['<start_of_turn>', '<end_of_turn>'], '<bos>', '<eos>'),
+}
+
+def template_tokenizer(template, specials, bos, eos):
+    t = tiny_tokenizer(template)
+    t.add_special_tokens({'additional_special_tokens': specials + [x for x in (bos, eos) if x]})
+    if bos: t.bos_token = bos
+    if eos: t.eos_token = eos
+    return t
+
+def chats(n=24, system=False):
+    return Dataset.from_list(tiny_conversations(n, max_turns=4, system=system))
+
+@pytest.mark.parametrize('name', list(STOCK))
+def test_stock_template_matches_trl_training_template(name):
+    "Our diff on the stock template trains the same tokens as TRL's swapped-in `{% generation %}` training template"
+    tok = template_tokenizer((TEMPLATES/f'{name}.jinja').read_text(), *STOCK[name])
+    assert not has_generation_markers(tok.chat_template) and get_training_chat_template(tok) is not None
+    ds = chats()
+    a, b = ours(ds, tok, assistant_only_loss=True, max_length=None), trl_prepare(ds, tok, assistant_only_loss=True, max_length=None)
+    assert a['input_ids'][:] == b['input_ids'][:]
+    for x, ya, yb in zip(a['input_ids'][:], a['labels'][:], b['labels'][:]):
+        assert any(l != -100 for l in ya)
+        # TRL's qwen2_5_training.jinja also trains the newline after the assistant header and after <|im_end|>, which the
+        # model never generates; everything else, the end-of-turn token included, is trained by both
+        for t, la, lb in zip(x, ya, yb):
+            if la != lb: assert la == -100 and tok.decode([t]).strip() == '', (name, tok.decode([t]))
+
+def test_qwen3_nesting_error_and_training_template():
+    tok = template_tokenizer((TEMPLATES/'qwen3.jinja').read_text(), ['<think>', '</think>'], None, '<|im_end|>')
+    multi = Dataset.from_list([r for r in tiny_conversations(40, max_turns=3, system=False) if len(r['messages']) > 2])
+    with pytest.raises(DataFormatError, match="qwen3_training.jinja"): ours(multi, tok, assistant_only_loss=True)
+    tok.chat_template = (TEMPLATES/'qwen3_training.jinja').read_text()
+    # markers and prefix diff agree on TRL's training template (prepare_dataset checks it), and TRL agrees with us
+    same(ours(multi, tok, assistant_only_loss=True), trl_prepare(multi, tok, assistant_only_loss=True))
+
+def test_bad_rows_name_row_and_field():
+    tok = tiny_tokenizer()
+    rows = tiny_conversations(30) + [{'messages': [{'role': 'user', 'content': None}]}]
+    with pytest.raises(DataFormatError, match=r"Row 30, field `messages\[0\].content`: expected a string, found None"):
+        ours(rows, tok)
