@@ -1,0 +1,174 @@
+"Packing and the collator against TRL 1.16 and against running each document alone, on more cases than the notebook shows."
+import warnings
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from datasets import Dataset
+from trl.data_utils import pack_dataset as trl_pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLCollator
+
+from sft_nb.packing import DataCollatorForLanguageModeling, bfd_assign, pack_dataset, pack_table
+from sft_nb.tiny import tiny_dataset, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:packing_strategy=.wrapped.")
+
+def random_docs(n, max_len, seed, long_frac=0.1):
+    "Documents whose tokens encode (document, position), so every packed token can be traced back"
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(0, max_len + 1, n)
+    lens[rng.random(n) < long_frac] *= 3                        # some longer than a row
+    ids = [[d * 10_000 + p for p in range(l)] for d, l in enumerate(lens)]
+    labels = [[-100 if p % 3 == 0 else t for p, t in enumerate(x)] for x in ids]
+    return Dataset.from_dict({'input_ids': ids, 'labels': labels})
+
+def check_rows(packed, seq_length):
+    "Rows fit, `seq_lengths` add up, labels stay aligned, every document piece is a contiguous run of one document"
+    for row in packed:
+        ids, labels, sl = row['input_ids'], row['labels'], row['seq_lengths']
+        assert len(ids) <= seq_length and sum(sl) == len(ids) == len(labels)
+        for piece, lab in zip(np.split(np.array(ids), np.cumsum(sl)[:-1]), np.split(np.array(labels), np.cumsum(sl)[:-1])):
+            assert len(set(piece // 10_000)) == 1 and (np.diff(piece) == 1).all()
+            assert ((lab == -100) == (piece % 10_000 % 3 == 0)).all() and (lab[lab != -100] == piece[lab != -100]).all()
+
+@pytest.mark.parametrize('strategy', ['bfd', 'bfd_split', 'wrapped'])
+@pytest.mark.parametrize('seed', range(4))
+def test_same_rows_as_trl_within_one_block(strategy, seed):
+    "Below 1000 rows TRL packs one block, so the rows must be identical, order included"
+    ds = random_docs(500, 40, seed)
+    assert pack_dataset(ds, 32, strategy)[:] == trl_pack_dataset(ds, 32, strategy)[:]
+
+@pytest.mark.parametrize('seed', range(3))
+def test_whole_dataset_fills_rows_at_least_as_well_as_trl(seed):
+    ds = random_docs(5000, 60, seed)
+    for strategy in ('bfd', 'bfd_split'):
+        ours, stats = pack_dataset(ds, 64, strategy, return_stats=True)
+        trl = trl_pack_dataset(ds, 64, strategy)
+        check_rows(ours, 64)
+        assert len(ours) <= len(trl)
+        trl_tokens = sum(map(len, trl['input_ids']))
+        assert stats['tokens'] == trl_tokens and stats['efficiency'] >= trl_tokens / (64 * len(trl))
+        assert stats['efficiency'] == pytest.approx(stats['tokens'] / (64 * len(ours)))
+
+def test_split_keeps_every_token_truncate_counts_what_it_drops():
+    ds = random_docs(3000, 50, 7)
+    all_tokens = sorted(t for x in ds['input_ids'] for t in x)
+    split, s1 = pack_dataset(ds, 48, 'bfd_split', return_stats=True)
+    assert sorted(t for x in split['input_ids'] for t in x) == all_tokens and s1['truncated_tokens'] == 0
+    trunc, s2 = pack_dataset(ds, 48, 'bfd', return_stats=True)
+    kept = sorted(t for x in trunc['input_ids'] for t in x)
+    assert kept == sorted(t for x in ds['input_ids'] for t in x[:48])
+    assert s2['truncated_tokens'] == len(all_tokens) - len(kept) > 0
+
+def test_bfd_is_best_fit_decreasing_at_scale():
+    "A million documents: every row within capacity, every document placed once, and no row left that a later one could fill"
+    lens = np.minimum(np.random.default_rng(0).geometric(1 / 40, 1_000_000), 512)
+    order, row = bfd_assign(lens, 512)
+    assert sorted(order.tolist()) == list(range(len(lens)))
+    fill = np.bincount(row, weights=lens[order])
+    assert fill.max() <= 512 and (512 - fill).min() >= 0
+    assert fill.sum() / (512 * len(fill)) > 0.999
+
+@pytest.mark.parametrize('strategy', ['bfd', 'bfd_split', 'wrapped'])
+def test_columns_with_different_buffer_offsets(strategy):
+    "A sliced column (values buffer starting before its first row) packs like a fresh one"
+    sliced = pa.array([[9, 9, 9], [1, 2, 3, 4, 5], [6, 7]]).slice(1)
+    fresh = pa.array([[1, 2, 3, 4, 5], [6, 7]])
+    out, _ = pack_table(pa.table({'input_ids': sliced, 'labels': fresh}), 4, strategy)
+    ref, _ = pack_table(pa.table({'input_ids': fresh, 'labels': fresh}), 4, strategy)
+    assert out.to_pydict() == ref.to_pydict()
+    assert out['input_ids'].to_pylist() == out['labels'].to_pylist()
+
+@pytest.mark.parametrize('seed', range(5))
+@pytest.mark.parametrize('kw', [dict(), dict(pad_to_multiple_of=8), dict(padding_free=True), dict(padding_free=True, pad_to_multiple_of=16)])
+def test_collator_matches_trl_on_unpacked_rows(seed, kw):
+    rng = np.random.default_rng(seed)
+    rows = [{'input_ids': rng.integers(0, 50, n).tolist()} for n in rng.integers(1, 20, 6)]
+    for r in rows: r['labels'] = [-100 if i < 2 else t for i, t in enumerate(r['input_ids'])]
+    ours, trl = DataCollatorForLanguageModeling(99, **kw)(rows), TRLCollator(99, return_position_ids=True, **kw)(rows)
+    assert set(ours) == set(trl)
+    for k in ours: assert (torch.as_tensor(ours[k]) == torch.as_tensor(trl[k])).all(), k
+
+def test_collator_packed_rows():
+    ds = random_docs(300, 30, 3)
+    packed = pack_dataset(ds, 32)
+    rows = [packed[i] for i in range(8)]
+    b = DataCollatorForLanguageModeling(0, pad_to_multiple_of=8)(rows)
+    assert 'attention_mask' not in b and b['use_cache'] is False
+    B, T = b['input_ids'].shape
+    assert B == 8 and T % 8 == 0
+    for i, r in enumerate(rows):
+        starts = np.cumsum([0] + r['seq_lengths'][:-1])
+        pos = b['position_ids'][i].tolist()
+        assert [pos[s] for s in starts] == [0] * len(starts)
+        assert all(b['labels'][i, s] == -100 for s in starts)          # no prediction across a document boundary
+        n = len(r['input_ids'])
+        assert pos[n:] == list(range(T - n))                          # the padding is one more document
+        assert (b['labels'][i, n:] == -100).all() and (b['input_ids'][i, n:] == 0).all()
+        keep = [j for j in range(n) if j not in set(starts)]
+        assert b['labels'][i, keep].tolist() == [r['labels'][j] for j in keep]
+
+def tokenized_docs(n, seed=0):
+    tok = tiny_tokenizer()
+    docs = [tok(t)['input_ids'] for t in tiny_dataset('text', n=n, seed=seed)['text']]
+    return tok, docs, Dataset.from_dict({'input_ids': docs, 'labels': docs})
+
+def doc_spans(packed):
+    return [(r, s - l, s) for r, sl in enumerate(packed['seq_lengths']) for s, l in zip(np.cumsum(sl), sl)]
+
+@pytest.mark.parametrize('arch', ['llama', 'qwen2'])
+@pytest.mark.parametrize('impl', ['sdpa', 'eager'])
+@pytest.mark.parametrize('strategy', ['bfd', 'bfd_split'])
+def test_packed_logits_equal_each_document_alone(arch, impl, strategy):
+    tok, docs, ds = tokenized_docs(40)
+    packed = pack_dataset(ds, {'bfd': 40, 'bfd_split': 7}[strategy], strategy)   # documents are 5-10 tokens: 7 splits some
+    assert any(len(sl) > 1 for sl in packed['seq_lengths'])
+    batch = DataCollatorForLanguageModeling(tok.pad_token_id, pad_to_multiple_of=16)([packed[i] for i in range(len(packed))])
+    model = tiny_model(arch, tokenizer=tok).eval()
+    model.set_attn_implementation(impl)
+    model.config.use_cache = True             # like most hub configs: the batch itself must switch the cache off
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits
+        for r, s, e in doc_spans(packed):
+            alone = model(input_ids=batch['input_ids'][r:r + 1, s:e], use_cache=False).logits[0]
+            torch.testing.assert_close(logits[r, s:e], alone, atol=1e-5, rtol=1e-4)
+
+@pytest.mark.parametrize('bad', ['all_ones_mask', 'use_cache'])
+def test_cross_document_attention_is_detected(bad):
+    "What the tests above guard against: either change silently lets documents see each other"
+    tok, docs, ds = tokenized_docs(30)
+    packed = pack_dataset(ds, 48)
+    batch = DataCollatorForLanguageModeling(tok.pad_token_id)([packed[i] for i in range(len(packed))])
+    batch = {**batch, 'attention_mask': torch.ones_like(batch['input_ids'])} if bad == 'all_ones_mask' else {**batch, 'use_cache': True}
+    model = tiny_model(tokenizer=tok).eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits
+        diffs = [(logits[r, s:e] - model(input_ids=batch['input_ids'][r:r + 1, s:e]).logits[0]).abs().max() for r, s, e in doc_spans(packed)]
+    assert max(diffs) > 1e-3
+
+def test_packed_loss_and_gradients_equal_documents_alone():
+    "Training on packed rows is training on the documents: same loss, same gradients"
+    tok, docs, ds = tokenized_docs(24, seed=3)
+    packed = pack_dataset(ds, 64)
+    batch = DataCollatorForLanguageModeling(tok.pad_token_id)([packed[i] for i in range(len(packed))])
+    model = tiny_model(tokenizer=tok)
+    model(**batch).loss.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    n = sum(len(d) - 1 for d in docs)
+    total = sum(model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * (len(d) - 1) for d in docs) / n
+    total.backward()
+    for g, p in zip(packed_grads, model.parameters()): torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+def test_trainer_trains_on_packed_batches(tmp_path):
+    "transformers.Trainer accepts the batch as is (use_cache and the varlen ints included) and the loss goes down"
+    from transformers import Trainer, TrainingArguments
+    tok, docs, ds = tokenized_docs(256)
+    packed = pack_dataset(ds, 128)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=30, learning_rate=3e-3,
+                             logging_steps=5, report_to=[], remove_unused_columns=False, save_strategy='no', use_cpu=True)
+    trainer = Trainer(model=tiny_model(tokenizer=tok), args=args, train_dataset=packed,
+                      data_collator=DataCollatorForLanguageModeling(tok.pad_token_id))
+    trainer.train()
+    losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.8
