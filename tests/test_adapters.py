@@ -186,3 +186,19 @@ def test_qlora_merge_after_training_matches_adapter_on_full_precision_base(tiny_
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path/'merged')(input_ids=X).logits, on_full(input_ids=X).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(input_ids=X).logits, on_full(input_ids=X).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_qlora_on_cuda_grads_match_dequantized_reference(tiny_path):
+    "bfloat16 compute on CUDA: same comparison as on CPU, within bfloat16 rounding"
+    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True, dtype='bfloat16'))
+    ref = _dequantized_twin(q, tiny_path).to('cuda', torch.bfloat16)
+    torch.manual_seed(0); q = apply_peft(q, _lora())
+    ref = apply_peft(ref, _lora())
+    set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
+    x = X.cuda()
+    def grads(m):
+        m.zero_grad(); m(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+    got, want = grads(q), grads(ref)
+    for k in want: torch.testing.assert_close(got[k], want[k], rtol=0.1, atol=1e-3, msg=k)
