@@ -202,3 +202,14 @@ def test_qlora_on_cuda_grads_match_dequantized_reference(tiny_path):
         return {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
     got, want = grads(q), grads(ref)
     for k in want: torch.testing.assert_close(got[k], want[k], rtol=0.1, atol=1e-3, msg=k)
+
+
+def test_qlora_merge_needs_to_know_its_base(tiny_path):
+    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora())
+    q.peft_config['default'].base_model_name_or_path = None
+    with pytest.raises(ValueError, match="can't be reloaded in full precision"): merge_adapters(q)
+
+
+def test_load_model_on_an_adapter_folder_points_to_load_adapter(tiny_path, tmp_path):
+    apply_peft(load_model(tiny_path), _lora()).save_pretrained(tmp_path/'ad')
+    with pytest.raises(FileNotFoundError, match='load_adapter'): load_model(tmp_path/'ad')
