@@ -1,0 +1,215 @@
+"LoRA / DoRA / QLoRA beyond the notebook page: QLoRA gradients against an fp32 reference, 8-bit, saving, merging, TRL parity."
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+bnb = pytest.importorskip('bitsandbytes')
+
+from sft_nb.adapters import (apply_peft, count_parameters, get_peft_config, is_peft_model, load_adapter, merge_adapters,
+                             trainable_report)
+from sft_nb.config import ModelConfig
+from sft_nb.models import keep_bnb_layout, load_model, load_tokenizer, prepare_tokenizer
+from sft_nb.tiny import save_tiny
+
+X = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope='module')
+def tiny_path(tmp_path_factory): return save_tiny(tmp_path_factory.mktemp('a')/'tiny')
+
+
+def _lora(**kw): return LoraConfig(r=4, lora_alpha=8, target_modules='all-linear', init_lora_weights=False, lora_dropout=0.0, **kw)
+
+
+def _dequantized_twin(qmodel, path):
+    "An fp32 model whose linear layers hold exactly the dequantized 4-bit weights of `qmodel`"
+    ref = load_model(path, dtype='float32')
+    mods = dict(ref.named_modules())
+    for name, m in qmodel.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            mods[name].weight.data.copy_(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float())
+    return ref
+
+
+def _grads(model):
+    model.zero_grad()
+    model(input_ids=X, labels=X).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _eval_pass(model):
+    "What an evaluation step does: eval mode, no gradients, a forward"
+    model.eval()
+    with torch.no_grad(): model(input_ids=X)
+    model.train()
+
+
+def _qlora_pair(path, quant_type, nested, **lora_kw):
+    q = load_model(path, model_args=ModelConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, use_bnb_nested_quant=nested))
+    ref = _dequantized_twin(q, path)
+    torch.manual_seed(0); q = apply_peft(q, _lora(**lora_kw))
+    ref = apply_peft(ref, _lora(**lora_kw))
+    set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
+    return q, ref
+
+
+def _assert_grads_close(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize('quant_type,nested', [('nf4', True), ('nf4', False), ('fp4', True)])
+def test_qlora_grads_match_dequantized_fp32_before_and_after_eval(tiny_path, quant_type, nested):
+    q, ref = _qlora_pair(tiny_path, quant_type, nested)
+    want = _grads(ref)
+    _assert_grads_close(_grads(q), want)
+    _eval_pass(q)
+    _assert_grads_close(_grads(q), want)
+
+
+def test_qdora_grads_match_dequantized_fp32(tiny_path):
+    q, ref = _qlora_pair(tiny_path, 'nf4', True, use_dora=True)
+    want = _grads(ref)
+    _assert_grads_close(_grads(q), want)
+    _eval_pass(q)
+    _assert_grads_close(_grads(q), want)
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason='the repacking only happens on CPUs with AVX512-BF16')
+def test_without_the_layout_fix_grads_go_wrong_after_eval(tiny_path):
+    "The reason for keep_bnb_layout: re-enable bitsandbytes' CPU repacking and the same test fails"
+    q, ref = _qlora_pair(tiny_path, 'nf4', True)
+    for m in q.modules():
+        if isinstance(m, bnb.nn.Linear4bit): m.support_avx512bf16_for_cpu = True
+    want = _grads(ref)
+    _eval_pass(q)
+    got = _grads(q)
+    worst = max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)
+    assert worst > 0.05, worst  # not rounding: the weights the backward pass reads are no longer the model's
+
+
+def test_4bit_save_after_eval_reloads_same_model(tiny_path, tmp_path):
+    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True))
+    q.eval()
+    with torch.no_grad(): before = q(input_ids=X).logits
+    q.save_pretrained(tmp_path/'q4')
+    again = load_model(tmp_path/'q4').eval()
+    with torch.no_grad(): torch.testing.assert_close(again(input_ids=X).logits, before)
+
+
+def test_keep_bnb_layout_counts_layers(tiny_path):
+    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True))
+    assert keep_bnb_layout(q) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert keep_bnb_layout(load_model(tiny_path)) == 0
+
+
+def test_4bit_parameter_count_matches_peft(tiny_path):
+    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora())
+    full = apply_peft(load_model(tiny_path), _lora())
+    assert count_parameters(q) == tuple(q.get_nb_trainable_parameters()) == count_parameters(full)
+    assert trainable_report(q) == trainable_report(full)
+
+
+def test_8bit_lora_trains(tiny_path):
+    m = load_model(tiny_path, model_args=ModelConfig(load_in_8bit=True))
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == 'Linear8bitLt'
+    torch.manual_seed(0); m = apply_peft(m, LoraConfig(r=4, target_modules='all-linear'))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = m(input_ids=X, labels=X).loss; loss.backward(); opt.step(); opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_peft_model_passed_in_trains(tiny_path, tmp_path):
+    "trl #3926: a PeftModel loaded without is_trainable had frozen adapters and trained nothing"
+    apply_peft(load_model(tiny_path), _lora()).save_pretrained(tmp_path/'ad')
+    frozen = PeftModel.from_pretrained(load_model(tiny_path), tmp_path/'ad')
+    model = apply_peft(frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if 'lora_' in n}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(input_ids=X, labels=X).loss.backward(); opt.step()
+    changed = [n for n, p in model.named_parameters() if 'lora_' in n and not torch.equal(p, before[n])]
+    assert len(changed) == len(before) > 0
+
+
+def test_get_peft_config_matches_trl_but_defaults_to_all_linear():
+    from trl.trainer.utils import get_peft_config as trl_get_peft_config
+    args = ModelConfig(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.1, use_rslora=True, use_dora=True,
+                       lora_target_modules=['q_proj'], lora_modules_to_save=['lm_head'])
+    ours, trl = get_peft_config(args).to_dict(), trl_get_peft_config(args).to_dict()
+    assert ours == trl
+    assert get_peft_config(ModelConfig(use_peft=True)).target_modules == 'all-linear'
+    assert trl_get_peft_config(ModelConfig(use_peft=True)).target_modules is None
+
+
+def _train_step(model, ids, lr=0.5):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_added_tokens_train_save_reload_and_merge(tiny_path, tmp_path, tied):
+    "Rows of added tokens train with LoRA, are saved with the adapter, reload, and survive merging"
+    path = save_tiny(tmp_path/'base', tie_word_embeddings=tied)
+    tok, model = load_tokenizer(path), load_model(path)
+    tok.add_special_tokens({'additional_special_tokens': ['<|tool|>']})
+    prepare_tokenizer(tok, model)
+    new_id = tok.convert_tokens_to_ids('<|tool|>')
+    model = apply_peft(model, _lora())
+    if not tied: assert 'lm_head' in model.peft_config['default'].modules_to_save
+    ids = torch.tensor([[5, new_id, 7, new_id, 9]])
+    emb_before = model.get_input_embeddings()(torch.tensor([new_id, 5])).detach().clone()
+    _train_step(model, ids)
+    emb_after = model.get_input_embeddings()(torch.tensor([new_id, 5])).detach()
+    assert not torch.allclose(emb_after[0], emb_before[0])  # the new row trained
+    torch.testing.assert_close(emb_after[1], emb_before[1])  # old rows did not
+    model.eval()
+    with torch.no_grad(): want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path/'ad'); tok.save_pretrained(tmp_path/'ad')
+    loaded = load_adapter(tmp_path/'ad').eval()
+    with torch.no_grad(): torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    merged = merge_adapters(tmp_path/'ad', tmp_path/'merged', tokenizer=tok)
+    assert not is_peft_model(merged)
+    again = load_model(tmp_path/'merged')
+    with torch.no_grad(): torch.testing.assert_close(again(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_merge_after_training_matches_adapter_on_full_precision_base(tiny_path, tmp_path):
+    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora(use_dora=True))
+    _train_step(q, X, lr=0.05)
+    _eval_pass(q)
+    q.save_pretrained(tmp_path/'qad')
+    merged = merge_adapters(q, tmp_path/'merged')
+    on_full = load_adapter(tmp_path/'qad', is_trainable=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path/'merged')(input_ids=X).logits, on_full(input_ids=X).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=X).logits, on_full(input_ids=X).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_qlora_on_cuda_grads_match_dequantized_reference(tiny_path):
+    "bfloat16 compute on CUDA: same comparison as on CPU, within bfloat16 rounding"
+    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True, dtype='bfloat16'))
+    ref = _dequantized_twin(q, tiny_path).to('cuda', torch.bfloat16)
+    torch.manual_seed(0); q = apply_peft(q, _lora())
+    ref = apply_peft(ref, _lora())
+    set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
+    x = X.cuda()
+    def grads(m):
+        m.zero_grad(); m(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+    got, want = grads(q), grads(ref)
+    for k in want: torch.testing.assert_close(got[k], want[k], rtol=0.1, atol=1e-3, msg=k)
+
+
+def test_qlora_merge_needs_to_know_its_base(tiny_path):
+    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora())
+    q.peft_config['default'].base_model_name_or_path = None
+    with pytest.raises(ValueError, match="can't be reloaded in full precision"): merge_adapters(q)
+
+
+def test_load_model_on_an_adapter_folder_points_to_load_adapter(tiny_path, tmp_path):
+    apply_peft(load_model(tiny_path), _lora()).save_pretrained(tmp_path/'ad')
+    with pytest.raises(FileNotFoundError, match='load_adapter'): load_model(tmp_path/'ad')
