@@ -51,14 +51,14 @@ def _handler(state: HubState, base_url):
         def _error(self, status, msg, code=None):
             self._send(status, {'error': msg}, {'X-Error-Code': code, 'X-Error-Message': msg} if code else {'X-Error-Message': msg})
 
-        def _body(self):
-            n = int(self.headers.get('Content-Length') or 0)
-            return self.rfile.read(n) if n else b''
+        def _body(self): return self.data
 
         def _authed(self): return (self.headers.get('Authorization') or '').startswith('Bearer ')
 
         def _route(self):
             path = urlparse(self.path).path
+            n = int(self.headers.get('Content-Length') or 0)
+            self.data = self.rfile.read(n) if n else b''  # always consumed, so a kept-alive connection stays in sync
             state.requests.append((self.command, path, self.headers.get('Authorization')))
             status = state.take_failure(path)
             if status: return self._error(status, f'injected failure {status}')
@@ -161,6 +161,20 @@ def _handler(state: HubState, base_url):
             r.messages = getattr(r, 'messages', []) + [header and header.get('summary')]
             self._send(200, {'commitUrl': f'{base_url}/{repo_id}/commit/{sha}', 'commitOid': sha, 'pullRequestUrl': None})
 
+        def validate_yaml(self):
+            "Like the Hub: the README's metadata must be a YAML mapping, and `base_model` a model id, never a path"
+            import yaml
+            text = json.loads(self._body())['content']
+            m = re.match(r'^---\n(.*?)\n---', text, re.S)
+            errors = []
+            try: meta = yaml.safe_load(m.group(1)) if m else {}
+            except yaml.YAMLError as e: meta, errors = {}, [{'message': f'invalid YAML: {e}'}]
+            if not isinstance(meta, dict): errors.append({'message': 'metadata is not a mapping'})
+            else:
+                for b in [meta.get('base_model')] if isinstance(meta.get('base_model'), str) else meta.get('base_model') or []:
+                    if not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', b) or b.startswith('.'): errors.append({'message': f'"base_model" {b!r} is not a valid model id'})
+            self._send(400 if errors else 200, {'errors': errors, 'warnings': []})
+
         # -- download
         def resolve(self, repo_id, rev, path):
             r = state.repos.get(repo_id)
@@ -175,6 +189,7 @@ def _handler(state: HubState, base_url):
 
     R = r'([^/]+/[^/]+)'
     ROUTES = [('POST', r'/api/repos/create', H.create_repo),
+              ('POST', r'/api/validate-yaml', H.validate_yaml),
               ('POST', rf'/api/models/{R}/branch/(.+)', H.create_branch),
               ('POST', rf'/api/models/{R}/preupload/(.+)', H.preupload),
               ('POST', rf'/api/models/{R}/commit/(.+)', H.commit),
