@@ -326,3 +326,22 @@ def test_xet_upload_path_reports_clearly(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
         assert 'PUSHERROR' in r.stdout and 'xet-write-token' in r.stdout
         assert any('/xet-write-token/' in path for _, path, _ in hub.state.requests)
+
+@pytest.mark.parametrize('strategy', ['every_save', 'end'])
+def test_hub_strategies(tmp_path, strategy):
+    "every_save: a root commit per checkpoint and no checkpoint folder; end: nothing until push_to_hub"
+    with HubServer() as hub:
+        r = run_py(f"""
+        tr = make_trainer({str(tmp_path/'run')!r}, max_steps=4, push_to_hub=True, hub_model_id='me/s', hub_strategy={strategy!r},
+                          hub_token={SECRET!r}, hub_revision='exp')
+        tr.train()
+        tr.push_to_hub()
+        """, env=hub_env(hub, tmp_path))
+        assert r.returncode == 0, r.stderr[-4000:]
+        repo = hub.state.repos['me/s']
+        want = ['Training in progress, step 2', 'Training in progress, step 4', 'End of training'] if strategy == 'every_save' else ['End of training']
+        assert repo.messages == want
+        files = hub.files('me/s', 'exp')
+        assert 'model.safetensors' in files and not any(f.startswith('last-checkpoint') for f in files)
+        assert 'optimizer.pt' not in files and hub.files('me/s', 'main') == {}
+        assert 'library_name: transformers' in files['README.md'].decode()
