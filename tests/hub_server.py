@@ -1,0 +1,229 @@
+"""A small Hub-compatible HTTP server on 127.0.0.1 for tests: the endpoints huggingface_hub 2.x uses to create a repo,
+create a branch, upload (preupload, LFS batch + PUT, commit) and download (resolve, model info, tree).
+
+It is not the Hub: no auth model beyond "a token must be sent to write", one namespace, no Xet CAS. It records every
+request, can fail the next N matching requests with a status code (to test retries), and answers Xet write-token
+requests with 501 (see `xet_token`)."""
+import base64, hashlib, json, re, threading, time, uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+
+class Repo:
+    def __init__(self, private):
+        self.private, self.branches, self.commits = private, {'main': {}}, {'main': [self._sha()]}
+
+    @staticmethod
+    def _sha(): return hashlib.sha1(uuid.uuid4().bytes).hexdigest()
+
+
+class HubState:
+    def __init__(self):
+        self.repos, self.lfs, self.requests, self.failures, self.lock = {}, {}, [], [], threading.Lock()
+
+    def fail(self, times, status=500, path_re='.*'):
+        "Answer the next `times` requests whose path matches `path_re` with `status`"
+        self.failures.append([times, status, re.compile(path_re)])
+
+    def take_failure(self, path):
+        with self.lock:
+            for f in self.failures:
+                if f[0] > 0 and f[2].search(path):
+                    f[0] -= 1
+                    return f[1]
+
+
+def _handler(state: HubState, base_url):
+    class H(BaseHTTPRequestHandler):
+        protocol_version = 'HTTP/1.1'
+        def log_message(self, *a): pass
+
+        # -- helpers
+        def _send(self, status, body=b'', headers=None, ctype='application/json'):
+            if isinstance(body, (dict, list)): body = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header('Content-Type', ctype)
+            self.send_header('Content-Length', str(len(body)))
+            for k, v in (headers or {}).items(): self.send_header(k, v)
+            self.end_headers()
+            if self.command != 'HEAD': self.wfile.write(body)
+
+        def _error(self, status, msg, code=None):
+            self._send(status, {'error': msg}, {'X-Error-Code': code, 'X-Error-Message': msg} if code else {'X-Error-Message': msg})
+
+        def _body(self): return self.data
+
+        def _authed(self): return (self.headers.get('Authorization') or '').startswith('Bearer ')
+
+        def _route(self):
+            path = urlparse(self.path).path
+            n = int(self.headers.get('Content-Length') or 0)
+            self.data = self.rfile.read(n) if n else b''  # always consumed, so a kept-alive connection stays in sync
+            state.requests.append((self.command, path, self.headers.get('Authorization')))
+            status = state.take_failure(path)
+            if status: return self._error(status, f'injected failure {status}')
+            for method, pat, fn in ROUTES:
+                m = re.fullmatch(pat, path)
+                if m and method == self.command: return fn(self, *[unquote(g) for g in m.groups()])
+            self._error(404, f'no route for {self.command} {path}')
+
+        do_GET = do_POST = do_PUT = do_HEAD = _route
+
+        # -- repos
+        def create_repo(self):
+            if not self._authed(): return self._error(401, 'Invalid credentials: a token is required to create a repo')
+            p = json.loads(self._body())
+            repo_id = f"{p.get('organization') or 'user'}/{p['name']}"
+            if repo_id in state.repos: return self._send(409, {'error': 'You already created this model repo', 'url': f'{base_url}/{repo_id}'})
+            state.repos[repo_id] = Repo(p.get('visibility') == 'private' or p.get('private', False))
+            self._send(200, {'url': f'{base_url}/{repo_id}', 'name': repo_id})
+
+        def repo(self, repo_id):
+            r = state.repos.get(repo_id)
+            if r is None: self._error(404, f'Repository {repo_id} not found', 'RepoNotFound')
+            return r
+
+        def create_branch(self, repo_id, branch):
+            if (r := self.repo(repo_id)) is None: return
+            if branch in r.branches: return self._error(409, f'Branch {branch} already exists')
+            r.branches[branch], r.commits[branch] = dict(r.branches['main']), [r.commits['main'][-1]]
+            self._send(200, {})
+
+        def _files(self, repo_id, rev):
+            if (r := self.repo(repo_id)) is None: return None, None
+            rev = 'main' if rev in (None, 'main') else rev
+            for b, shas in r.commits.items():
+                if rev in shas: rev = b
+            if rev not in r.branches: self._error(404, f'Revision {rev} not found', 'RevisionNotFound'); return None, None
+            return r.branches[rev], r.commits[rev][-1]
+
+        def model_info(self, repo_id, rev=None):
+            files, sha = self._files(repo_id, rev)
+            if files is None: return
+            self._send(200, {'id': repo_id, 'modelId': repo_id, 'sha': sha, 'private': state.repos[repo_id].private,
+                             'siblings': [{'rfilename': f} for f in sorted(files)], 'tags': [], 'downloads': 0, 'likes': 0})
+
+        def tree(self, repo_id, rev, prefix=''):
+            files, _ = self._files(repo_id, rev)
+            if files is None: return
+            prefix = prefix.strip('/')
+            items = [{'type': 'file', 'path': f, 'size': len(d), 'oid': hashlib.sha1(d).hexdigest()}
+                     for f, d in sorted(files.items()) if not prefix or f.startswith(prefix + '/')]
+            self._send(200, items)
+
+        # -- upload
+        def preupload(self, repo_id, rev):
+            if not self._authed(): return self._error(401, 'Invalid credentials')
+            if self._files(repo_id, rev)[0] is None: return
+            p = json.loads(self._body())
+            modes = [{'path': f['path'], 'uploadMode': 'lfs' if f['size'] > 1024 or f['path'].endswith('.safetensors') else 'regular',
+                      'shouldIgnore': False} for f in p['files']]
+            self._send(200, {'files': modes, 'commitOid': state.repos[repo_id].commits['main'][-1]})
+
+        def lfs_batch(self, repo_id):
+            if not self._authed(): return self._error(401, 'Invalid credentials')
+            p = json.loads(self._body())
+            objs = [{'oid': o['oid'], 'size': o['size']} | ({} if o['oid'] in state.lfs else
+                    {'actions': {'upload': {'href': f"{base_url}/_lfs/{o['oid']}"}}}) for o in p['objects']]
+            self._send(200, {'transfer': 'basic', 'objects': objs})
+
+        def lfs_put(self, oid):
+            data = self._body()
+            if hashlib.sha256(data).hexdigest() != oid: return self._error(400, 'sha256 mismatch')
+            state.lfs[oid] = data
+            self._send(200, b'', ctype='text/plain')
+
+        def xet_token(self, repo_id, kind, rev):
+            # A real Hub answers with a CAS endpoint + short-lived token; hf_xet then speaks the CAS protocol (xorbs,
+            # shards, reconstructions) to that server. We do not emulate CAS, so say so the way an unsupported Hub would.
+            self._error(501, 'Xet storage is not available on this test server')
+
+        def commit(self, repo_id, rev):
+            if not self._authed(): return self._error(401, 'Invalid credentials')
+            files, _ = self._files(repo_id, rev)
+            if files is None: return
+            new, header = dict(files), None
+            for line in self._body().decode().splitlines():
+                op = json.loads(line)
+                k, v = op['key'], op['value']
+                if k == 'header': header = v
+                elif k == 'file': new[v['path']] = base64.b64decode(v['content'])
+                elif k == 'lfsFile':
+                    if v['oid'] not in state.lfs: return self._error(422, f"LFS object {v['oid']} was never uploaded")
+                    new[v['path']] = state.lfs[v['oid']]
+                elif k == 'deletedFile': new.pop(v['path'], None)
+                elif k == 'deletedFolder': new = {f: d for f, d in new.items() if not f.startswith(v['path'].rstrip('/') + '/')}
+            r = state.repos[repo_id]
+            branch = 'main' if rev in (None, 'main') else rev
+            sha = Repo._sha()
+            r.branches[branch] = new
+            r.commits[branch].append(sha)
+            r.messages = getattr(r, 'messages', []) + [header and header.get('summary')]
+            self._send(200, {'commitUrl': f'{base_url}/{repo_id}/commit/{sha}', 'commitOid': sha, 'pullRequestUrl': None})
+
+        def validate_yaml(self):
+            "Like the Hub: the README's metadata must be a YAML mapping, and `base_model` a model id, never a path"
+            import yaml
+            text = json.loads(self._body())['content']
+            m = re.match(r'^---\n(.*?)\n---', text, re.S)
+            errors = []
+            try: meta = yaml.safe_load(m.group(1)) if m else {}
+            except yaml.YAMLError as e: meta, errors = {}, [{'message': f'invalid YAML: {e}'}]
+            if not isinstance(meta, dict): errors.append({'message': 'metadata is not a mapping'})
+            else:
+                for b in [meta.get('base_model')] if isinstance(meta.get('base_model'), str) else meta.get('base_model') or []:
+                    if not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', b) or b.startswith('.'): errors.append({'message': f'"base_model" {b!r} is not a valid model id'})
+            self._send(400 if errors else 200, {'errors': errors, 'warnings': []})
+
+        # -- download
+        def resolve(self, repo_id, rev, path):
+            r = state.repos.get(repo_id)
+            if r is not None and r.private and not self._authed(): return self._error(401, 'Invalid credentials', 'RepoNotFound')
+            files, sha = self._files(repo_id, rev)
+            if files is None: return
+            if path not in files: return self._error(404, f'Entry {path} not found', 'EntryNotFound')
+            data = files[path]
+            etag = f'"{hashlib.sha256(data).hexdigest()}"'
+            self._send(200, data, {'X-Repo-Commit': sha, 'ETag': etag, 'X-Linked-Etag': etag, 'X-Linked-Size': str(len(data))},
+                       ctype='application/octet-stream')
+
+    R = r'([^/]+/[^/]+)'
+    ROUTES = [('POST', r'/api/repos/create', H.create_repo),
+              ('POST', r'/api/validate-yaml', H.validate_yaml),
+              ('POST', rf'/api/models/{R}/branch/(.+)', H.create_branch),
+              ('POST', rf'/api/models/{R}/preupload/(.+)', H.preupload),
+              ('POST', rf'/api/models/{R}/commit/(.+)', H.commit),
+              ('GET', rf'/api/models/{R}/xet-(read|write)-token/(.+)', H.xet_token),
+              ('GET', rf'/api/models/{R}/revision/(.+)', H.model_info),
+              ('GET', rf'/api/models/{R}/tree/([^/]+)/?(.*)', H.tree),
+              ('GET', rf'/api/models/{R}', H.model_info),
+              ('POST', rf'/{R}\.git/info/lfs/objects/batch', H.lfs_batch),
+              ('PUT', r'/_lfs/([0-9a-f]+)', H.lfs_put),
+              ('HEAD', rf'/{R}/resolve/([^/]+)/(.+)', H.resolve),
+              ('GET', rf'/{R}/resolve/([^/]+)/(.+)', H.resolve)]
+    return H
+
+
+class HubServer:
+    "Start with `with HubServer() as hub:`; `hub.url` is the endpoint, `hub.state` what it holds and saw"
+    def __init__(self):
+        self.state = HubState()
+        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), None)
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        self.httpd.RequestHandlerClass = _handler(self.state, self.url)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown(); self.httpd.server_close()
+
+    def files(self, repo_id, branch='main'): return self.state.repos[repo_id].branches[branch]
+
+
+if __name__ == '__main__':
+    with HubServer() as hub:
+        print(hub.url, flush=True)
+        while True: time.sleep(3600)

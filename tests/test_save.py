@@ -1,0 +1,347 @@
+"Crash safety (processes killed mid-save), full / LoRA / merged round trips, rotation, disk faults, and pushes to a local Hub server"
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest, torch, transformers
+from huggingface_hub import ModelCard
+from transformers.trainer_utils import get_last_checkpoint
+
+from sft_nb.tiny import tiny_model, tiny_tokenizer, tiny_dataset, save_tiny
+from sft_nb import save as S
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import HubServer
+
+transformers.logging.set_verbosity_error()
+IDS = torch.tensor([[5, 17, 42, 9, 3, 77]])
+
+def logits(m):
+    m.eval()
+    with torch.no_grad(): return m(IDS).logits
+
+# A trainer script run in a child process (so it can be killed, or pointed at a local Hub before import).
+TRAIN = """
+import os, sys, time, json, torch, transformers
+from pathlib import Path
+from transformers import Trainer, TrainingArguments, DataCollatorForLanguageModeling
+from sft_nb.tiny import tiny_model, tiny_tokenizer, tiny_dataset
+from sft_nb.save import CrashSafeSaveMixin
+transformers.logging.set_verbosity_error()
+torch.manual_seed(0)
+class T(CrashSafeSaveMixin, Trainer): pass
+tok = tiny_tokenizer()
+texts = tiny_dataset('text', n=32).map(lambda r: tok(r['text']), remove_columns=['text'])
+def make_trainer(out, model=None, eval_dataset=None, **kw):
+    kw = {'max_steps': 6, 'save_steps': 2, 'per_device_train_batch_size': 8, 'learning_rate': 1e-2, 'report_to': [], 'use_cpu': True,
+          'logging_steps': 1, **kw}
+    return T(model=model or tiny_model(tokenizer=tok), args=TrainingArguments(str(out), **kw), train_dataset=texts,
+             processing_class=tok, data_collator=DataCollatorForLanguageModeling(tok, mlm=False), eval_dataset=eval_dataset)
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+    base = transformers.AutoModelForCausalLM.from_pretrained(os.environ['BASE'])
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
+"""
+
+def run_py(code, env=None, timeout=300, **kw):
+    env = {**os.environ, 'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    return subprocess.run([sys.executable, '-c', TRAIN + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+def spawn(code, env=None):
+    env = {**os.environ, 'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    return subprocess.Popen([sys.executable, '-c', TRAIN + textwrap.dedent(code)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def wait_for(pred, proc, timeout=120):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None: pytest.fail(f"child exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout: proc.kill(); pytest.fail('timed out waiting for the child')
+        time.sleep(0.02)
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory): return save_tiny(tmp_path_factory.mktemp('base')/'tiny')
+
+# ---------------------------------------------------------------- crash safety
+
+def test_kill_during_checkpoint_keeps_previous(tmp_path):
+    "SIGKILL while checkpoint-4 is being written: checkpoint-2 stays complete and loadable, and training resumes from it"
+    out = tmp_path/'run'
+    proc = spawn(f"""
+    orig = T._save_rng_state
+    def slow(self, d):
+        orig(self, d)
+        if self.state.global_step == 4: print('IN_SAVE', flush=True); time.sleep(60)
+    T._save_rng_state = slow
+    make_trainer({str(out)!r}).train()
+    """)
+    wait_for(lambda: (out/'_tmp-checkpoint-4'/'checkpoint-4'/'rng_state.pth').exists(), proc)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out/'checkpoint-4').exists()
+    assert get_last_checkpoint(str(out)) == str(out/'checkpoint-2')
+    ck = out/'checkpoint-2'
+    S.verify_saved(ck)
+    assert json.loads((ck/'trainer_state.json').read_text())['global_step'] == 2
+    transformers.AutoModelForCausalLM.from_pretrained(ck)
+    r = run_py(f"""
+    tr = make_trainer({str(out)!r})
+    tr.train(resume_from_checkpoint=True)
+    print(json.dumps({{'step': tr.state.global_step, 'dirs': sorted(p.name for p in Path({str(out)!r}).iterdir())}}))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res['step'] == 6
+    assert res['dirs'] == ['checkpoint-2', 'checkpoint-4', 'checkpoint-6']  # the killed save's temp folder was cleaned
+
+def test_kill_during_final_save_keeps_previous(tmp_path):
+    "SIGKILL in the middle of `save_model`: the previous save in the folder still loads, with its own logits"
+    tok = tiny_tokenizer()
+    first = tiny_model(tokenizer=tok, seed=1)
+    S.save_model(first, tmp_path/'final', tok)
+    proc = spawn(f"""
+    import sft_nb.save as S
+    orig = S._write_weights
+    def slow(*a, **k):
+        orig(*a, **k); print('WROTE', flush=True); time.sleep(60)
+    S._write_weights = slow
+    S.save_model(tiny_model(tokenizer=tok, seed=2), {str(tmp_path/'final')!r}, tok)
+    """)
+    wait_for(lambda: any((p/'model.safetensors').exists() for p in tmp_path.glob('_tmp-final*')), proc)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'final')), logits(first))
+
+def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
+    "An OSError (ENOSPC) while writing checkpoint-4 publishes nothing and leaves checkpoint-2 intact"
+    ns = {}
+    exec(TRAIN, ns)
+    tr = ns['make_trainer'](tmp_path/'run', max_steps=4)
+    orig = S._write_weights
+    def full(model, path, *a, **k):
+        if tr.state.global_step == 4:
+            (Path(path)/'model.safetensors').write_bytes(b'\0' * 10)
+            raise OSError(28, 'No space left on device')
+        return orig(model, path, *a, **k)
+    monkeypatch.setattr(S, '_write_weights', full)
+    with pytest.raises(OSError, match='No space left'): tr.train()
+    assert not (tmp_path/'run'/'checkpoint-4').exists()
+    S.verify_saved(tmp_path/'run'/'checkpoint-2')
+
+def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
+    tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok)
+    S.save_model(m, tmp_path/'m', tok)
+    before = {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()}
+    monkeypatch.setattr(S, '_write_weights', lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
+    with pytest.raises(OSError): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
+    assert {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ['m']
+
+# ---------------------------------------------------------------- rotation
+
+def _fake_ckpt(run, step, complete=True):
+    (run/f'checkpoint-{step}').mkdir(parents=True)
+    if complete: (run/f'checkpoint-{step}'/'trainer_state.json').write_text('{}')
+
+def test_rotation_keeps_newest_complete_and_best(tmp_path):
+    for s in [2, 4, 6, 8]: _fake_ckpt(tmp_path, s)
+    _fake_ckpt(tmp_path, 10, complete=False)  # a half-written folder from an older, non-atomic run
+    deleted = S.rotate_checkpoints(tmp_path, 2, best=str(tmp_path/'checkpoint-2'))
+    assert sorted(p.name for p in deleted) == ['checkpoint-4', 'checkpoint-6']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-10', 'checkpoint-2', 'checkpoint-8']
+    assert S.rotate_checkpoints(tmp_path, 1, best=str(tmp_path/'checkpoint-2')) == []  # both left are protected
+    assert S.rotate_checkpoints(tmp_path, 1, protect=[str(tmp_path/'checkpoint-2')]) == []
+    assert S.rotate_checkpoints(tmp_path, None) == []
+
+def test_trainer_rotation_keeps_best(tmp_path):
+    "With eval each save and the first checkpoint the best, save_total_limit=1 keeps it and the newest; state points at final paths"
+    ns = {}
+    exec(TRAIN, ns)
+    tr = ns['make_trainer'](tmp_path/'run', save_total_limit=1, eval_strategy='steps', eval_steps=2, metric_for_best_model='eval_loss',
+                            greater_is_better=True, eval_dataset=ns['texts'].select(range(8)))  # loss falls: step 2 is "best"
+    tr.train()
+    assert sorted(p.name for p in (tmp_path/'run').iterdir()) == ['checkpoint-2', 'checkpoint-6']
+    assert tr.state.best_model_checkpoint == str(tmp_path/'run'/'checkpoint-2')
+    saved = json.loads((tmp_path/'run'/'checkpoint-2'/'trainer_state.json').read_text())
+    assert saved['best_model_checkpoint'] == str(tmp_path/'run'/'checkpoint-2')
+
+# ---------------------------------------------------------------- round trips
+
+def test_full_roundtrip_sharded(tmp_path):
+    tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok)
+    out = S.save_model(m, tmp_path/'m', tok, max_shard_size='40KB')
+    idx = json.loads((out/'model.safetensors.index.json').read_text())
+    assert len(set(idx['weight_map'].values())) > 2
+    assert 'lm_head.weight' not in idx['weight_map']
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(out)), logits(m))
+
+def test_untied_model_saves_lm_head(tmp_path):
+    tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok, tie_word_embeddings=False)
+    assert 'lm_head.weight' in S.verify_saved(S.save_model(m, tmp_path/'m', tok), m)
+
+def test_lora_trainer_roundtrip_card_and_merged(tmp_path, base, monkeypatch):
+    "A LoRA run: adapter-only checkpoints with a peft card, final adapter and merged model reload to the trainer's logits"
+    from peft import AutoPeftModelForCausalLM
+    ns = {}
+    monkeypatch.setenv('BASE', str(base))
+    exec(TRAIN, ns)
+    tr = ns['make_trainer'](tmp_path/'run', model=ns['lora_model'](), max_steps=4, learning_rate=5e-2)
+    tr.args.save_merged_model = True
+    tr.card_info = {'dataset_name': 'trl-lib/Capybara', 'tags': ['math'], 'license': 'apache-2.0'}
+    tr.train()
+    ck = tmp_path/'run'/'checkpoint-4'
+    assert (ck/'adapter_model.safetensors').exists() and not (ck/'model.safetensors').exists()
+    assert not (ck/'merged').exists()  # merged only for the final save
+    tr.save_model()
+    out = tmp_path/'run'
+    card = ModelCard.load(out/'README.md')
+    assert card.data.library_name == 'peft' and card.data.base_model is None  # base is a local path
+    assert card.data.tags == ['sft', 'sft_nb', 'lora', 'math'] and card.data.license == 'apache-2.0'
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{out.resolve()}")' in card.text
+    assert 'final train loss' in card.text and 'lora_r | 4' in card.text and (out/'loss_curve.png').exists()
+    want = logits(tr.model)
+    assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(out)), want, atol=1e-5)
+    assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(ck)), want, atol=1e-5)
+    assert torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(out/'merged')), want, atol=1e-5)
+    assert not torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(base)), want, atol=1e-3)  # it did train
+
+def test_save_over_previous_save_drops_stale_shards(tmp_path):
+    "A sharded save followed by an unsharded one into the trainer's folder leaves no old shard or index behind"
+    ns = {}
+    exec(TRAIN, ns)
+    tr = ns['make_trainer'](tmp_path/'run', max_steps=1, save_strategy='no')
+    tr.train()
+    tr.args.max_shard_size = '40KB'
+    tr.save_model()
+    assert (tmp_path/'run'/'model.safetensors.index.json').exists()
+    tr.args.max_shard_size = '5GB'
+    tr.save_model()
+    names = sorted(p.name for p in (tmp_path/'run').iterdir())
+    assert 'model.safetensors' in names and not [n for n in names if n.startswith('model-') or n.endswith('index.json')]
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'run')), logits(tr.model))
+
+# ---------------------------------------------------------------- the Hub
+
+def hub_env(hub, tmp_path, xet=False, token=None):
+    env = {'HF_ENDPOINT': hub.url, 'HF_HUB_OFFLINE': '0', 'TRANSFORMERS_OFFLINE': '0', 'HF_DATASETS_OFFLINE': '0',
+           'HF_HUB_DISABLE_XET': '0' if xet else '1', 'HF_HOME': str(tmp_path/'hf_home'), 'HF_HUB_DISABLE_PROGRESS_BARS': '1'}
+    env = {**{k: v for k, v in os.environ.items() if k != 'HF_TOKEN'}, **env}
+    if token: env['HF_TOKEN'] = token
+    return env
+
+SECRET = 'hf_SECRET_test_token_123'
+
+def test_push_lora_run_and_download(tmp_path, base):
+    "hub_strategy=checkpoint: each save pushed (root + last-checkpoint/), then the final push; download gives the same logits"
+    with HubServer() as hub:
+        r = run_py(f"""
+        tr = make_trainer({str(tmp_path/'run')!r}, model=lora_model(), max_steps=4, learning_rate=5e-2, push_to_hub=True,
+                          hub_model_id='me/tiny-lora', hub_strategy='checkpoint', hub_token={SECRET!r}, hub_private_repo=True)
+        tr.train()
+        tr.push_to_hub(commit_message='End of training')
+        torch.save(tr.model.eval()(torch.tensor([[5, 17, 42, 9, 3, 77]])).logits.detach(), {str(tmp_path/'want.pt')!r})
+        from peft import AutoPeftModelForCausalLM
+        got = AutoPeftModelForCausalLM.from_pretrained('me/tiny-lora', token={SECRET!r}).eval()(torch.tensor([[5, 17, 42, 9, 3, 77]])).logits
+        torch.save(got.detach(), {str(tmp_path/'got.pt')!r})
+        """, env=hub_env(hub, tmp_path) | {'BASE': str(base)})
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert torch.allclose(torch.load(tmp_path/'got.pt'), torch.load(tmp_path/'want.pt'), atol=1e-6)
+        repo = hub.state.repos['me/tiny-lora']
+        files = repo.branches['main']
+        assert repo.private
+        assert {'adapter_model.safetensors', 'adapter_config.json', 'README.md', 'loss_curve.png', 'tokenizer.json'} <= set(files)
+        assert 'last-checkpoint/optimizer.pt' in files and 'last-checkpoint/trainer_state.json' in files
+        assert 'optimizer.pt' not in files and not any(f.startswith(('checkpoint-', '_')) for f in files)
+        assert repo.messages[-1] == 'End of training' and 'Training in progress, step 2' in repo.messages
+        card = files['README.md'].decode()
+        assert 'library_name: peft' in card and 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-lora")' in card
+        for name, data in files.items(): assert SECRET.encode() not in data, name
+        for p in (tmp_path/'run').rglob('*'):
+            if p.is_file(): assert SECRET.encode() not in p.read_bytes(), p
+        assert SECRET not in r.stdout + r.stderr
+        writes = [a for m, path, a in hub.state.requests if m in ('POST', 'PUT') and '/_lfs/' not in path]
+        assert writes and all(a == f'Bearer {SECRET}' for a in writes)
+
+def test_push_full_model_to_revision_and_download(tmp_path):
+    with HubServer() as hub:
+        r = run_py(f"""
+        from sft_nb.save import push_to_hub, save_model
+        m = tiny_model(tokenizer=tok)
+        save_model(m, {str(tmp_path/'m')!r}, tok, max_shard_size='100KB')
+        info = push_to_hub({str(tmp_path/'m')!r}, 'me/full', token={SECRET!r}, revision='dev', commit_message='v1')
+        got = transformers.AutoModelForCausalLM.from_pretrained('me/full', revision='dev').eval()
+        x = torch.tensor([[5, 17, 42, 9, 3, 77]])
+        assert torch.equal(got(x).logits, m.eval()(x).logits)
+        print('OK', info.oid)
+        """, env=hub_env(hub, tmp_path))
+        assert r.returncode == 0, r.stderr[-4000:]
+        dev = hub.files('me/full', 'dev')
+        assert 'model.safetensors.index.json' in dev and hub.files('me/full', 'main') == {}
+
+def test_push_retries_server_errors(tmp_path):
+    with HubServer() as hub:
+        hub.state.fail(2, 500, r'/commit/')
+        r = run_py(f"""
+        from sft_nb.save import push_to_hub, save_model
+        save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
+        push_to_hub({str(tmp_path/'m')!r}, 'me/flaky', token={SECRET!r}, wait=0.1)
+        """, env=hub_env(hub, tmp_path))
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert 'model.safetensors' in hub.files('me/flaky')
+        assert sum(path.endswith('/commit/main') for _, path, _ in hub.state.requests) >= 3
+
+def test_push_gives_up_with_clear_error_and_local_save_intact(tmp_path):
+    with HubServer() as hub:
+        hub.state.fail(100, 503, r'/commit/')
+        r = run_py(f"""
+        from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+        save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
+        try: push_to_hub({str(tmp_path/'m')!r}, 'me/down', token={SECRET!r}, retries=2, wait=0.05)
+        except PushError as e: print('PUSHERROR', e)
+        verify_saved({str(tmp_path/'m')!r})
+        """, env=hub_env(hub, tmp_path))
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert 'PUSHERROR' in r.stdout and 'after 3 attempts' in r.stdout and 'The local save in' in r.stdout
+        assert SECRET not in r.stdout + r.stderr
+
+def test_push_without_token_fails_before_training(tmp_path):
+    with HubServer() as hub:
+        r = run_py(f"""
+        try: make_trainer({str(tmp_path/'run')!r}, push_to_hub=True, hub_model_id='me/x')
+        except ValueError as e: print('EARLY', e)
+        """, env=hub_env(hub, tmp_path))
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert 'EARLY' in r.stdout and 'no Hugging Face token' in r.stdout
+        assert not hub.state.repos and not (tmp_path/'run').exists()
+
+def test_xet_upload_path_reports_clearly(tmp_path):
+    """With hf_xet enabled, huggingface_hub 2.x uploads through the Xet CAS protocol; this server does not emulate CAS and
+    answers the xet-write-token request with 501. The push must fail with a clear PushError and leave the local save intact."""
+    with HubServer() as hub:
+        r = run_py(f"""
+        from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+        save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
+        try: push_to_hub({str(tmp_path/'m')!r}, 'me/xet', token={SECRET!r}, retries=1, wait=0.05)
+        except PushError as e: print('PUSHERROR', e)
+        verify_saved({str(tmp_path/'m')!r})
+        """, env=hub_env(hub, tmp_path, xet=True))
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert 'PUSHERROR' in r.stdout and 'xet-write-token' in r.stdout
+        assert any('/xet-write-token/' in path for _, path, _ in hub.state.requests)
+
+@pytest.mark.parametrize('strategy', ['every_save', 'end'])
+def test_hub_strategies(tmp_path, strategy):
+    "every_save: a root commit per checkpoint and no checkpoint folder; end: nothing until push_to_hub"
+    with HubServer() as hub:
+        r = run_py(f"""
+        tr = make_trainer({str(tmp_path/'run')!r}, max_steps=4, push_to_hub=True, hub_model_id='me/s', hub_strategy={strategy!r},
+                          hub_token={SECRET!r}, hub_revision='exp')
+        tr.train()
+        tr.push_to_hub()
+        """, env=hub_env(hub, tmp_path))
+        assert r.returncode == 0, r.stderr[-4000:]
+        repo = hub.state.repos['me/s']
+        want = ['Training in progress, step 2', 'Training in progress, step 4', 'End of training'] if strategy == 'every_save' else ['End of training']
+        assert repo.messages == want
+        files = hub.files('me/s', 'exp')
+        assert 'model.safetensors' in files and not any(f.startswith('last-checkpoint') for f in files)
+        assert 'optimizer.pt' not in files and hub.files('me/s', 'main') == {}
+        assert 'library_name: transformers' in files['README.md'].decode()
