@@ -4,7 +4,15 @@ __version__ = "0.0.1"
 # Public names load on first use, so `import sft_nb` stays cheap (no torch/transformers import).
 _LAZY = {
     'SFTConfig': 'config', 'ModelConfig': 'config', 'ScriptArguments': 'config', 'DatasetMixtureConfig': 'config',
-    'parse_args': 'config',
+    'DatasetConfig': 'config', 'parse_args': 'config',
+    'load_model': 'models', 'load_tokenizer': 'models', 'prepare_tokenizer': 'models', 'get_quantization_config': 'models',
+    'clone_chat_template': 'models',
+    'get_peft_config': 'adapters', 'apply_peft': 'adapters', 'merge_adapters': 'adapters', 'load_adapter': 'adapters',
+    'prepare_dataset': 'data', 'show_trained': 'data',
+    'pack_dataset': 'packing', 'DataCollatorForLanguageModeling': 'packing',
+    'sft_loss': 'loss',
+    'save_model': 'save', 'write_model_card': 'save', 'push_to_hub': 'save',
+    'SFTTrainer': 'trainer',
 }
 
 def __getattr__(name):

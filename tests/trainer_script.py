@@ -1,0 +1,45 @@
+"""Train the tiny model with SFTTrainer, for tests that need a separate process (kill, signals, accelerate launch).
+
+python trainer_script.py OUT_DIR [--max_steps N] [--kill_at STEP] [--resume] [--record FILE] [--per_device B] [--ga G]
+"""
+import argparse, json, os, signal, sys
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import torch
+from transformers import TrainerCallback
+from sft_nb import SFTConfig, SFTTrainer
+from sft_nb.tiny import tiny_dataset
+
+p = argparse.ArgumentParser()
+p.add_argument('out'); p.add_argument('--max_steps', type=int, default=12); p.add_argument('--kill_at', type=int, default=0)
+p.add_argument('--sigterm_at', type=int, default=0); p.add_argument('--resume', action='store_true'); p.add_argument('--record', default='')
+p.add_argument('--per_device', type=int, default=8); p.add_argument('--ga', type=int, default=1); p.add_argument('--save_steps', type=int, default=4)
+a = p.parse_args()
+torch.set_num_threads(1)
+
+class Hooks(TrainerCallback):
+    "Record what each rank trained on; kill or signal this process at a given step"
+    def __init__(self): self.seen = []
+    def on_step_end(self, args, state, control, **kw):
+        if a.kill_at and state.global_step == a.kill_at: os.kill(os.getpid(), signal.SIGKILL)
+        if a.sigterm_at and state.global_step == a.sigterm_at: os.kill(os.getpid(), signal.SIGTERM)
+
+hooks = Hooks()
+model_dir = os.path.join(a.out, 'base')  # written by the test before launch, so every rank finds it
+
+args = SFTConfig(output_dir=os.path.join(a.out, 'run'), max_steps=a.max_steps, per_device_train_batch_size=a.per_device,
+                 gradient_accumulation_steps=a.ga, learning_rate=3e-3, lr_scheduler_type='constant', logging_steps=1,
+                 save_strategy='steps', save_steps=a.save_steps, gradient_checkpointing=False, report_to='none',
+                 use_cpu=True, seed=0, data_seed=0, assistant_only_loss=True, dataloader_drop_last=True)
+trainer = SFTTrainer(model=model_dir, args=args, train_dataset=tiny_dataset(n=256), callbacks=[hooks])
+orig = trainer.compute_loss
+def recording_compute_loss(model, inputs, *args_, **kw):
+    hooks.seen.append(inputs['input_ids'][:, :64].tolist())
+    return orig(model, inputs, *args_, **kw)
+trainer.compute_loss = recording_compute_loss
+try:
+    trainer.train(resume_from_checkpoint=True if a.resume else None)
+finally:
+    if a.record:
+        with open(f"{a.record}.rank{trainer.args.process_index}", "w") as f:
+            json.dump({'seen': hooks.seen, 'log': trainer.state.log_history, 'step': trainer.state.global_step}, f)
+trainer.save_model(os.path.join(a.out, 'final'))
