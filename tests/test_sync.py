@@ -26,3 +26,7 @@ def test_notebooks_clean(tmp_path):
     dirty = [str(p.relative_to(tmp_path/'nbs')) for p in sorted((tmp_path/'nbs').rglob('*.ipynb'))
              if p.read_text() != (ROOT/'nbs'/p.relative_to(tmp_path/'nbs')).read_text()]
     assert not dirty, f"notebooks not clean: {dirty}: run `nbdev-clean` and commit the result."
+
+def test_readme_is_generated_from_index():
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'make_readme.py'), '--check'])
+    assert r.returncode == 0, "README.md is stale: run `python tools/make_readme.py` (it renders nbs/index.ipynb) and commit it."
