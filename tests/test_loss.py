@@ -88,3 +88,18 @@ def test_loss_curve_matches_trl(tmp_path):
     assert get(ours, 'mean_token_accuracy') == pytest.approx(get(trl, 'mean_token_accuracy'), rel=1e-4, abs=1e-6)
     assert get(ours, 'entropy') == pytest.approx(get(trl, 'entropy'), rel=1e-4)
     assert get(ours, 'num_tokens') == get(trl, 'num_tokens')
+
+def test_evaluate_logs_metrics(tmp_path):
+    "evaluate() gives the mean NLL over all labelled eval tokens' batches and eval_ metrics, without touching the train counters"
+    ds, tok = _dataset(8)
+    t = LossTrainer(model=tiny_model(tokenizer=tok), args=_args(tmp_path, per_device_eval_batch_size=4), eval_dataset=ds,
+                    data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
+    m = t.evaluate()
+    batches = [DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)([ds[i] for i in range(j, j+4)]) for j in (0, 4)]
+    with torch.no_grad():
+        ref = [sft_loss(t.model, b) for b in batches]
+    assert m['eval_loss'] == pytest.approx(sum(l.item() for l, _ in ref) / 2, rel=1e-5)
+    n = sum(s['n_labelled'].item() for _, s in ref)
+    assert m['eval_mean_token_accuracy'] == pytest.approx(sum(s['n_correct'].item() for _, s in ref) / n)
+    assert m['eval_entropy'] == pytest.approx(sum(s['entropy_sum'].item() for _, s in ref) / n, rel=1e-5)
+    assert t.token_counter.num_tokens == 0 and 'eval_num_tokens' not in m
