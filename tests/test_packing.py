@@ -179,3 +179,20 @@ def test_trainer_trains_on_packed_batches(tmp_path):
     trainer.train()
     losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.8
+
+@pytest.mark.parametrize('strategy', ['bfd', 'bfd_split', 'wrapped'])
+def test_many_chunks_and_small_blocks_pack_like_one_chunk(strategy, monkeypatch):
+    "Tokens are gathered chunk by chunk and block by block: the result must not depend on either"
+    import sft_nb.packing as P
+    ds = random_docs(400, 30, 11)
+    whole = pack_table(ds.data.table.combine_chunks(), 32, strategy)[0].to_pydict()
+    chunked = pa.Table.from_batches(ds.data.table.combine_chunks().to_batches(max_chunksize=37))
+    assert chunked['input_ids'].num_chunks > 5
+    blocks = P._blocks
+    monkeypatch.setattr(P, '_blocks', lambda n: blocks(n, size=50))   # about 10 blocks per chunk
+    assert pack_table(chunked, 32, strategy)[0].to_pydict() == whole
+
+def test_missing_tokens_are_reported():
+    t = pa.table({'input_ids': pa.array([[1, 2], [3, None]])})
+    with pytest.raises(ValueError, match=r"Column `input_ids` has missing values in rows 0..1"):
+        pack_table(t, 4)
