@@ -120,17 +120,24 @@ def doc_spans(packed):
 @pytest.mark.parametrize('impl', ['sdpa', 'eager'])
 @pytest.mark.parametrize('strategy', ['bfd', 'bfd_split'])
 def test_packed_logits_equal_each_document_alone(arch, impl, strategy):
+    check_packed_logits(arch, impl, strategy)
+
+def test_flex_attention_packed_logits():
+    "flex_attention builds its block mask from the same position_ids (one case: it compiles for every shape)"
+    check_packed_logits('llama', 'flex_attention', 'bfd')
+
+def check_packed_logits(arch, impl, strategy):
     tok, docs, ds = tokenized_docs(40)
     packed = pack_dataset(ds, {'bfd': 40, 'bfd_split': 7}[strategy], strategy)   # documents are 5-10 tokens: 7 splits some
     assert any(len(sl) > 1 for sl in packed['seq_lengths'])
     batch = DataCollatorForLanguageModeling(tok.pad_token_id, pad_to_multiple_of=16)([packed[i] for i in range(len(packed))])
-    model = tiny_model(arch, tokenizer=tok).eval()
+    model, ref = tiny_model(arch, tokenizer=tok).eval(), tiny_model(arch, tokenizer=tok).eval()   # same weights
     model.set_attn_implementation(impl)
     model.config.use_cache = True             # like most hub configs: the batch itself must switch the cache off
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits
-        for r, s, e in doc_spans(packed):
-            alone = model(input_ids=batch['input_ids'][r:r + 1, s:e], use_cache=False).logits[0]
+        for r, s, e in doc_spans(packed):      # each document alone, plain causal sdpa (flex would compile per length)
+            alone = ref(input_ids=batch['input_ids'][r:r + 1, s:e]).logits[0]
             torch.testing.assert_close(logits[r, s:e], alone, atol=1e-5, rtol=1e-4)
 
 @pytest.mark.parametrize('bad', ['all_ones_mask', 'use_cache'])
@@ -172,3 +179,20 @@ def test_trainer_trains_on_packed_batches(tmp_path):
     trainer.train()
     losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.8
+
+@pytest.mark.parametrize('strategy', ['bfd', 'bfd_split', 'wrapped'])
+def test_many_chunks_and_small_blocks_pack_like_one_chunk(strategy, monkeypatch):
+    "Tokens are gathered chunk by chunk and block by block: the result must not depend on either"
+    import sft_nb.packing as P
+    ds = random_docs(400, 30, 11)
+    whole = pack_table(ds.data.table.combine_chunks(), 32, strategy)[0].to_pydict()
+    chunked = pa.Table.from_batches(ds.data.table.combine_chunks().to_batches(max_chunksize=37))
+    assert chunked['input_ids'].num_chunks > 5
+    blocks = P._blocks
+    monkeypatch.setattr(P, '_blocks', lambda n: blocks(n, size=50))   # about 10 blocks per chunk
+    assert pack_table(chunked, 32, strategy)[0].to_pydict() == whole
+
+def test_missing_tokens_are_reported():
+    t = pa.table({'input_ids': pa.array([[1, 2], [3, None]])})
+    with pytest.raises(ValueError, match=r"Column `input_ids` has missing values in rows 0..1"):
+        pack_table(t, 4)
