@@ -99,7 +99,10 @@ def test_combinations_train(tmp_path, adapter, packing, data):
     kind, kw = DATA[data]
     model = save_tiny(tmp_path/'m')
     t = _train(tmp_path, model, _args(tmp_path/'o', packing=packing, **kw), tiny_dataset(kind, n=64), **ADAPTERS[adapter])
-    if packing: assert 'seq_lengths' in t.train_dataset.column_names or 'position_ids' in t.train_dataset.column_names or len(t.train_dataset) < 64
+    if packing:  # rows hold several documents, each restarting its positions, and nothing merges them back into one
+        b = next(iter(t.get_train_dataloader()))
+        assert len(t.train_dataset) < 64 and 'attention_mask' not in b
+        assert (b['position_ids'] == 0).sum() > b['input_ids'].shape[0]
     last = [h for h in t.state.log_history if 'loss' in h][-1]
     if data != 'text': assert last['num_trained_tokens'] < last['num_tokens']
 
