@@ -312,9 +312,30 @@ def test_push_without_token_fails_before_training(tmp_path):
         assert 'EARLY' in r.stdout and 'no Hugging Face token' in r.stdout
         assert not hub.state.repos and not (tmp_path/'run').exists()
 
-def test_xet_upload_path_reports_clearly(tmp_path):
-    """With hf_xet enabled, huggingface_hub 2.x uploads through the Xet CAS protocol; this server does not emulate CAS and
-    answers the xet-write-token request with 501. The push must fail with a clear PushError and leave the local save intact."""
+def test_xet_upload_and_download(tmp_path, base):
+    """With hf_xet enabled (the default), huggingface_hub 2.x uploads through Xet: a write token, then xorbs and a shard to the
+    CAS server (the test server decodes them back into files), then a commit naming the files by sha256. Download is by resolve."""
+    with HubServer() as hub:
+        hub.state.xet = True
+        r = run_py(f"""
+        tr = make_trainer({str(tmp_path/'run')!r}, model=lora_model(), max_steps=2, learning_rate=5e-2, push_to_hub=True,
+                          hub_model_id='me/xet', hub_token={SECRET!r}, save_strategy='no')
+        tr.train()
+        tr.push_to_hub()
+        x = torch.tensor([[5, 17, 42, 9, 3, 77]])
+        from peft import AutoPeftModelForCausalLM
+        got = AutoPeftModelForCausalLM.from_pretrained('me/xet').eval()(x).logits
+        assert torch.allclose(got, tr.model.eval()(x).logits, atol=1e-6)
+        print('OK')
+        """, env=hub_env(hub, tmp_path, xet=True) | {'BASE': str(base)})
+        assert r.returncode == 0, r.stderr[-4000:]
+        paths = [path for _, path, _ in hub.state.requests]
+        assert hub.state.xorbs and hub.state.shards and '/api/models/me/xet/xet-write-token/main' in paths
+        assert not any(p.endswith('/info/lfs/objects/batch') for p in paths)  # nothing went the LFS way
+        assert 'adapter_model.safetensors' in hub.files('me/xet')
+
+def test_xet_unavailable_reports_clearly(tmp_path):
+    """A Hub that refuses Xet write tokens (501): the push fails with a clear PushError and the local save is intact."""
     with HubServer() as hub:
         r = run_py(f"""
         from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
