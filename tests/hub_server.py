@@ -71,22 +71,31 @@ def xorb_chunks(xorb: bytes, n: int) -> list[bytes]:
         chunks.append(raw)
     return chunks
 
-def shard_files(shard: bytes, xorbs: dict) -> dict[str, bytes]:
-    "sha256 hex -> file bytes for every file a shard describes (48-byte records; file section, then CAS section)"
+def xorb_offsets(xorb: bytes, n: int) -> list[int]:
+    "Byte offset of each of the first `n` chunks in a xorb, and the end of the last one"
+    offs = [0]
+    for _ in range(n): offs.append(offs[-1] + 8 + int.from_bytes(xorb[offs[-1]+1:offs[-1]+4], 'little'))
+    return offs
+
+def shard_files(shard: bytes, xorbs: dict, records: dict | None = None) -> dict[str, bytes]:
+    """sha256 hex -> file bytes for every file a shard describes (48-byte records; file section, then CAS section);
+    `records` gets sha256 -> (xet file hash, [(xorb hash, first chunk, end chunk, bytes)])"""
     recs = [shard[i:i+48] for i in range(48, len(shard) - 47, 48)]
     files, i, end = [], 0, b'\xff' * 32
     while recs[i][:32] != end:
         flags, n = struct.unpack('<II', recs[i][32:40])
         entries = [struct.unpack('<IIII', r[32:48]) + (xet_hex(r[:32]),) for r in recs[i+1:i+1+n]]
+        file_hash = xet_hex(recs[i][:32])
         i += 1 + n + (n if flags & 1 << 31 else 0)
         sha = None
         if flags & 1 << 30: sha, i = xet_hex(recs[i][:32]), i + 1
-        files.append((sha, entries))
+        files.append((sha, entries, file_hash))
     out = {}
-    for sha, entries in files:
+    for sha, entries, file_hash in files:
         data = b''.join(b''.join(xorb_chunks(xorbs[h], end_)[start:end_]) for _, _, start, end_, h in entries)
         if sha is None or hashlib.sha256(data).hexdigest() != sha: raise ValueError('reconstructed file does not match its sha256')
         out[sha] = data
+        if records is not None: records[sha] = (file_hash, [(h, start, end_, n) for _, n, start, end_, h in entries])
     return out
 
 
@@ -101,7 +110,7 @@ class Repo:
 class HubState:
     def __init__(self):
         self.repos, self.lfs, self.requests, self.failures, self.lock = {}, {}, [], [], threading.Lock()
-        self.xet, self.xorbs, self.shards = False, {}, []
+        self.xet, self.xorbs, self.shards, self.xet_files = False, {}, [], {}
 
     def fail(self, times, status=500, path_re='.*'):
         "Answer the next `times` requests whose path matches `path_re` with `status`"
@@ -268,8 +277,11 @@ def _handler(state: HubState, base_url):
             if path not in files: return self._error(404, f'Entry {path} not found', 'EntryNotFound')
             data = files[path]
             etag = f'"{hashlib.sha256(data).hexdigest()}"'
-            self._send(200, data, {'X-Repo-Commit': sha, 'ETag': etag, 'X-Linked-Etag': etag, 'X-Linked-Size': str(len(data))},
-                       ctype='application/octet-stream')
+            headers = {'X-Repo-Commit': sha, 'ETag': etag, 'X-Linked-Etag': etag, 'X-Linked-Size': str(len(data))}
+            xet = state.xet_files.get(etag.strip('"')) if state.xet else None
+            if xet:  # stored through Xet: the client may fetch it from CAS instead of this body
+                headers |= {'X-Xet-Hash': xet[0], 'X-Xet-Refresh-Route': f'{base_url}/api/models/{repo_id}/xet-read-token/{sha}'}
+            self._send(200, data, headers, ctype='application/octet-stream')
 
         def cas_xorb(self, prefix, h):
             if self.headers.get('Authorization') != 'Bearer xet-token': return self._error(401, 'bad CAS token')
@@ -279,11 +291,30 @@ def _handler(state: HubState, base_url):
         def cas_shard(self):
             if self.headers.get('Authorization') != 'Bearer xet-token': return self._error(401, 'bad CAS token')
             state.shards.append(self.data)
-            try: state.lfs.update(shard_files(self.data, state.xorbs))  # committed files are then found by sha256
+            try: state.lfs.update(shard_files(self.data, state.xorbs, state.xet_files))  # committed files are then found by sha256
             except (ValueError, KeyError, IndexError, AssertionError) as e: return self._error(400, f'bad shard: {e}')
             self._send(200, {'result': 1})
 
         def cas_chunk(self, prefix, h): self._error(404, 'no such chunk')
+
+        def cas_reconstruction(self, file_hash):
+            "Which xorb byte ranges make up a file, as the Xet client downloads it"
+            rec = next((r for r in state.xet_files.values() if r[0] == file_hash), None)
+            if rec is None: return self._error(404, f'unknown file {file_hash}')
+            terms, fetch = [], {}
+            for h, start, end, n in rec[1]:
+                offs = xorb_offsets(state.xorbs[h], end)
+                terms.append({'hash': h, 'unpacked_length': n, 'range': {'start': start, 'end': end}})
+                fetch.setdefault(h, []).append({'range': {'start': start, 'end': end}, 'url': f'{base_url}/cas/xorb/{h}',
+                                                'url_range': {'start': offs[start], 'end': offs[end] - 1}})
+            self._send(200, {'offset_into_first_range': 0, 'terms': terms, 'fetch_info': fetch})
+
+        def cas_xorb_get(self, h):
+            data = state.xorbs.get(h)
+            if data is None: return self._error(404, 'no such xorb')
+            m = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range') or '')
+            if m: self._send(206, data[int(m[1]):int(m[2]) + 1], {'Content-Range': f'bytes {m[1]}-{m[2]}/{len(data)}'}, ctype='application/octet-stream')
+            else: self._send(200, data, ctype='application/octet-stream')
 
     R = r'([^/]+/[^/]+)'
     ROUTES = [('POST', r'/api/repos/create', H.create_repo),
@@ -300,6 +331,8 @@ def _handler(state: HubState, base_url):
               ('POST', r'/cas/v1/xorbs?/([^/]+)/([0-9a-f]+)', H.cas_xorb),
               ('POST', r'/cas/v1/shards', H.cas_shard),
               ('GET', r'/cas/v1/chunks?/([^/]+)/([0-9a-f]+)', H.cas_chunk),
+              ('GET', r'/cas/v1/reconstructions/([0-9a-f]+)', H.cas_reconstruction),  # v2 answers 404: the client falls back to v1
+              ('GET', r'/cas/xorb/([0-9a-f]+)', H.cas_xorb_get),
               ('HEAD', rf'/{R}/resolve/([^/]+)/(.+)', H.resolve),
               ('GET', rf'/{R}/resolve/([^/]+)/(.+)', H.resolve)]
     return H

@@ -314,7 +314,8 @@ def test_push_without_token_fails_before_training(tmp_path):
 
 def test_xet_upload_and_download(tmp_path, base):
     """With hf_xet enabled (the default), huggingface_hub 2.x uploads through Xet: a write token, then xorbs and a shard to the
-    CAS server (the test server decodes them back into files), then a commit naming the files by sha256. Download is by resolve."""
+    CAS server (the test server decodes them back into files), then a commit naming the files by sha256. Download: resolve
+    advertises the Xet hash, the client asks CAS for the file's reconstruction and fetches xorb byte ranges."""
     with HubServer() as hub:
         hub.state.xet = True
         r = run_py(f"""
@@ -332,6 +333,7 @@ def test_xet_upload_and_download(tmp_path, base):
         paths = [path for _, path, _ in hub.state.requests]
         assert hub.state.xorbs and hub.state.shards and '/api/models/me/xet/xet-write-token/main' in paths
         assert not any(p.endswith('/info/lfs/objects/batch') for p in paths)  # nothing went the LFS way
+        assert any(p.startswith('/cas/v1/reconstructions/') for p in paths) and any(p.startswith('/cas/xorb/') for p in paths)
         assert 'adapter_model.safetensors' in hub.files('me/xet')
 
 def test_xet_unavailable_reports_clearly(tmp_path):
