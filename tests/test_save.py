@@ -122,8 +122,9 @@ def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
             raise OSError(28, 'No space left on device')
         return orig(model, path, *a, **k)
     monkeypatch.setattr(S, '_write_weights', full)
-    with pytest.raises(OSError, match='No space left'): tr.train()
-    assert not (tmp_path/'run'/'checkpoint-4').exists()
+    with pytest.raises(OSError, match='checkpoint-4 failed: No space left on device. Earlier checkpoints are untouched') as e: tr.train()
+    assert e.value.errno == 28
+    assert sorted(p.name for p in (tmp_path/'run').iterdir()) == ['checkpoint-2']  # no half-written folder left
     S.verify_saved(tmp_path/'run'/'checkpoint-2')
 
 def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
@@ -131,7 +132,7 @@ def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
     S.save_model(m, tmp_path/'m', tok)
     before = {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()}
     monkeypatch.setattr(S, '_write_weights', lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
-    with pytest.raises(OSError): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
+    with pytest.raises(OSError, match='No space left on device. What was there before is untouched'): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
     assert {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['m']
 
@@ -368,3 +369,18 @@ def test_hub_strategies(tmp_path, strategy):
         assert 'model.safetensors' in files and not any(f.startswith('last-checkpoint') for f in files)
         assert 'optimizer.pt' not in files and hub.files('me/s', 'main') == {}
         assert 'library_name: transformers' in files['README.md'].decode()
+
+def test_push_to_unreachable_hub(tmp_path):
+    "Connection refused: retried, then a PushError naming the folder; nothing lost locally"
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]  # free, and nobody listens on it
+    class Dead: url = f'http://127.0.0.1:{port}'
+    r = run_py(f"""
+    from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+    save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
+    try: push_to_hub({str(tmp_path/'m')!r}, 'me/nowhere', token={SECRET!r}, retries=1, wait=0.05)
+    except PushError as e: print('PUSHERROR', e)
+    verify_saved({str(tmp_path/'m')!r})
+    """, env=hub_env(Dead, tmp_path))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert 'PUSHERROR' in r.stdout and 'after 2 attempts' in r.stdout and str(tmp_path/'m') in r.stdout
