@@ -384,3 +384,16 @@ def test_push_to_unreachable_hub(tmp_path):
     """, env=hub_env(Dead, tmp_path))
     assert r.returncode == 0, r.stderr[-4000:]
     assert 'PUSHERROR' in r.stdout and 'after 2 attempts' in r.stdout and str(tmp_path/'m') in r.stdout
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_same_tensors_as_save_pretrained(tmp_path, base, lora):
+    "Reference: what TRL/transformers write (plain `save_pretrained`) and what `save_model` writes hold the same tensors"
+    from safetensors.torch import load_file
+    from peft import LoraConfig, get_peft_model
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    if lora: m = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
+    m.save_pretrained(tmp_path/'ref')
+    S.save_model(m, tmp_path/'ours', tiny_tokenizer())
+    name = 'adapter_model.safetensors' if lora else 'model.safetensors'
+    ref, ours = load_file(tmp_path/'ref'/name), load_file(tmp_path/'ours'/name)
+    assert ref.keys() == ours.keys() and all(torch.equal(ref[k], ours[k]) for k in ref)
