@@ -397,3 +397,19 @@ def test_same_tensors_as_save_pretrained(tmp_path, base, lora):
     name = 'adapter_model.safetensors' if lora else 'model.safetensors'
     ref, ours = load_file(tmp_path/'ref'/name), load_file(tmp_path/'ours'/name)
     assert ref.keys() == ours.keys() and all(torch.equal(ref[k], ours[k]) for k in ref)
+
+def test_lora_with_added_tokens_saves_embeddings(tmp_path, base):
+    "Tokens added before LoRA: the resized embeddings go into the adapter, and AutoPeftModelForCausalLM reloads the same logits"
+    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({'additional_special_tokens': ['<|tool|>', '<|think|>']})
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    m.resize_token_embeddings(len(tok))
+    m = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
+    out = S.save_model(m, tmp_path/'lora', tok)
+    shapes = S.verify_saved(out, m)
+    assert any('embed_tokens' in k for k in shapes), sorted(shapes)
+    ids = torch.tensor([[len(tok) - 1, 5, 17]])
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(AutoPeftModelForCausalLM.from_pretrained(out).eval()(ids).logits, m(ids).logits, atol=1e-5)
