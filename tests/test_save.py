@@ -357,7 +357,7 @@ def test_hub_strategies(tmp_path, strategy):
     with HubServer() as hub:
         r = run_py(f"""
         tr = make_trainer({str(tmp_path/'run')!r}, max_steps=4, push_to_hub=True, hub_model_id='me/s', hub_strategy={strategy!r},
-                          hub_token={SECRET!r}, hub_revision='exp')
+                          hub_token={SECRET!r}, hub_revision='exp', hub_always_push=True)  # else a save during a push is skipped
         tr.train()
         tr.push_to_hub()
         """, env=hub_env(hub, tmp_path))
