@@ -1,12 +1,102 @@
 """A small Hub-compatible HTTP server on 127.0.0.1 for tests: the endpoints huggingface_hub 2.x uses to create a repo,
-create a branch, upload (preupload, LFS batch + PUT, commit) and download (resolve, model info, tree).
+create a branch, validate card metadata, upload (preupload, then LFS batch + PUT, or Xet: write token + CAS xorbs and
+shard) and commit, and download (resolve, model info, tree).
 
-It is not the Hub: no auth model beyond "a token must be sent to write", one namespace, no Xet CAS. It records every
-request, can fail the next N matching requests with a status code (to test retries), and answers Xet write-token
-requests with 501 (see `xet_token`)."""
-import base64, hashlib, json, re, threading, time, uuid
+It is not the Hub: no auth model beyond "a token must be sent to write", one namespace. Xet is emulated for uploads
+only (xorbs are decoded back to files: LZ4 frames, byte grouping, shard file records); downloads go through `resolve`
+without Xet headers, which the client accepts. `state.xet = False` makes the server refuse Xet write tokens (501), as
+a Hub without Xet would. It records every request and can fail the next N matching requests with a status code."""
+import base64, hashlib, json, re, struct, threading, time, uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
+
+
+# ---- Xet: just enough of the CAS formats to turn uploaded xorbs + shard into file bytes (https://huggingface.co/docs/xet)
+
+def xet_hex(raw: bytes) -> str:
+    "Xet prints a 32-byte hash as four little-endian u64 words"
+    return ''.join(raw[i:i+8][::-1].hex() for i in range(0, 32, 8))
+
+def lz4_block(src: bytes, out: bytearray):
+    "Decode one LZ4 block onto `out` (matches may reach into earlier blocks of the frame)"
+    i, n = 0, len(src)
+    while i < n:
+        tok = src[i]; i += 1
+        lit = tok >> 4
+        if lit == 15:
+            while True:
+                b = src[i]; i += 1; lit += b
+                if b != 255: break
+        out += src[i:i+lit]; i += lit
+        if i >= n: break
+        off = src[i] | src[i+1] << 8; i += 2
+        ml = tok & 15
+        if ml == 15:
+            while True:
+                b = src[i]; i += 1; ml += b
+                if b != 255: break
+        ml += 4
+        start = len(out) - off
+        if off >= ml: out += out[start:start+ml]
+        else:
+            for k in range(ml): out.append(out[start+k])
+
+def lz4_frame(data: bytes) -> bytes:
+    assert data[:4] == b'\x04\x22\x4d\x18', 'not an LZ4 frame'
+    flg, i, out = data[4], 7 + (8 if data[4] & 0x08 else 0) + (4 if data[4] & 0x01 else 0), bytearray()
+    while True:
+        size = int.from_bytes(data[i:i+4], 'little'); i += 4
+        if size == 0: return bytes(out)
+        blk = data[i:i+(size & 0x7fffffff)]; i += size & 0x7fffffff
+        if size & 0x80000000: out += blk
+        else: lz4_block(blk, out)
+        if flg & 0x10: i += 4
+
+def bg4_join(data: bytes) -> bytes:
+    "Undo byte grouping: group j holds bytes j, j+4, j+8, ... of the original"
+    n, out, pos = len(data), bytearray(len(data)), 0
+    for j in range(4):
+        size = (n - j + 3) // 4
+        out[j::4] = data[pos:pos+size]; pos += size
+    return bytes(out)
+
+def xorb_chunks(xorb: bytes, n: int) -> list[bytes]:
+    "The first `n` chunks of a xorb: 8-byte header (version, compressed len u24, scheme, raw len u24) + data"
+    chunks, i = [], 0
+    for _ in range(n):
+        clen, scheme, ulen = int.from_bytes(xorb[i+1:i+4], 'little'), xorb[i+4], int.from_bytes(xorb[i+5:i+8], 'little')
+        data = xorb[i+8:i+8+clen]; i += 8 + clen
+        raw = data if scheme == 0 else lz4_frame(data) if scheme == 1 else bg4_join(lz4_frame(data)) if scheme == 2 else None
+        if raw is None or len(raw) != ulen: raise ValueError(f'cannot decode xorb chunk (scheme {scheme})')
+        chunks.append(raw)
+    return chunks
+
+def xorb_offsets(xorb: bytes, n: int) -> list[int]:
+    "Byte offset of each of the first `n` chunks in a xorb, and the end of the last one"
+    offs = [0]
+    for _ in range(n): offs.append(offs[-1] + 8 + int.from_bytes(xorb[offs[-1]+1:offs[-1]+4], 'little'))
+    return offs
+
+def shard_files(shard: bytes, xorbs: dict, records: dict | None = None) -> dict[str, bytes]:
+    """sha256 hex -> file bytes for every file a shard describes (48-byte records; file section, then CAS section);
+    `records` gets sha256 -> (xet file hash, [(xorb hash, first chunk, end chunk, bytes)])"""
+    recs = [shard[i:i+48] for i in range(48, len(shard) - 47, 48)]
+    files, i, end = [], 0, b'\xff' * 32
+    while recs[i][:32] != end:
+        flags, n = struct.unpack('<II', recs[i][32:40])
+        entries = [struct.unpack('<IIII', r[32:48]) + (xet_hex(r[:32]),) for r in recs[i+1:i+1+n]]
+        file_hash = xet_hex(recs[i][:32])
+        i += 1 + n + (n if flags & 1 << 31 else 0)
+        sha = None
+        if flags & 1 << 30: sha, i = xet_hex(recs[i][:32]), i + 1
+        files.append((sha, entries, file_hash))
+    out = {}
+    for sha, entries, file_hash in files:
+        data = b''.join(b''.join(xorb_chunks(xorbs[h], end_)[start:end_]) for _, _, start, end_, h in entries)
+        if sha is None or hashlib.sha256(data).hexdigest() != sha: raise ValueError('reconstructed file does not match its sha256')
+        out[sha] = data
+        if records is not None: records[sha] = (file_hash, [(h, start, end_, n) for _, n, start, end_, h in entries])
+    return out
 
 
 class Repo:
@@ -20,6 +110,7 @@ class Repo:
 class HubState:
     def __init__(self):
         self.repos, self.lfs, self.requests, self.failures, self.lock = {}, {}, [], [], threading.Lock()
+        self.xet, self.xorbs, self.shards, self.xet_files = False, {}, [], {}
 
     def fail(self, times, status=500, path_re='.*'):
         "Answer the next `times` requests whose path matches `path_re` with `status`"
@@ -134,8 +225,10 @@ def _handler(state: HubState, base_url):
             self._send(200, b'', ctype='text/plain')
 
         def xet_token(self, repo_id, kind, rev):
-            # A real Hub answers with a CAS endpoint + short-lived token; hf_xet then speaks the CAS protocol (xorbs,
-            # shards, reconstructions) to that server. We do not emulate CAS, so say so the way an unsupported Hub would.
+            if state.xet:
+                exp = str(int(time.time()) + 3600)
+                body = {'casUrl': f'{base_url}/cas', 'accessToken': 'xet-token', 'exp': int(exp)}
+                return self._send(200, body, {'X-Xet-Cas-Url': f'{base_url}/cas', 'X-Xet-Access-Token': 'xet-token', 'X-Xet-Token-Expiration': exp})
             self._error(501, 'Xet storage is not available on this test server')
 
         def commit(self, repo_id, rev):
@@ -184,8 +277,44 @@ def _handler(state: HubState, base_url):
             if path not in files: return self._error(404, f'Entry {path} not found', 'EntryNotFound')
             data = files[path]
             etag = f'"{hashlib.sha256(data).hexdigest()}"'
-            self._send(200, data, {'X-Repo-Commit': sha, 'ETag': etag, 'X-Linked-Etag': etag, 'X-Linked-Size': str(len(data))},
-                       ctype='application/octet-stream')
+            headers = {'X-Repo-Commit': sha, 'ETag': etag, 'X-Linked-Etag': etag, 'X-Linked-Size': str(len(data))}
+            xet = state.xet_files.get(etag.strip('"')) if state.xet else None
+            if xet:  # stored through Xet: the client may fetch it from CAS instead of this body
+                headers |= {'X-Xet-Hash': xet[0], 'X-Xet-Refresh-Route': f'{base_url}/api/models/{repo_id}/xet-read-token/{sha}'}
+            self._send(200, data, headers, ctype='application/octet-stream')
+
+        def cas_xorb(self, prefix, h):
+            if self.headers.get('Authorization') != 'Bearer xet-token': return self._error(401, 'bad CAS token')
+            state.xorbs[h] = self.data
+            self._send(200, {'was_inserted': True})
+
+        def cas_shard(self):
+            if self.headers.get('Authorization') != 'Bearer xet-token': return self._error(401, 'bad CAS token')
+            state.shards.append(self.data)
+            try: state.lfs.update(shard_files(self.data, state.xorbs, state.xet_files))  # committed files are then found by sha256
+            except (ValueError, KeyError, IndexError, AssertionError) as e: return self._error(400, f'bad shard: {e}')
+            self._send(200, {'result': 1})
+
+        def cas_chunk(self, prefix, h): self._error(404, 'no such chunk')
+
+        def cas_reconstruction(self, file_hash):
+            "Which xorb byte ranges make up a file, as the Xet client downloads it"
+            rec = next((r for r in state.xet_files.values() if r[0] == file_hash), None)
+            if rec is None: return self._error(404, f'unknown file {file_hash}')
+            terms, fetch = [], {}
+            for h, start, end, n in rec[1]:
+                offs = xorb_offsets(state.xorbs[h], end)
+                terms.append({'hash': h, 'unpacked_length': n, 'range': {'start': start, 'end': end}})
+                fetch.setdefault(h, []).append({'range': {'start': start, 'end': end}, 'url': f'{base_url}/cas/xorb/{h}',
+                                                'url_range': {'start': offs[start], 'end': offs[end] - 1}})
+            self._send(200, {'offset_into_first_range': 0, 'terms': terms, 'fetch_info': fetch})
+
+        def cas_xorb_get(self, h):
+            data = state.xorbs.get(h)
+            if data is None: return self._error(404, 'no such xorb')
+            m = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range') or '')
+            if m: self._send(206, data[int(m[1]):int(m[2]) + 1], {'Content-Range': f'bytes {m[1]}-{m[2]}/{len(data)}'}, ctype='application/octet-stream')
+            else: self._send(200, data, ctype='application/octet-stream')
 
     R = r'([^/]+/[^/]+)'
     ROUTES = [('POST', r'/api/repos/create', H.create_repo),
@@ -199,6 +328,11 @@ def _handler(state: HubState, base_url):
               ('GET', rf'/api/models/{R}', H.model_info),
               ('POST', rf'/{R}\.git/info/lfs/objects/batch', H.lfs_batch),
               ('PUT', r'/_lfs/([0-9a-f]+)', H.lfs_put),
+              ('POST', r'/cas/v1/xorbs?/([^/]+)/([0-9a-f]+)', H.cas_xorb),
+              ('POST', r'/cas/v1/shards', H.cas_shard),
+              ('GET', r'/cas/v1/chunks?/([^/]+)/([0-9a-f]+)', H.cas_chunk),
+              ('GET', r'/cas/v1/reconstructions/([0-9a-f]+)', H.cas_reconstruction),  # v2 answers 404: the client falls back to v1
+              ('GET', r'/cas/xorb/([0-9a-f]+)', H.cas_xorb_get),
               ('HEAD', rf'/{R}/resolve/([^/]+)/(.+)', H.resolve),
               ('GET', rf'/{R}/resolve/([^/]+)/(.+)', H.resolve)]
     return H

@@ -122,8 +122,9 @@ def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
             raise OSError(28, 'No space left on device')
         return orig(model, path, *a, **k)
     monkeypatch.setattr(S, '_write_weights', full)
-    with pytest.raises(OSError, match='No space left'): tr.train()
-    assert not (tmp_path/'run'/'checkpoint-4').exists()
+    with pytest.raises(OSError, match='checkpoint-4 failed: No space left on device. Earlier checkpoints are untouched') as e: tr.train()
+    assert e.value.errno == 28
+    assert sorted(p.name for p in (tmp_path/'run').iterdir()) == ['checkpoint-2']  # no half-written folder left
     S.verify_saved(tmp_path/'run'/'checkpoint-2')
 
 def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
@@ -131,7 +132,7 @@ def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
     S.save_model(m, tmp_path/'m', tok)
     before = {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()}
     monkeypatch.setattr(S, '_write_weights', lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
-    with pytest.raises(OSError): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
+    with pytest.raises(OSError, match='No space left on device. What was there before is untouched'): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
     assert {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['m']
 
@@ -312,9 +313,32 @@ def test_push_without_token_fails_before_training(tmp_path):
         assert 'EARLY' in r.stdout and 'no Hugging Face token' in r.stdout
         assert not hub.state.repos and not (tmp_path/'run').exists()
 
-def test_xet_upload_path_reports_clearly(tmp_path):
-    """With hf_xet enabled, huggingface_hub 2.x uploads through the Xet CAS protocol; this server does not emulate CAS and
-    answers the xet-write-token request with 501. The push must fail with a clear PushError and leave the local save intact."""
+def test_xet_upload_and_download(tmp_path, base):
+    """With hf_xet enabled (the default), huggingface_hub 2.x uploads through Xet: a write token, then xorbs and a shard to the
+    CAS server (the test server decodes them back into files), then a commit naming the files by sha256. Download: resolve
+    advertises the Xet hash, the client asks CAS for the file's reconstruction and fetches xorb byte ranges."""
+    with HubServer() as hub:
+        hub.state.xet = True
+        r = run_py(f"""
+        tr = make_trainer({str(tmp_path/'run')!r}, model=lora_model(), max_steps=2, learning_rate=5e-2, push_to_hub=True,
+                          hub_model_id='me/xet', hub_token={SECRET!r}, save_strategy='no')
+        tr.train()
+        tr.push_to_hub()
+        x = torch.tensor([[5, 17, 42, 9, 3, 77]])
+        from peft import AutoPeftModelForCausalLM
+        got = AutoPeftModelForCausalLM.from_pretrained('me/xet').eval()(x).logits
+        assert torch.allclose(got, tr.model.eval()(x).logits, atol=1e-6)
+        print('OK')
+        """, env=hub_env(hub, tmp_path, xet=True) | {'BASE': str(base)})
+        assert r.returncode == 0, r.stderr[-4000:]
+        paths = [path for _, path, _ in hub.state.requests]
+        assert hub.state.xorbs and hub.state.shards and '/api/models/me/xet/xet-write-token/main' in paths
+        assert not any(p.endswith('/info/lfs/objects/batch') for p in paths)  # nothing went the LFS way
+        assert any(p.startswith('/cas/v1/reconstructions/') for p in paths) and any(p.startswith('/cas/xorb/') for p in paths)
+        assert 'adapter_model.safetensors' in hub.files('me/xet')
+
+def test_xet_unavailable_reports_clearly(tmp_path):
+    """A Hub that refuses Xet write tokens (501): the push fails with a clear PushError and the local save is intact."""
     with HubServer() as hub:
         r = run_py(f"""
         from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
@@ -333,7 +357,7 @@ def test_hub_strategies(tmp_path, strategy):
     with HubServer() as hub:
         r = run_py(f"""
         tr = make_trainer({str(tmp_path/'run')!r}, max_steps=4, push_to_hub=True, hub_model_id='me/s', hub_strategy={strategy!r},
-                          hub_token={SECRET!r}, hub_revision='exp')
+                          hub_token={SECRET!r}, hub_revision='exp', hub_always_push=True)  # else a save during a push is skipped
         tr.train()
         tr.push_to_hub()
         """, env=hub_env(hub, tmp_path))
@@ -345,3 +369,47 @@ def test_hub_strategies(tmp_path, strategy):
         assert 'model.safetensors' in files and not any(f.startswith('last-checkpoint') for f in files)
         assert 'optimizer.pt' not in files and hub.files('me/s', 'main') == {}
         assert 'library_name: transformers' in files['README.md'].decode()
+
+def test_push_to_unreachable_hub(tmp_path):
+    "Connection refused: retried, then a PushError naming the folder; nothing lost locally"
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]  # free, and nobody listens on it
+    class Dead: url = f'http://127.0.0.1:{port}'
+    r = run_py(f"""
+    from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+    save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
+    try: push_to_hub({str(tmp_path/'m')!r}, 'me/nowhere', token={SECRET!r}, retries=1, wait=0.05)
+    except PushError as e: print('PUSHERROR', e)
+    verify_saved({str(tmp_path/'m')!r})
+    """, env=hub_env(Dead, tmp_path))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert 'PUSHERROR' in r.stdout and 'after 2 attempts' in r.stdout and str(tmp_path/'m') in r.stdout
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_same_tensors_as_save_pretrained(tmp_path, base, lora):
+    "Reference: what TRL/transformers write (plain `save_pretrained`) and what `save_model` writes hold the same tensors"
+    from safetensors.torch import load_file
+    from peft import LoraConfig, get_peft_model
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    if lora: m = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
+    m.save_pretrained(tmp_path/'ref')
+    S.save_model(m, tmp_path/'ours', tiny_tokenizer())
+    name = 'adapter_model.safetensors' if lora else 'model.safetensors'
+    ref, ours = load_file(tmp_path/'ref'/name), load_file(tmp_path/'ours'/name)
+    assert ref.keys() == ours.keys() and all(torch.equal(ref[k], ours[k]) for k in ref)
+
+def test_lora_with_added_tokens_saves_embeddings(tmp_path, base):
+    "Tokens added before LoRA: the resized embeddings go into the adapter, and AutoPeftModelForCausalLM reloads the same logits"
+    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({'additional_special_tokens': ['<|tool|>', '<|think|>']})
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    m.resize_token_embeddings(len(tok))
+    m = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
+    out = S.save_model(m, tmp_path/'lora', tok)
+    shapes = S.verify_saved(out, m)
+    assert any('embed_tokens' in k for k in shapes), sorted(shapes)
+    ids = torch.tensor([[len(tok) - 1, 5, 17]])
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(AutoPeftModelForCausalLM.from_pretrained(out).eval()(ids).logits, m(ids).logits, atol=1e-5)
