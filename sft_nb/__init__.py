@@ -11,7 +11,9 @@ _LAZY = {
     'prepare_dataset': 'data', 'show_trained': 'data',
     'pack_dataset': 'packing', 'DataCollatorForLanguageModeling': 'packing',
     'sft_loss': 'loss',
-    'save_model': 'save', 'write_model_card': 'save', 'push_to_hub': 'save',
+    'save_model': 'save', 'verify_saved': 'save', 'model_card': 'save', 'write_model_card': 'save', 'push_to_hub': 'save',
+    'PushError': 'save', 'CrashSafeSaveMixin': 'save',
+    'SFTLossMixin': 'loss', 'TokenCounter': 'loss', 'DataFormatError': 'data',
     'SFTTrainer': 'trainer',
 }
 
