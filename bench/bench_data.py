@@ -1,6 +1,8 @@
 """Dataset preparation: sft_nb's `prepare_dataset` vs TRL 1.16's `SFTTrainer._prepare_dataset`, on the same multi-turn
 conversations with assistant-only loss and truncation to 1024 tokens, in one run. Prints both times, the speed ratio
-and whether input_ids and labels are identical row for row.
+and whether input_ids and labels are identical row for row. It also times the two steps no implementation can skip on
+the rendered texts alone: the Rust tokenizer over all of them in one batch call, and rendering the templates; their sum
+bounds the ratio any implementation can reach on this machine.
 
     python bench/bench_data.py [--n 20000] [--num_proc N]
 """
@@ -54,8 +56,15 @@ if __name__ == '__main__':
     for _ in range(a.repeat):
         ours, t = timed(ours_prepare, ds, tok, a.max_length, a.num_proc); t_ours = min(t_ours, t)
         trl, t = timed(trl_prepare, ds, tok, a.max_length, a.num_proc); t_trl = min(t_trl, t)
+    from sft_nb.data import ChatRenderer, fast_backend
+    render, backend = ChatRenderer(tok), fast_backend(tok)
+    texts, t_render = timed(lambda: [render(r, markers=True)[0] for r in ds[:]['messages']])
+    _, t_encode = timed(backend.encode_batch, texts, False)
     same = ours['input_ids'][:] == trl['input_ids'][:] and ours['labels'][:] == trl['labels'][:]
     n_trunc = sum(len(x) == a.max_length for x in ours['input_ids'])
     print(f"{a.n} conversations, assistant_only_loss, max_length={a.max_length} ({n_trunc} rows truncated), num_proc={a.num_proc}")
     print(f"TRL 1.16: {t_trl:.2f} s   sft_nb: {t_ours:.2f} s   speed-up: {t_trl / t_ours:.1f}x   (best of {a.repeat}, {os.cpu_count()} CPUs)")
+    print(f"floor: rendering {t_render:.2f} s + Rust tokenizer {t_encode:.2f} s (alone, {os.cpu_count()} threads) = "
+          f"{t_render + t_encode:.2f} s: at most {t_trl / (t_render + t_encode):.1f}x TRL here; sft_nb's overhead over it: "
+          f"{t_ours - t_render - t_encode:.2f} s")
     print(f"identical input_ids and labels: {same} ({len(ours)} vs {len(trl)} rows)")

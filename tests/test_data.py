@@ -117,3 +117,25 @@ def test_bad_rows_name_row_and_field():
     rows = tiny_conversations(30) + [{'messages': [{'role': 'user', 'content': None}]}]
     with pytest.raises(DataFormatError, match=r"Row 30, field `messages\[0\].content`: expected a string, found None"):
         ours(rows, tok)
+
+TRAINING_TEMPLATES = sorted(p.name for p in TEMPLATES.glob('*_training.jinja') if has_generation_markers(p.read_text()))
+
+@pytest.mark.parametrize('name', TRAINING_TEMPLATES)
+def test_sentinel_spans_equal_transformers_tracker(name):
+    "Every marked training template TRL ships: our sentinel rendering gives transformers' text and generation spans"
+    from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
+    from sft_nb.data import ChatRenderer
+    template = (TEMPLATES/name).read_text()
+    tok = tiny_tokenizer(template)
+    render = ChatRenderer(tok)
+    tools = [{'type': 'function', 'function': {'name': 'add', 'description': 'Add two numbers',
+              'parameters': {'type': 'object', 'properties': {'a': {'type': 'number'}, 'b': {'type': 'number'}}}}}]
+    n_spans = 0
+    for row in tiny_conversations(12, max_turns=3, system=True):
+        parts = [{**m, 'content': [{'type': 'text', 'text': m['content']}]} for m in row['messages']]  # as VLM templates want
+        for t, msgs in [(None, row['messages']), (tools, row['messages']), (None, parts)]:
+            try: want = _render_with_assistant_indices(_compile_jinja_template(tok.get_chat_template(None, t)), msgs, t, None, False, **tok.special_tokens_map)
+            except Exception: continue  # a template that rejects this conversation (e.g. needs images) rejects it both ways
+            assert render(msgs, t, markers=True) == want
+            n_spans += len(want[1])
+    assert n_spans > 0, name
