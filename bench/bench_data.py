@@ -52,14 +52,15 @@ if __name__ == '__main__':
     a = ap.parse_args()
     datasets.disable_caching(); datasets.disable_progress_bars()
     tok, ds = tiny_tokenizer(CHATML_GENERATION_TEMPLATE), conversations(a.n)
-    t_ours = t_trl = float('inf')
-    for _ in range(a.repeat):
-        ours, t = timed(ours_prepare, ds, tok, a.max_length, a.num_proc); t_ours = min(t_ours, t)
-        trl, t = timed(trl_prepare, ds, tok, a.max_length, a.num_proc); t_trl = min(t_trl, t)
+    # first, while the Rust tokenizer may still use every core (after a fork, `tokenizers` turns its threads off)
     from sft_nb.data import ChatRenderer, fast_backend
     render, backend = ChatRenderer(tok), fast_backend(tok)
     texts, t_render = timed(lambda: [render(r, markers=True)[0] for r in ds[:]['messages']])
     _, t_encode = timed(backend.encode_batch, texts, False)
+    t_ours = t_trl = float('inf')
+    for _ in range(a.repeat):
+        ours, t = timed(ours_prepare, ds, tok, a.max_length, a.num_proc); t_ours = min(t_ours, t)
+        trl, t = timed(trl_prepare, ds, tok, a.max_length, a.num_proc); t_trl = min(t_trl, t)
     same = ours['input_ids'][:] == trl['input_ids'][:] and ours['labels'][:] == trl['labels'][:]
     n_trunc = sum(len(x) == a.max_length for x in ours['input_ids'])
     print(f"{a.n} conversations, assistant_only_loss, max_length={a.max_length} ({n_trunc} rows truncated), num_proc={a.num_proc}")
