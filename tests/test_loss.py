@@ -103,3 +103,38 @@ def test_evaluate_logs_metrics(tmp_path):
     assert m['eval_mean_token_accuracy'] == pytest.approx(sum(s['n_correct'].item() for _, s in ref) / n)
     assert m['eval_entropy'] == pytest.approx(sum(s['entropy_sum'].item() for _, s in ref) / n, rel=1e-5)
     assert t.token_counter.num_tokens == 0 and 'eval_num_tokens' not in m
+
+@pytest.mark.parametrize('kind,port', [('fsdp1', 29571), ('fsdp2', 29572)])
+def test_fsdp_sharded_head(kind, port):
+    """Two processes on CPU: FSDP2 keeps the chunked head, with the same loss and head gradient as the unsharded model; FSDP1,
+    which gathers weights only inside forward (the chunked head would read flat shards), falls back to the model's logits"""
+    import os, subprocess, sys
+    r = subprocess.run([sys.executable, str(Path(__file__).parent/'fsdp_worker.py'), kind, str(port)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(l for l in r.stdout.splitlines() if l.startswith('{')))
+    assert out['loss'] == pytest.approx(out['ref'], rel=1e-6)
+    if kind == 'fsdp1': assert 'FSDP1' in out['blocker']
+    else: assert out['blocker'] is None and out['grad_ok']
+
+def test_moe_aux_loss_matches_trl(tmp_path):
+    "A tiny Mixtral with gradient accumulation: losses and the logged aux_loss equal TRL 1.16's (which adds coef * aux / GA steps)"
+    from transformers import MixtralConfig, AutoModelForCausalLM
+    from trl import SFTConfig as TRLConfig, SFTTrainer as TRLTrainer
+    ds, tok = _dataset(32)
+    def moe():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(MixtralConfig(
+            vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.1, use_cache=False, pad_token_id=3, eos_token_id=2))
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5, learning_rate=3e-3)
+    ours = LossTrainer(model=moe(), args=_args(tmp_path/'ours', **kw), train_dataset=ds,
+                       data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
+    ours.train()
+    targs = TRLConfig(**_args(tmp_path/'trl', **kw).to_dict() | dict(max_length=None, packing=False, dataset_num_proc=None))
+    trl = TRLTrainer(model=moe(), args=targs, train_dataset=ds, processing_class=tok)
+    trl.train()
+    get = lambda t, k: [h[k] for h in t.state.log_history if 'loss' in h]
+    assert ours.router_aux_loss_coef == 0.1 and len(get(ours, 'aux_loss')) == 5
+    assert get(ours, 'aux_loss') == pytest.approx(get(trl, 'aux_loss'), rel=1e-4)
+    assert get(ours, 'loss') == pytest.approx(get(trl, 'loss'), rel=1e-4)
