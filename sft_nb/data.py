@@ -14,11 +14,12 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'GEN_OPEN', 'GEN_CLOSE', 'DataFormatError', 'data_error',
-           'detect_format', 'to_chatml', 'check_messages', 'check_row', 'has_generation_markers', 'compile_marked',
-           'split_marked', 'ChatRenderer', 'diff_spans', 'fast_backend', 'token_spans', 'span_mask',
-           'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble', 'Tokenize', 'validate_dataset',
-           'check_markers', 'make_tokenize', 'prepare_dataset', 'TrainedText', 'show_trained']
+__all__ = ['logger', 'ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'GEN_OPEN', 'GEN_CLOSE', 'SLOT_OPEN', 'SLOT_CLOSE',
+           'DataFormatError', 'data_error', 'detect_format', 'to_chatml', 'check_messages', 'check_row',
+           'has_generation_markers', 'compile_marked', 'split_marked', 'Escaped', 'Slot', 'compile_stencil',
+           'conversation_shape', 'build_stencil', 'fill_stencil', 'ChatRenderer', 'diff_spans', 'fast_backend',
+           'token_spans', 'span_mask', 'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble', 'Tokenize',
+           'validate_dataset', 'check_markers', 'make_tokenize', 'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04_data.ipynb #264c796b
 class DataFormatError(ValueError):
@@ -222,8 +223,169 @@ def _chat(messages:list) -> tuple[list, bool]:
         chat.append(c)
     return (_alias_reasoning_fields(chat) if reasoning else chat), sentinel
 
+
+# %% ../nbs/04_data.ipynb #660b422b
+SLOT_OPEN, SLOT_CLOSE = '\ufdd2', '\ufdd3'  # noncharacters again: rows holding one are not stencilled
+_SLOT_RE = re.compile('\ufdd2([0-9]+)(t?)\ufdd3')
+_SENTINEL_RE = re.compile('[\ufdd0-\ufdd3]')
+_REASONING_FIELDS = ('reasoning_content', 'thinking', 'reasoning')  # transformers aliases these into each other
+
+class Escaped(Exception):
+    "A chat template used a message's text for something other than writing it out"
+
+class Slot(str):
+    "A message's text, or a string joined from one, while a template renders a conversation's shape: writing it out and joining it are its only uses; any other raises `Escaped`"
+    def _escaped(self, *args, **kwargs): raise Escaped(str(self))
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __contains__ = __len__ = __iter__ = __getitem__ = _escaped
+    __mul__ = __rmul__ = __mod__ = __rmod__ = __format__ = _escaped
+    def __add__(self, other): return Slot(str.__add__(self, other)) if isinstance(other, str) else NotImplemented
+    def __radd__(self, other): return Slot(str.__add__(other, self)) if isinstance(other, str) else NotImplemented
+    def __bool__(self): return True  # only non-blank texts become slots
+
+def _has_slot(s:str) -> bool: return str.__contains__(s, SLOT_OPEN)  # not `in`, which a Slot refuses
+
+def _tainted(x) -> bool:
+    "Does `x`, or anything inside it, hold text made from a slot?"
+    if isinstance(x, str): return _has_slot(x)
+    if isinstance(x, dict): return any(_tainted(k) or _tainted(v) for k, v in x.items())
+    return isinstance(x, (list, tuple)) and any(map(_tainted, x))
+
+def _traced(s:str) -> str: return Slot(s) if _has_slot(s) else s
+
+# %% ../nbs/04_data.ipynb #297d2a4f
+# Filters that only look at the lists and dicts around texts, and tests that only look at a value's type
+_STRUCTURE_FILTERS = frozenset({'length', 'count', 'first', 'last', 'list', 'reverse', 'selectattr', 'rejectattr', 'map', 'batch',
+                                'slice', 'items', 'attr'})
+_TYPE_TESTS = frozenset({'defined', 'undefined', 'none', 'string', 'mapping', 'sequence', 'iterable', 'number', 'integer', 'float',
+                         'boolean', 'true', 'false', 'callable', 'sameas'})
+
+def _guard_filter(name, f):
+    "`f`, raising `Escaped` where it would read a text made from a slot"
+    from jinja2.utils import _PassArg
+    if name in ('default', 'd'): return f  # returns the value or the default as they are
+    skip = _PassArg.from_obj(f) is not None  # the first argument is Jinja's context or environment
+    @functools.wraps(f)
+    def guarded(*args, **kwargs):
+        value, rest = args[skip], args[skip+1:]
+        reads = (isinstance(value, str) and _has_slot(value)) if name in _STRUCTURE_FILTERS else _tainted(value)
+        if reads or _tainted(rest) or _tainted(kwargs): raise Escaped(name)
+        return f(*args, **kwargs)
+    return guarded
+
+def _guard_test(name, f):
+    if name in _TYPE_TESTS: return f
+    @functools.wraps(f)
+    def guarded(*args, **kwargs):
+        if _tainted(args) or _tainted(kwargs): raise Escaped(name)
+        return f(*args, **kwargs)
+    return guarded
+
+def _trim(value, chars=None):
+    "Jinja's `trim`; on a whole slot, the slot marked to be trimmed when filled"
+    if isinstance(value, str) and chars is None and (m := _SLOT_RE.fullmatch(value)): return Slot(f"{SLOT_OPEN}{m[1]}t{SLOT_CLOSE}")
+    if _tainted(value): raise Escaped('trim')
+    return str(value).strip(chars)
+
+class _Haystack(str):
+    "The right side of `in` when it is a string: a slot on the left would be searched for by its placeholder"
+    def __contains__(self, item):
+        if isinstance(item, str) and _has_slot(item): raise Escaped('in')
+        return str.__contains__(self, item)
+
+def _traced_code():
+    from jinja2.compiler import CodeGenerator, operators
+    class TracedCode(CodeGenerator):
+        "Jinja's code generator, with `~` joining into a `Slot` and `in` checked, where Python would bypass a `Slot`'s methods"
+        def visit_Concat(self, node, frame):
+            self.write("environment.join((")
+            for arg in node.nodes: self.visit(arg, frame); self.write(", ")
+            self.write("))")
+        def visit_Operand(self, node, frame):
+            if node.op not in ('in', 'notin'): return super().visit_Operand(node, frame)
+            self.write(f" {operators[node.op]} environment.haystack(")
+            self.visit(node.expr, frame)
+            self.write(")")
+    return TracedCode
+
+def _tracing(base_env):
+    from jinja2.runtime import Macro, str_join
+    stores = [base_env.globals.get(k) for k in ('namespace', 'dict')]
+    class Tracing(type(base_env)):
+        "The sandbox of `compile_marked`, where a text made from a slot stays a `Slot` and any read of it raises `Escaped`"
+        code_generator_class = _traced_code()
+        def concat(self, parts): return _traced(''.join(parts))  # {% set %} blocks, macros, the whole render
+        def join(self, parts): return _traced(str_join(parts))  # `~`
+        def haystack(self, x): return _Haystack(x) if type(x) is str else x
+        def getattr(self, obj, attribute):
+            if isinstance(obj, str) and _has_slot(obj): raise Escaped(attribute)
+            return super().getattr(obj, attribute)
+        def getitem(self, obj, argument):
+            if isinstance(obj, str) and _has_slot(obj): raise Escaped(argument)
+            return super().getitem(obj, argument)
+        def call(__self, __context, __obj, *args, **kwargs):
+            # a macro's body is traced like the rest; namespaces and dicts only hold what they are given
+            if not (isinstance(__obj, Macro) or any(__obj is s for s in stores)) and (_tainted(args) or _tainted(kwargs)):
+                raise Escaped(getattr(__obj, '__name__', 'call'))
+            return super().call(__context, __obj, *args, **kwargs)
+    return Tracing
+
+@functools.lru_cache(maxsize=16)
+def compile_stencil(template:str):
+    "`template` compiled as by `compile_marked`, in a sandbox that raises `Escaped` where a slot's text is read"
+    import jinja2
+    base = compile_marked(template).environment
+    env = _tracing(base)(trim_blocks=True, lstrip_blocks=True, extensions=[_marked_extension(), jinja2.ext.loopcontrols])
+    env.filters.update({k: _guard_filter(k, f) for k, f in base.filters.items()}, trim=_trim)
+    env.tests.update({k: _guard_test(k, f) for k, f in base.tests.items()})
+    env.globals.update(base.globals)
+    return env.from_string(template)
+
+# %% ../nbs/04_data.ipynb #42bfe1de
+def conversation_shape(messages:list) -> tuple[tuple, list[str]]|None:
+    "The roles, field names and empty fields of a conversation, and the texts of its other fields; None if it can't be stencilled"
+    shape, texts = [], []
+    for m in messages:
+        sig = []
+        for k, v in m.items():
+            if v is None: continue
+            if type(v) is not str or k in _REASONING_FIELDS: return None
+            if k == 'role' or not v: sig.append((k, v))
+            # a blank text trims to '' (falsy), unlike its slot
+            elif v.isspace() or not v.isascii() and _SENTINEL_RE.search(v): return None
+            else: sig.append(k); texts.append(v)
+        shape.append(tuple(sig))
+    return tuple(shape), texts
+
+def build_stencil(template:str, shape:tuple, kwargs:dict, add_generation_prompt:bool=False) -> tuple|None:
+    "The literal pieces a `shape` renders to, and which text goes between them (trimmed or not); None if the template reads a text"
+    chat, n = [], 0
+    for sig in shape:
+        m = {}
+        for f in sig:
+            if isinstance(f, tuple): m[f[0]] = f[1]
+            else: m[f] = Slot(f"{SLOT_OPEN}{n}{SLOT_CLOSE}"); n += 1
+        chat.append(m)
+    try: text = compile_stencil(template).render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs)
+    except Exception: return None  # Escaped, or the template's own error, which the row-by-row render reports
+    parts = _SLOT_RE.split(text)
+    pieces = parts[0::3]
+    if any(SLOT_OPEN in p or SLOT_CLOSE in p for p in pieces): return None  # a slot was cut apart
+    return pieces, [(int(i), t == 't') for i, t in zip(parts[1::3], parts[2::3])]
+
+def fill_stencil(stencil:tuple, texts:list[str]) -> str:
+    "The rendered conversation: the stencil's pieces with `texts` in between"
+    pieces, refs = stencil
+    out = [pieces[0]]
+    for (i, trimmed), piece in zip(refs, pieces[1:]): out += (texts[i].strip() if trimmed else texts[i], piece)
+    return ''.join(out)
+
+# %% ../nbs/04_data.ipynb #3e9f8ece
+_MISSING = object()
+
 class ChatRenderer:
     "Render conversations with a tokenizer's chat template, to text and (with markers) generation spans"
+    max_shapes = 4096  # stencils kept; conversations of further shapes render row by row
+
     def __init__(self, tokenizer):
         if getattr(tokenizer, 'chat_template', None) is None:
             raise DataFormatError("The dataset is conversational but the tokenizer has no chat template. Set one with "
@@ -231,16 +393,39 @@ class ChatRenderer:
                                   "or use a tokenizer of an instruct model.")
         self.tokenizer, self.special = tokenizer, dict(tokenizer.special_tokens_map)
         self.markers = has_generation_markers(tokenizer.chat_template)
+        self.stencils = {}
+
+    def __getstate__(self): return {**self.__dict__, 'stencils': {}}  # worker processes and dataset fingerprints start afresh
 
     def __call__(self, messages, tools=None, kwargs=None, add_generation_prompt=False, markers=False) -> tuple[str, list]:
         "`(text, generation spans)`; the spans are empty unless `markers`"
         from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
         template = self.tokenizer.get_chat_template(None, tools)
-        (chat, sentinel), kw = _chat(messages), {**self.special, **(kwargs or {})}
-        inputs = dict(messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt)
-        out = None if sentinel else split_marked(compile_marked(template).render(**inputs, **kw))
-        if out is None: out = _render_with_assistant_indices(_compile_jinja_template(template), chat, tools, None, add_generation_prompt, **kw)
+        kw = {**self.special, **(kwargs or {})}
+        text = self._by_shape(template, messages, kwargs, kw, add_generation_prompt) if tools is None else None
+        if text is None: text = self._marked(template, messages, tools, kw, add_generation_prompt)
+        out = None if text is None else split_marked(text)
+        if out is None: out = _render_with_assistant_indices(_compile_jinja_template(template), _chat(messages)[0], tools, None, add_generation_prompt, **kw)
         return out if markers else (out[0], [])
+
+    def _marked(self, template, messages, tools, kw, add_generation_prompt) -> str|None:
+        "The text with generation sentinels, rendered by Jinja; None if a message holds a sentinel"
+        chat, sentinel = _chat(messages)
+        if sentinel: return None
+        return compile_marked(template).render(messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **kw)
+
+    def _by_shape(self, template, messages, kwargs, kw, add_generation_prompt) -> str|None:
+        "The text with generation sentinels from the stencil of the conversation's shape (made on first sight); None: render the row"
+        s = conversation_shape(messages)
+        if s is None: return None
+        shape, texts = s
+        try: st = self.stencils.get(key := (template, shape, add_generation_prompt, tuple(sorted((kwargs or {}).items()))), _MISSING)
+        except TypeError: return None  # template kwargs that can't be a key
+        if st is not _MISSING: return None if st is None else fill_stencil(st, texts)
+        if len(self.stencils) >= self.max_shapes: return None
+        st, text = build_stencil(template, shape, kw, add_generation_prompt), self._marked(template, messages, None, kw, add_generation_prompt)
+        self.stencils[key] = st if st is not None and fill_stencil(st, texts) == text else None
+        return text
 
 # %% ../nbs/04_data.ipynb #1849088b
 def _not_nested(row, j, what):
@@ -481,20 +666,62 @@ def _needed_columns(fmt, columns, text_field):
             'prompt_completion': ['prompt', 'completion'], 'conversational_prompt_completion': ['prompt', 'completion']}[fmt]
     return [c for c in need if c in columns]
 
+def _plain(feature, conversation:bool=False) -> bool:
+    "Is `feature` a column of strings, or (`conversation`) of lists of `{role, content}` string structs, as Python will read it?"
+    from datasets import Value
+    is_str = lambda f: isinstance(f, Value) and f.dtype in ('string', 'large_string')
+    if not conversation: return is_str(feature)
+    inner = getattr(feature, 'feature', None)  # datasets' List / LargeList
+    return isinstance(inner, dict) and is_str(inner.get('role')) and is_str(inner.get('content'))
+
+def _suspect_conversations(col, need_assistant:bool):
+    "Rows of an Arrow column of `{role, content}` lists that may not pass `check_messages`"
+    import numpy as np, pyarrow as pa, pyarrow.compute as pc
+    out, r0 = np.zeros(len(col), bool), 0
+    for chunk in col.chunks:
+        n = len(chunk)
+        bad = out[r0:r0+n]  # a view: written in place
+        bad |= pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False) == 0  # null or empty
+        flat, parent = pc.list_flatten(chunk), pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False)
+        role, content = flat.field('role'), flat.field('content')
+        known = pc.fill_null(pc.is_in(role, value_set=pa.array(ROLES)), False)
+        msg_bad = pc.or_(pc.invert(known), pc.or_(content.is_null(), flat.is_null()))
+        bad[parent[msg_bad.to_numpy(zero_copy_only=False)]] = True
+        if need_assistant:
+            has = np.zeros(n, bool)
+            has[parent[pc.fill_null(pc.equal(role, 'assistant'), False).to_numpy(zero_copy_only=False)]] = True
+            bad |= ~has
+        r0 += n
+    return out
+
+_CHECKED = {'text': lambda tf: [(tf, False)], 'prompt_completion': lambda tf: [('prompt', False), ('completion', False)],
+            'conversational': lambda tf: [('messages', True)], 'conversational_prompt_completion': lambda tf: [('prompt', True), ('completion', True)]}
+
+def _suspect_rows(table, features, fmt:str, text_field:str='text', assistant_only_loss:bool=False):
+    "Indices of the rows of an Arrow `table` that may fail `check_row`; None unless its columns have the plain `features`"
+    import numpy as np
+    cols = _CHECKED[fmt](text_field) if fmt in _CHECKED else None
+    if not cols or not all(c in features and _plain(features[c], conv) for c, conv in cols): return None
+    parts = [_suspect_conversations(table.column(c), assistant_only_loss and c != 'prompt') if conv else
+             table.column(c).is_null().to_numpy(zero_copy_only=False) for c, conv in cols]
+    return np.flatnonzero(np.logical_or.reduce(parts))
+
 def validate_dataset(dataset, # a `datasets.Dataset`
                      fmt:str, # its format, from `detect_format`
                      text_field:str='text', assistant_only_loss:bool=False,
-                     batch_size:int=1000) -> None:
+                     batch_size:int=10_000) -> None:
     "Check every row of `dataset`, raising a `DataFormatError` on the first bad one"
-    cols = _needed_columns(fmt, dataset.column_names, text_field)
-    i = 0
-    for b in dataset.select_columns(cols).iter(batch_size=batch_size):
-        keys = list(b)
-        for v in zip(*[b[k] for k in keys]):
+    sub = dataset.select_columns(_needed_columns(fmt, dataset.column_names, text_field))
+    for i in range(0, len(sub), batch_size):
+        sus = _suspect_rows(sub.with_format('arrow')[i:i+batch_size], sub.features, fmt, text_field, assistant_only_loss)
+        idx = list(range(i, min(i + batch_size, len(sub)))) if sus is None else (sus + i).tolist()
+        if not idx: continue
+        batch = sub[idx]  # decoded by `datasets` as the tokenizer will see the rows
+        keys = list(batch)
+        for k, v in zip(idx, zip(*[batch[c] for c in keys])):
             r = dict(zip(keys, v))
             if 'conversations' in r: r['messages'] = to_chatml(r.pop('conversations'))
-            check_row(r, i, fmt, text_field, assistant_only_loss)
-            i += 1
+            check_row(r, k, fmt, text_field, assistant_only_loss)
 
 # %% ../nbs/04_data.ipynb #c11dbadf
 def check_markers(t:Tokenize, # a conversational `Tokenize` with assistant_only_loss
