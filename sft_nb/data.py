@@ -342,42 +342,48 @@ def compile_stencil(template:str):
 
 # %% ../nbs/04_data.ipynb #42bfe1de
 def conversation_shape(messages:list) -> tuple[tuple, list[str]]|None:
-    "The roles, field names and empty fields of a conversation, and the texts of its other fields; None if it can't be stencilled"
+    "The roles, field names and empty fields of a conversation (`None` ends a message), and the texts of its other fields; None if it can't be stencilled"
     shape, texts = [], []
+    put, put_text = shape.append, texts.append  # a conversation shape per row: this loop is the renderer's hot path
     for m in messages:
-        sig = []
         for k, v in m.items():
-            if v is None: continue
-            if type(v) is not str or k in _REASONING_FIELDS: return None
-            if k == 'role' or not v: sig.append((k, v))
-            # a blank text trims to '' (falsy), unlike its slot
-            elif v.isspace() or not v.isascii() and _SENTINEL_RE.search(v): return None
-            else: sig.append(k); texts.append(v)
-        shape.append(tuple(sig))
+            if v.__class__ is str:
+                if k == 'role' or not v: put((k, v))
+                # a blank text trims to '' (falsy), unlike its slot
+                elif v.isspace() or k in _REASONING_FIELDS or not v.isascii() and _SENTINEL_RE.search(v): return None
+                else: put(k); put_text(v)
+            elif v is not None: return None
+        put(None)
     return tuple(shape), texts
 
 def build_stencil(template:str, shape:tuple, kwargs:dict, add_generation_prompt:bool=False) -> tuple|None:
-    "The literal pieces a `shape` renders to, and which text goes between them (trimmed or not); None if the template reads a text"
-    chat, n = [], 0
-    for sig in shape:
-        m = {}
-        for f in sig:
-            if isinstance(f, tuple): m[f[0]] = f[1]
-            else: m[f] = Slot(f"{SLOT_OPEN}{n}{SLOT_CLOSE}"); n += 1
-        chat.append(m)
-    try: text = compile_stencil(template).render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs)
+    "The literal pieces a `shape` renders to, which text goes between them (trimmed or not), and where generation spans start and end; None if the template reads a text"
+    chat, m, n = [], {}, 0
+    for f in shape:
+        if f is None: chat.append(m); m = {}
+        elif isinstance(f, tuple): m[f[0]] = f[1]
+        else: m[f] = Slot(f"{SLOT_OPEN}{n}{SLOT_CLOSE}"); n += 1
+    try: text = str(compile_stencil(template).render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs))  # a plain copy
     except Exception: return None  # Escaped, or the template's own error, which the row-by-row render reports
+    if (marked := split_marked(text)) is None: return None  # nested generation blocks
+    text, spans = marked
     parts = _SLOT_RE.split(text)
     pieces = parts[0::3]
     if any(SLOT_OPEN in p or SLOT_CLOSE in p for p in pieces): return None  # a slot was cut apart
-    return pieces, [(int(i), t == 't') for i, t in zip(parts[1::3], parts[2::3])]
+    bounds = [0, *(x for s in _SLOT_RE.finditer(text) for x in s.span()), len(text)]  # piece k is text[bounds[2k]:bounds[2k+1]]
+    ends = [next((k, p - bounds[2*k]) for k in range(len(pieces)) if bounds[2*k] <= p <= bounds[2*k+1]) for s in spans for p in s]
+    return pieces, [(int(i), t == 't') for i, t in zip(parts[1::3], parts[2::3])], ends
 
-def fill_stencil(stencil:tuple, texts:list[str]) -> str:
-    "The rendered conversation: the stencil's pieces with `texts` in between"
-    pieces, refs = stencil
-    out = [pieces[0]]
-    for (i, trimmed), piece in zip(refs, pieces[1:]): out += (texts[i].strip() if trimmed else texts[i], piece)
-    return ''.join(out)
+def fill_stencil(stencil:tuple, texts:list[str]) -> tuple[str, list[tuple[int,int]]]:
+    "The rendered conversation, the stencil's pieces with `texts` in between, and its generation spans"
+    pieces, refs, ends = stencil
+    out, starts, n = [pieces[0]], [0], len(pieces[0])
+    for (i, trimmed), piece in zip(refs, pieces[1:]):
+        t = texts[i].strip() if trimmed else texts[i]
+        n += len(t); starts.append(n); n += len(piece)
+        out += (t, piece)
+    points = [starts[k] + o for k, o in ends]
+    return ''.join(out), list(zip(points[0::2], points[1::2]))
 
 # %% ../nbs/04_data.ipynb #3e9f8ece
 _MISSING = object()
@@ -402,9 +408,8 @@ class ChatRenderer:
         from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
         template = self.tokenizer.get_chat_template(None, tools)
         kw = {**self.special, **(kwargs or {})}
-        text = self._by_shape(template, messages, kwargs, kw, add_generation_prompt) if tools is None else None
-        if text is None: text = self._marked(template, messages, tools, kw, add_generation_prompt)
-        out = None if text is None else split_marked(text)
+        out = self._by_shape(template, messages, kwargs, kw, add_generation_prompt) if tools is None else None
+        if out is None and (text := self._marked(template, messages, tools, kw, add_generation_prompt)) is not None: out = split_marked(text)
         if out is None: out = _render_with_assistant_indices(_compile_jinja_template(template), _chat(messages)[0], tools, None, add_generation_prompt, **kw)
         return out if markers else (out[0], [])
 
@@ -414,8 +419,8 @@ class ChatRenderer:
         if sentinel: return None
         return compile_marked(template).render(messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **kw)
 
-    def _by_shape(self, template, messages, kwargs, kw, add_generation_prompt) -> str|None:
-        "The text with generation sentinels from the stencil of the conversation's shape (made on first sight); None: render the row"
+    def _by_shape(self, template, messages, kwargs, kw, add_generation_prompt) -> tuple|None:
+        "Text and generation spans from the stencil of the conversation's shape (made on first sight); None: render the row"
         s = conversation_shape(messages)
         if s is None: return None
         shape, texts = s
@@ -423,9 +428,9 @@ class ChatRenderer:
         except TypeError: return None  # template kwargs that can't be a key
         if st is not _MISSING: return None if st is None else fill_stencil(st, texts)
         if len(self.stencils) >= self.max_shapes: return None
-        st, text = build_stencil(template, shape, kw, add_generation_prompt), self._marked(template, messages, None, kw, add_generation_prompt)
-        self.stencils[key] = st if st is not None and fill_stencil(st, texts) == text else None
-        return text
+        st, out = build_stencil(template, shape, kw, add_generation_prompt), split_marked(self._marked(template, messages, None, kw, add_generation_prompt))
+        self.stencils[key] = st if st is not None and fill_stencil(st, texts) == out else None
+        return out
 
 # %% ../nbs/04_data.ipynb #1849088b
 def _not_nested(row, j, what):
