@@ -19,7 +19,7 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['is_peft_model', 'get_peft_config', 'count_parameters', 'trainable_report', 'apply_peft', 'check_adapter_matches',
-           'load_adapter', 'merge_adapters']
+           'load_adapter', 'merged_copy', 'merge_adapters']
 
 # %% ../nbs/03_adapters.ipynb #7ed8eb05
 def is_peft_model(model) -> bool:
@@ -175,6 +175,13 @@ def _unquantized_copy(peft_model, dtype):
     res = set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_model, adapter_name=name))
     if res.unexpected_keys: raise RuntimeError(f"Adapter weights did not fit the reloaded base: {res.unexpected_keys[:3]}")
     return fresh
+
+def merged_copy(model, # a `PeftModel`
+                dtype='auto', # dtype of the base reloaded for a quantized model
+               ):
+    "A plain model with the active adapter merged in, leaving `model` and its adapters as they were"
+    if _is_quantized(model.get_base_model()): return _unquantized_copy(model, dtype).merge_and_unload()
+    return copy.deepcopy(model).merge_and_unload()
 
 def merge_adapters(model_or_path, # a `PeftModel`, or an adapter folder
                    output_dir=None, # save the merged model (and `tokenizer`) here
