@@ -139,7 +139,10 @@ def check_adapter_matches(model, # the base model (not yet wrapped)
 def _adapter_base(path:Path) -> str:
     name = json.loads((path/'adapter_config.json').read_text()).get('base_model_name_or_path')
     if not name: raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path: load the base yourself and pass it as `model`.")
-    return name
+    try: return check_model_path(name)
+    except OSError as e:
+        raise FileNotFoundError(f"The adapter at {path} was trained on {name!r} (base_model_name_or_path in adapter_config.json), which "
+                                f"can't be loaded here: {e} Pass the base model as `model=`, or set base_model_name_or_path to its folder or Hub id.") from None
 
 def load_adapter(adapter_path, # folder written by `PeftModel.save_pretrained`
                  model=None, # base model; default: loaded from the adapter's `base_model_name_or_path`
