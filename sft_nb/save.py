@@ -395,7 +395,8 @@ def _run_files(path:Path) -> list[str]:
     "What in `path` belongs to a previous run: checkpoints, model files, a card, a trainer state"
     if not path.is_dir(): return []
     return sorted(p.name for p in path.iterdir() if _CKPT.fullmatch(p.name) or p.name in MODEL_FILES or _SHARD.fullmatch(p.name)
-                  or p.name in ('trainer_state.json', 'training_args.bin', 'README.md', 'config.json'))
+                  or p.name in ('trainer_state.json', 'training_args.bin', 'README.md', 'config.json', 'loss_curve.png')
+                  or (p.name == 'merged' and (p/'config.json').exists()))
 
 def _clear_run(path:Path):
     for name in _run_files(path):
