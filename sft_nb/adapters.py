@@ -19,7 +19,7 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['is_peft_model', 'get_peft_config', 'count_parameters', 'trainable_report', 'apply_peft', 'check_adapter_matches',
-           'load_adapter', 'merge_adapters']
+           'load_adapter', 'merged_copy', 'merge_adapters']
 
 # %% ../nbs/03_adapters.ipynb #7ed8eb05
 def is_peft_model(model) -> bool:
@@ -139,7 +139,10 @@ def check_adapter_matches(model, # the base model (not yet wrapped)
 def _adapter_base(path:Path) -> str:
     name = json.loads((path/'adapter_config.json').read_text()).get('base_model_name_or_path')
     if not name: raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path: load the base yourself and pass it as `model`.")
-    return name
+    try: return check_model_path(name)
+    except OSError as e:
+        raise FileNotFoundError(f"The adapter at {path} was trained on {name!r} (base_model_name_or_path in adapter_config.json), which "
+                                f"can't be loaded here: {e} Pass the base model as `model=`, or set base_model_name_or_path to its folder or Hub id.") from None
 
 def load_adapter(adapter_path, # folder written by `PeftModel.save_pretrained`
                  model=None, # base model; default: loaded from the adapter's `base_model_name_or_path`
@@ -175,6 +178,13 @@ def _unquantized_copy(peft_model, dtype):
     res = set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_model, adapter_name=name))
     if res.unexpected_keys: raise RuntimeError(f"Adapter weights did not fit the reloaded base: {res.unexpected_keys[:3]}")
     return fresh
+
+def merged_copy(model, # a `PeftModel`
+                dtype='auto', # dtype of the base reloaded for a quantized model
+               ):
+    "A plain model with the active adapter merged in, leaving `model` and its adapters as they were"
+    if _is_quantized(model.get_base_model()): return _unquantized_copy(model, dtype).merge_and_unload()
+    return copy.deepcopy(model).merge_and_unload()
 
 def merge_adapters(model_or_path, # a `PeftModel`, or an adapter folder
                    output_dir=None, # save the merged model (and `tokenizer`) here

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TMP_PREFIX', 'MODEL_FILES', 'publish_dir', 'atomic_dir', 'verify_saved', 'save_model', 'is_hub_id', 'plot_loss',
-           'model_card', 'write_model_card', 'PushError', 'resolve_token', 'with_retries', 'push_to_hub',
+__all__ = ['TMP_PREFIX', 'MODEL_FILES', 'publish_dir', 'atomic_dir', 'verify_saved', 'is_hub_id', 'plot_loss', 'model_card',
+           'write_model_card', 'save_model', 'PushError', 'resolve_token', 'with_retries', 'push_to_hub',
            'check_output_dir', 'checkpoint_bytes', 'save_training_args', 'rotate_checkpoints', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07_save.ipynb #6801aa5d
@@ -36,12 +36,24 @@ def _fsync_tree(path:Path):
 def _tmp_sibling(dest:Path, tag:str='') -> Path:
     return dest.parent/f"{TMP_PREFIX}{dest.name}{tag}-{uuid.uuid4().hex[:8]}"
 
+def _exchange(a:Path, b:Path) -> bool:
+    "Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the OS or filesystem can't"
+    import ctypes
+    try: fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError): return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
 def publish_dir(src, # a complete folder
                 dest, # where it must end up
                ) -> Path:
     "Rename `src` onto `dest` atomically, replacing a previous `dest` only once `src` is in place"
     src, dest = Path(src), Path(dest)
     _fsync_tree(src)
+    if dest.exists() and _exchange(src, dest):  # dest is never missing, not even between two renames
+        shutil.rmtree(src, ignore_errors=True)  # now the previous dest
+        return dest
     old = None
     if dest.exists():
         old = _tmp_sibling(dest, '-old')
@@ -128,42 +140,6 @@ def verify_saved(path, # folder written by `save_model` / `save_pretrained`
         if missing: raise ValueError(f"{len(missing)} tensor(s) of the model are not in {path}, e.g. {missing[:3]}.")
     return {k: s for k, (s, _) in shapes.items()}
 
-# %% ../nbs/07_save.ipynb #a135631d
-def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
-    from peft import PeftModel
-    if isinstance(model, PeftModel): model.save_pretrained(path, state_dict=state_dict)
-    else: model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
-    gc = getattr(model, 'generation_config', None)
-    if gc is not None and not (path/'generation_config.json').exists(): gc.save_pretrained(path)
-
-def _write_merged(model, path:Path, max_shard_size='5GB'):
-    "Merge a copy of the adapter into its base weights and save it as a plain model"
-    import copy
-    if not hasattr(model, 'merge_and_unload'): raise ValueError(f"merged=True needs a PeftModel, got {type(model).__name__}: a full model is already merged.")
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(path, max_shard_size=max_shard_size)
-    verify_saved(path, merged)
-    del merged
-
-def save_model(model, # a `PreTrainedModel` or `PeftModel`
-               output_dir, # the folder to write; replaced atomically if it exists
-               processing_class=None, # tokenizer (with chat template) or processor saved next to the weights
-               state_dict:dict|None=None, # gathered weights (FSDP / DeepSpeed); default the model's own
-               max_shard_size:str|int='5GB', # shard full models above this size
-               merged:bool=False, # for a PeftModel also write the merged model to `output_dir/merged`
-               is_main_process:bool=True, # only the main process writes
-               verify:bool=True, # check the written weights before publishing them
-              ) -> Path|None:
-    "Write weights, config, generation config and tokenizer to `output_dir`, atomically"
-    if not is_main_process: return None
-    output_dir = Path(output_dir)
-    with atomic_dir(output_dir) as t:
-        _write_weights(model, t, state_dict, max_shard_size)
-        if processing_class is not None: processing_class.save_pretrained(t)
-        if verify: verify_saved(t, model if state_dict is None else None)
-        if merged: _write_merged(model, t/'merged', max_shard_size)
-    return output_dir
-
 # %% ../nbs/07_save.ipynb #80fc2a21
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
 
@@ -227,8 +203,8 @@ def _final_losses(log_history:list[dict]) -> dict:
 _QUICKSTART = {False: '''```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{repo}")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = AutoModelForCausalLM.from_pretrained({where})
+tokenizer = AutoTokenizer.from_pretrained({where})
 messages = [{{"role": "user", "content": "Hello!"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
@@ -236,8 +212,8 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-model = AutoPeftModelForCausalLM.from_pretrained("{repo}")  # loads the base model, then this adapter
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = AutoPeftModelForCausalLM.from_pretrained({where})  # loads the base model, then this adapter
+tokenizer = AutoTokenizer.from_pretrained({where})
 messages = [{{"role": "user", "content": "Hello!"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
@@ -247,6 +223,10 @@ def _table(d:dict) -> str:
     return '\n'.join(['| | |', '|---|---|'] + [f"| {k} | {v} |" for k, v in d.items()])
 
 # %% ../nbs/07_save.ipynb #ac30e4c7
+def _where(repo_id, subfolder) -> str:
+    "The arguments of `from_pretrained` in the quick start"
+    return f'"{repo_id or "path/to/this/model"}"' + (f', subfolder="{subfolder}"' if subfolder else '')
+
 def model_card(base_model:str|None=None, # what was fine-tuned: kept in the metadata only if a Hub id
                repo_id:str|None=None, # where the model is loaded from (Hub id or local path), for the quick start
                is_peft:bool=False, # an adapter (library `peft`) or a full model (library `transformers`)
@@ -259,6 +239,7 @@ def model_card(base_model:str|None=None, # what was fine-tuned: kept in the meta
                loss_image:str|None=None, # file name of the loss-curve PNG next to the card
                method:str='SFT', # how it was trained
                tokens_seen:int|None=None, # input tokens the model was trained on
+               subfolder:str|None=None, # where in `repo_id` the model is (e.g. `merged`), for the quick start
               ):
     "A `huggingface_hub.ModelCard` saying what the model is, how it was trained and how to load it"
     from huggingface_hub import ModelCard, ModelCardData
@@ -272,7 +253,7 @@ def model_card(base_model:str|None=None, # what was fine-tuned: kept in the meta
     lines = [f"# {Path(repo_id).name if repo_id else 'Model'}", '', f"This model is {what}, trained with {method} "
              f"(supervised fine-tuning) by [sft_nb](https://github.com/sft-nb/sft_nb)"
              + (f" on `{dataset_name}`." if dataset_name else "."), '', '## Quick start', '',
-             _QUICKSTART[is_peft].format(repo=repo_id or 'path/to/this/model'), '', '## Training', '',
+             _QUICKSTART[is_peft].format(where=_where(repo_id, subfolder)), '', '## Training', '',
              f"- method: {method}" + (" (LoRA)" if is_peft else ""), f"- dataset: {dataset_name or 'not recorded'}"]
     results = _final_losses(log_history)
     if tokens_seen: results['tokens seen'] = tokens_seen
@@ -296,6 +277,57 @@ def write_model_card(output_dir, # folder holding the saved model; README.md (an
     card.save(tmp)
     os.replace(tmp, output_dir/'README.md')
     return output_dir/'README.md'
+
+def _card_defaults(model) -> dict:
+    "What the card can tell from the model itself: adapter or not, its LoRA config, what it was fine-tuned from"
+    pc = model.peft_config.get(model.active_adapter) if hasattr(model, 'peft_config') and hasattr(model, 'active_adapter') else None
+    base = pc.base_model_name_or_path if pc is not None else getattr(model.config, '_name_or_path', None)
+    return dict(is_peft=pc is not None, peft_config=pc, base_model=base)
+
+# %% ../nbs/07_save.ipynb #a135631d
+def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
+    from peft import PeftModel
+    if isinstance(model, PeftModel): model.save_pretrained(path, state_dict=state_dict)
+    else: model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
+    gc = getattr(model, 'generation_config', None)
+    if gc is not None and not (path/'generation_config.json').exists(): gc.save_pretrained(path)
+
+def _write_merged(model, path:Path, max_shard_size='5GB', processing_class=None):
+    "Save the adapter merged into a full-precision copy of its base (reloaded unquantized after QLoRA), with the tokenizer"
+    from sft_nb.adapters import is_peft_model, merged_copy
+    if not is_peft_model(model): raise ValueError(f"merged=True needs a PeftModel, got {type(model).__name__}: a full model is already merged.")
+    merged = merged_copy(model)
+    merged.save_pretrained(path, max_shard_size=max_shard_size)
+    if processing_class is not None: processing_class.save_pretrained(path)
+    verify_saved(path, merged)
+
+def _merged_where(card:dict, output_dir:Path) -> dict:
+    "The merged model's place for its card's quick start: a sub-folder of the Hub repo, or its local folder"
+    return dict(subfolder='merged') if is_hub_id(card.get('repo_id')) else dict(repo_id=str(output_dir.resolve()/'merged'))
+
+def save_model(model, # a `PreTrainedModel` or `PeftModel`
+               output_dir, # the folder to write; replaced atomically if it exists
+               processing_class=None, # tokenizer (with chat template) or processor saved next to the weights
+               state_dict:dict|None=None, # gathered weights (FSDP / DeepSpeed); default the model's own
+               max_shard_size:str|int='5GB', # shard full models above this size
+               merged:bool=False, # for a PeftModel also write the merged model to `output_dir/merged`
+               is_main_process:bool=True, # only the main process writes
+               verify:bool=True, # check the written weights before publishing them
+               card:dict|None=None, # more `model_card` arguments: dataset_name, tags, license, args, log_history, repo_id, ...
+              ) -> Path|None:
+    "Write weights, config, generation config, tokenizer and model card to `output_dir`, atomically"
+    if not is_main_process: return None
+    output_dir = Path(output_dir)
+    info = {**_card_defaults(model), 'repo_id': str(output_dir.resolve()), **(card or {})}
+    with atomic_dir(output_dir) as t:
+        _write_weights(model, t, state_dict, max_shard_size)
+        if processing_class is not None: processing_class.save_pretrained(t)
+        if verify: verify_saved(t, model if state_dict is None else None)
+        write_model_card(t, **info)  # replaces peft's template card, whose base_model may be a local path
+        if merged:
+            _write_merged(model, t/'merged', max_shard_size, processing_class)
+            write_model_card(t/'merged', **{**info, 'is_peft': False, **_merged_where(info, output_dir)})
+    return output_dir
 
 # %% ../nbs/07_save.ipynb #08be83a9
 class PushError(RuntimeError):
@@ -363,7 +395,8 @@ def _run_files(path:Path) -> list[str]:
     "What in `path` belongs to a previous run: checkpoints, model files, a card, a trainer state"
     if not path.is_dir(): return []
     return sorted(p.name for p in path.iterdir() if _CKPT.fullmatch(p.name) or p.name in MODEL_FILES or _SHARD.fullmatch(p.name)
-                  or p.name in ('trainer_state.json', 'training_args.bin', 'README.md', 'config.json'))
+                  or p.name in ('trainer_state.json', 'training_args.bin', 'README.md', 'config.json', 'loss_curve.png')
+                  or (p.name == 'merged' and (p/'config.json').exists()))
 
 def _clear_run(path:Path):
     for name in _run_files(path):
@@ -524,7 +557,7 @@ class CrashSafeSaveMixin:
         if tok is not None: tok.save_pretrained(out)
         verify_saved(out, model if state_dict is None else None)
         if self._stage is None and getattr(self.args, 'save_merged_model', False) and hasattr(model, 'merge_and_unload'):
-            _write_merged(model, out/'merged', getattr(self.args, 'max_shard_size', '5GB'))
+            _write_merged(model, out/'merged', getattr(self.args, 'max_shard_size', '5GB'), tok)
         save_training_args(self.args, out)
         self._write_card(out)
 
@@ -548,15 +581,15 @@ class CrashSafeSaveMixin:
         return out.parent if out.name == f"{TMP_PREFIX}save" else out
 
     def _write_card(self, out:Path):
+        "The card of the model saved in `out` (and of the merged model in `out/merged` when there is one)"
         model = self._unwrapped()
-        is_peft = hasattr(model, 'peft_config') and hasattr(model, 'active_adapter')
-        pc = model.peft_config.get(model.active_adapter) if is_peft else None
-        base = pc.base_model_name_or_path if is_peft else getattr(model.config, '_name_or_path', None)
         repo = (self.hub_model_id or self.args.hub_model_id) if self.args.push_to_hub else None
-        info = dict(self.card_info)
-        info['tags'] = list(dict.fromkeys([*(getattr(model, 'model_tags', None) or []), *(info.get('tags') or [])]))
-        write_model_card(out, log_history=self.state.log_history, base_model=base, repo_id=repo or str(self._final_path(out).resolve()),
-                         is_peft=is_peft, args=self.args, peft_config=pc, tokens_seen=self.state.num_input_tokens_seen or None, **info)
+        info = {**_card_defaults(model), **self.card_info, 'args': self.args, 'log_history': self.state.log_history,
+                'tokens_seen': self.state.num_input_tokens_seen or None, 'repo_id': repo or str(self._final_path(out).resolve())}
+        info['tags'] = list(dict.fromkeys([*(getattr(model, 'model_tags', None) or []), *(self.card_info.get('tags') or [])]))
+        write_model_card(out, **info)
+        if (out/'merged'/'config.json').exists():
+            write_model_card(out/'merged', **{**info, 'is_peft': False, **_merged_where(info, self._final_path(out))})
 
     def create_model_card(self, model_name=None, tags=None, license=None, dataset_name=None, **kwargs):
         if not self.is_world_process_zero(): return

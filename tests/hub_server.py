@@ -2,10 +2,11 @@
 create a branch, validate card metadata, upload (preupload, then LFS batch + PUT, or Xet: write token + CAS xorbs and
 shard) and commit, and download (resolve, model info, tree).
 
-It is not the Hub: no auth model beyond "a token must be sent to write", one namespace. Xet is emulated for uploads
-only (xorbs are decoded back to files: LZ4 frames, byte grouping, shard file records); downloads go through `resolve`
-without Xet headers, which the client accepts. `state.xet = False` makes the server refuse Xet write tokens (501), as
-a Hub without Xet would. It records every request and can fail the next N matching requests with a status code."""
+It is not the Hub: no auth model beyond "a token must be sent to write" (and to read a private repo), one namespace.
+With `state.xet = True`, Xet is emulated both ways: uploaded xorbs are decoded back to files (LZ4 frames, byte grouping,
+shard file records), and `resolve` advertises a Xet hash for such files so the client downloads them as CAS
+reconstructions of xorb byte ranges. `state.xet = False` (the default) makes the server refuse Xet write tokens (501),
+as a Hub without Xet would, and serves files from `resolve` alone. It records every request and can fail the next N matching requests with a status code."""
 import base64, hashlib, json, re, struct, threading, time, uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse

@@ -1,5 +1,6 @@
 "Model and tokenizer loading beyond the notebook page: VLMs, bad input, TRL's chat-template cloning as the reference."
-import logging
+import json, logging, os, subprocess, sys, textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,72 @@ def test_saved_after_resize_reloads(tiny_path, tmp_path):
     again = load_model(tmp_path/'out')
     x = torch.tensor([[5, tok.convert_tokens_to_ids('<|tool|>'), 7]])
     torch.testing.assert_close(again(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_device_map_reaches_from_pretrained(tiny_path, tmp_path):
+    "A device map from model_init_kwargs places the layers (here one offloaded to disk) and the model still computes the same"
+    dm = {'model.embed_tokens': 'cpu', 'model.layers.0': 'cpu', 'model.layers.1': 'disk', 'model.norm': 'cpu', 'model.rotary_emb': 'cpu', 'lm_head': 'cpu'}
+    model = load_model(tiny_path, SFTConfig('out', model_init_kwargs={'device_map': dm, 'offload_folder': str(tmp_path/'off')}))
+    assert model.hf_device_map == dm
+    x = torch.tensor([[5, 17, 42, 9]])
+    torch.testing.assert_close(model(input_ids=x).logits, load_model(tiny_path)(input_ids=x).logits)
+
+
+REMOTE_CONFIG = "from transformers import LlamaConfig\nclass TinyXConfig(LlamaConfig): model_type = 'tinyx'\n"
+REMOTE_MODEL = ("from transformers import LlamaForCausalLM\nfrom .configuration_tinyx import TinyXConfig\n"
+                "class TinyXForCausalLM(LlamaForCausalLM): config_class = TinyXConfig\n")
+
+def test_trust_remote_code(tmp_path):
+    "A folder whose model is its own code (`auto_map`) loads only with trust_remote_code, given in SFTConfig as in TRL"
+    path = save_tiny(tmp_path/f'remote_{os.getpid()}')
+    cfg = json.loads((path/'config.json').read_text())
+    cfg.update(model_type='tinyx', architectures=['TinyXForCausalLM'],
+               auto_map={'AutoConfig': 'configuration_tinyx.TinyXConfig', 'AutoModelForCausalLM': 'modeling_tinyx.TinyXForCausalLM'})
+    (path/'config.json').write_text(json.dumps(cfg))
+    (path/'configuration_tinyx.py').write_text(REMOTE_CONFIG); (path/'modeling_tinyx.py').write_text(REMOTE_MODEL)
+    with pytest.raises(ValueError, match='trust_remote_code=True'): load_model(path)
+    args = SFTConfig('out', trust_remote_code=True)
+    model = load_model(path, args)
+    assert type(model).__name__ == 'TinyXForCausalLM' and model.config.use_cache is False
+    x = torch.tensor([[5, 17, 42, 9]])
+    torch.testing.assert_close(model(input_ids=x).logits, load_model(save_tiny(tmp_path/'plain'))(input_ids=x).logits)
+    assert load_tokenizer(path, args).pad_token == '<|pad|>'
+
+
+HUB_CHILD = """
+import sys, torch
+from pathlib import Path
+from huggingface_hub import HfApi
+from sft_nb.config import ModelConfig
+from sft_nb.models import load_model, load_tokenizer
+from sft_nb.tiny import save_tiny
+tmp, api = Path(sys.argv[1]), HfApi(token='hf_test')
+api.create_repo('me/tiny')
+api.upload_folder(repo_id='me/tiny', folder_path=str(save_tiny(tmp/'main', seed=1)))
+api.create_branch('me/tiny', branch='dev')
+api.upload_folder(repo_id='me/tiny', folder_path=str(save_tiny(tmp/'dev', seed=2)), revision='dev')
+x = torch.tensor([[5, 17, 42, 9, 3, 77]])
+for rev in ('main', 'dev'):
+    hub = load_model('me/tiny', model_args=ModelConfig(model_revision=rev))
+    assert hub.config.use_cache is False
+    torch.testing.assert_close(hub(input_ids=x).logits, load_model(tmp/rev)(input_ids=x).logits, rtol=0, atol=0)
+assert not torch.equal(load_model('me/tiny')(input_ids=x).logits, load_model(tmp/'dev')(input_ids=x).logits)
+assert load_tokenizer('me/tiny', model_args=ModelConfig(model_revision='dev')).pad_token == '<|pad|>'
+try: load_model('me/tiny', model_args=ModelConfig(model_revision='nope'))
+except OSError as e: assert 'Check the id and revision' in str(e), e
+else: raise SystemExit('a missing revision loaded')
+print('OK')
+"""
+
+def test_load_from_hub_id_and_revision(tmp_path):
+    "A Hub id through the real download path, from a local Hub server: `model_revision` picks the branch"
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_server import HubServer
+    root = Path(__file__).resolve().parents[1]
+    with HubServer() as hub:
+        env = {**os.environ, 'HF_ENDPOINT': hub.url, 'HF_HUB_OFFLINE': '0', 'TRANSFORMERS_OFFLINE': '0', 'HF_HUB_DISABLE_XET': '1',
+               'HF_HOME': str(tmp_path/'hf_home'), 'HF_HUB_DISABLE_PROGRESS_BARS': '1',
+               'PYTHONPATH': f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        r = subprocess.run([sys.executable, '-c', HUB_CHILD, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and 'OK' in r.stdout, r.stderr[-4000:]
+        assert '/api/models/me/tiny/revision/dev' in {p for _, p, _ in hub.state.requests}  # the client asked the server for the branch

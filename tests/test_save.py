@@ -110,6 +110,27 @@ def test_kill_during_final_save_keeps_previous(tmp_path):
     proc.send_signal(signal.SIGKILL); proc.wait()
     assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'final')), logits(first))
 
+def test_kill_during_trainer_final_save_keeps_previous(tmp_path):
+    "SIGKILL while the trainer's save_model stages its files: the previous final save in output_dir still loads, with its logits"
+    out = tmp_path/'run'
+    proc = spawn(f"""
+    import sft_nb.save as S
+    tr = make_trainer({str(out)!r}, max_steps=2, save_strategy='no')
+    tr.train()
+    tr.save_model()
+    torch.save(tr.model.eval()(torch.tensor([[5, 17, 42, 9, 3, 77]])).logits.detach(), {str(tmp_path/'first.pt')!r})
+    with torch.no_grad(): [p.add_(1.0) for p in tr.model.parameters()]
+    orig = S._write_weights
+    def slow(*a, **k):
+        orig(*a, **k); print('WROTE', flush=True); time.sleep(60)
+    S._write_weights = slow
+    tr.save_model()
+    """)
+    wait_for(lambda: (tmp_path/'first.pt').exists() and (out/'_tmp-save'/'model.safetensors').exists(), proc)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    S.verify_saved(out)
+    assert torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(out)), torch.load(tmp_path/'first.pt'), atol=1e-6)
+
 def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
     "An OSError (ENOSPC) while writing checkpoint-4 publishes nothing and leaves checkpoint-2 intact"
     ns = {}
@@ -202,7 +223,25 @@ def test_lora_trainer_roundtrip_card_and_merged(tmp_path, base, monkeypatch):
     assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(out)), want, atol=1e-5)
     assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(ck)), want, atol=1e-5)
     assert torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(out/'merged')), want, atol=1e-5)
+    merged_card = ModelCard.load(out/'merged'/'README.md')
+    assert merged_card.data.library_name == 'transformers' and 'sft_nb' in merged_card.data.tags
+    assert f'AutoModelForCausalLM.from_pretrained("{out.resolve()/"merged"}")' in merged_card.text
+    assert transformers.AutoTokenizer.from_pretrained(out/'merged').chat_template == ns['tok'].chat_template
     assert not torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(base)), want, atol=1e-3)  # it did train
+
+def test_qlora_save_merged_is_full_precision(tmp_path, base):
+    "merged=True after QLoRA: the adapter merged into the base reloaded in full precision, not requantized into 4-bit weights"
+    pytest.importorskip('bitsandbytes')
+    from peft import LoraConfig
+    from sft_nb.adapters import apply_peft, load_adapter
+    from sft_nb.config import ModelConfig
+    from sft_nb.models import load_model
+    q = apply_peft(load_model(base, model_args=ModelConfig(load_in_4bit=True)), LoraConfig(r=4, target_modules='all-linear', init_lora_weights=False))
+    out = S.save_model(q, tmp_path/'q', tiny_tokenizer(), merged=True)
+    assert 'quantization_config' not in json.loads((out/'merged'/'config.json').read_text())
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out/'merged')
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear and merged.dtype == torch.float32
+    assert torch.allclose(logits(merged), logits(load_adapter(out, is_trainable=False)), atol=1e-5)
 
 def test_save_over_previous_save_drops_stale_shards(tmp_path):
     "A sharded save followed by an unsharded one into the trainer's folder leaves no old shard or index behind"
@@ -276,6 +315,9 @@ def test_push_full_model_to_revision_and_download(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
         dev = hub.files('me/full', 'dev')
         assert 'model.safetensors.index.json' in dev and hub.files('me/full', 'main') == {}
+        paths = [path for _, path, _ in hub.state.requests]
+        assert any(p.endswith('.git/info/lfs/objects/batch') for p in paths) and any(p.startswith('/_lfs/') for p in paths)
+        assert not any('/xet-write-token/' in p for p in paths)  # HF_HUB_DISABLE_XET: the regular (LFS) path only
 
 def test_push_retries_server_errors(tmp_path):
     with HubServer() as hub:
