@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #9bc212a8
 from __future__ import annotations
-import dataclasses, signal, threading, time
+import dataclasses, signal, tempfile, threading, time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,8 @@ from .save import CrashSafeSaveMixin
 logger = logging.get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training', 'SFTTrainer']
+__all__ = ['logger', 'check_writable', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training',
+           'SFTTrainer']
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
@@ -45,6 +46,16 @@ def _dataset_is_empty(ds) -> bool:
     if isinstance(ds, IterableDataset): return next(iter(ds.take(1)), None) is None
     return len(ds) == 0
 
+def check_writable(output_dir) -> None:
+    "Create `output_dir` and write a file in it, or raise an `OSError` that names the folder"
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.sft_nb-probe-'): pass
+    except OSError as e:
+        raise OSError(e.errno, f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
+                               "(checked before loading the model, so nothing was lost).") from e
+
 def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
     "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
     if train_dataset is not None and _dataset_is_empty(train_dataset):
@@ -56,6 +67,7 @@ def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_coll
     if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
         raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so training knows when to stop.")
     args.check_collator(data_collator)
+    if args.should_save: check_writable(args.output_dir)
 
 # %% ../nbs/08_trainer.ipynb #9cb862a5
 class GracefulExit(TrainerCallback):
