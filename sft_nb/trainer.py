@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
 from transformers.utils import logging
 from fastcore.basics import patch
 
@@ -140,6 +140,8 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
                 ):
         args, train_dataset_raw = _resolve_args(args, model), train_dataset
         check_before_training(args, train_dataset, eval_dataset, data_collator)
+        # Seeded before any weight is created: LoRA initialises its adapters randomly (as TRL does; Trainer seeds only later)
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model_id = model if isinstance(model, str) else None
         model = load_model(model_id, args) if model_id is not None else prepare_model(model, args)
         check_vlm_support(model, args, _first_row(train_dataset))

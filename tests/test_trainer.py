@@ -167,11 +167,26 @@ def test_eval_dict_of_datasets(tmp_path):
     keys = set().union(*[h.keys() for h in t.state.log_history])
     assert {'eval_chat_loss', 'eval_pc_loss'} <= keys, keys
 
-def test_iterable_dataset(tmp_path):
+@pytest.mark.parametrize('packing', [False, True])
+def test_iterable_dataset(tmp_path, packing):
     model = save_tiny(tmp_path/'m')
     rows = list(tiny_dataset(n=64))
     stream = IterableDataset.from_generator(lambda: iter(rows))
-    _train(tmp_path, model, _args(tmp_path/'o', assistant_only_loss=True), stream)
+    t = _train(tmp_path, model, _args(tmp_path/'o', assistant_only_loss=True, packing=packing), stream)
+    b = next(iter(t.get_train_dataloader()))
+    assert ('attention_mask' in b) != packing
+    if packing: assert (b['position_ids'] == 0).sum() > b['input_ids'].shape[0]  # several documents per row
+
+def test_lora_gradient_checkpointing_packing_accumulation(tmp_path):
+    "LoRA + gradient checkpointing + packing + GA together: checkpointing recomputes, it must not change a single loss"
+    model = save_tiny(tmp_path/'m')
+    runs = {}
+    for gc in (False, True):
+        args = _args(tmp_path/f'o{gc}', gradient_checkpointing=gc, packing=True, gradient_accumulation_steps=2, assistant_only_loss=True)
+        t = _train(tmp_path, model, args, tiny_dataset(n=64), **ADAPTERS['lora'])
+        runs[gc] = [h['loss'] for h in t.state.log_history if 'loss' in h]
+        assert t.args.gradient_checkpointing == gc and getattr(t.model.base_model.model, 'is_gradient_checkpointing', False) == gc
+    assert len(runs[True]) == 4 and runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 def test_tensorboard_logs_sft_metrics(tmp_path):
     pytest.importorskip('tensorboard')
