@@ -111,11 +111,12 @@ def prepare_for_training(ds, processing_class, args:SFTConfig, formatting_func=N
         return {k: prepare_for_training(v, processing_class, args, formatting_func, packing, f"{name}/{k}") for k, v in ds.items()}
     if not _is_prepared(ds): ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing, dataset_name=name)
     if packing and args.max_length is not None and 'seq_lengths' not in _columns(ds):
+        if args.shuffle_dataset: ds = ds.shuffle(seed=args.seed)  # first, so `wrapped` rows don't join neighbouring rows of the source
         ds, st = pack_dataset(ds, args.max_length, args.packing_strategy, return_stats=True)
         if st and st.get('rows') and args.process_index == 0:
             print(f"Packed {name}: {st['documents']} sequences into {st['rows']} rows of {args.max_length} tokens, "
                   f"{st['efficiency']:.1%} filled, {st['truncated_tokens']} tokens truncated ({args.packing_strategy}).")
-    return ds
+    return ds.shuffle(seed=args.seed) if args.shuffle_dataset else ds  # as TRL (a buffer for an iterable dataset)
 
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
 class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):

@@ -167,12 +167,12 @@ def test_eval_dict_of_datasets(tmp_path):
     keys = set().union(*[h.keys() for h in t.state.log_history])
     assert {'eval_chat_loss', 'eval_pc_loss'} <= keys, keys
 
-@pytest.mark.parametrize('packing', [False, True])
-def test_iterable_dataset(tmp_path, packing):
+@pytest.mark.parametrize('packing,shuffle', [(False, False), (True, False), (True, True)])
+def test_iterable_dataset(tmp_path, packing, shuffle):
     model = save_tiny(tmp_path/'m')
     rows = list(tiny_dataset(n=64))
     stream = IterableDataset.from_generator(lambda: iter(rows))
-    t = _train(tmp_path, model, _args(tmp_path/'o', assistant_only_loss=True, packing=packing), stream)
+    t = _train(tmp_path, model, _args(tmp_path/'o', assistant_only_loss=True, packing=packing, shuffle_dataset=shuffle), stream)
     b = next(iter(t.get_train_dataloader()))
     assert ('attention_mask' in b) != packing
     if packing: assert (b['position_ids'] == 0).sum() > b['input_ids'].shape[0]  # several documents per row
