@@ -335,5 +335,6 @@ d = { 'settings': { 'branch': 'main',
                                 'sft_nb.trainer._is_prepared': ('trainer.html#_is_prepared', 'sft_nb/trainer.py'),
                                 'sft_nb.trainer._resolve_args': ('trainer.html#_resolve_args', 'sft_nb/trainer.py'),
                                 'sft_nb.trainer.check_before_training': ('trainer.html#check_before_training', 'sft_nb/trainer.py'),
+                                'sft_nb.trainer.check_writable': ('trainer.html#check_writable', 'sft_nb/trainer.py'),
                                 'sft_nb.trainer.needs_chat_template': ('trainer.html#needs_chat_template', 'sft_nb/trainer.py'),
                                 'sft_nb.trainer.prepare_for_training': ('trainer.html#prepare_for_training', 'sft_nb/trainer.py')}}}

@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #583df0fa
 from __future__ import annotations
-import dataclasses, difflib, json, os, sys
+import dataclasses, difflib, json, os, sys, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,10 @@ class SFTConfig(TrainingArguments):
         if isinstance(p, str) and p != "auto":
             self.pad_to_multiple_of = p = None if p.lower() in ("none", "null") else int(p)
         if isinstance(p, int) and p < 1: raise ValueError(f"`pad_to_multiple_of` must be >= 1, None or 'auto', got {p}.")
+        if self.activation_offloading:
+            warnings.warn("`activation_offloading` (TRL's offloading of every activation to the CPU) is not implemented in sft_nb and is "
+                          "ignored. With `activation_checkpointing`, `activation_checkpointing_kwargs={'offload': True}` keeps the "
+                          "checkpointed activations in host memory instead.", stacklevel=3)
         if self.padding_free and self.packing and self.packing_strategy == 'wrapped':
             raise ValueError("`padding_free=True` with `packing_strategy='wrapped'`: wrapped rows already have no padding and "
                              "cross document boundaries; use packing_strategy='bfd' or turn padding_free off.")

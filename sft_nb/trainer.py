@@ -6,13 +6,13 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #9bc212a8
 from __future__ import annotations
-import dataclasses, signal, threading, time
+import dataclasses, signal, tempfile, threading, time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
 from transformers.utils import logging
 from fastcore.basics import patch
 
@@ -27,7 +27,8 @@ from .save import CrashSafeSaveMixin
 logger = logging.get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training', 'SFTTrainer']
+__all__ = ['logger', 'check_writable', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training',
+           'SFTTrainer']
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
@@ -45,6 +46,16 @@ def _dataset_is_empty(ds) -> bool:
     if isinstance(ds, IterableDataset): return next(iter(ds.take(1)), None) is None
     return len(ds) == 0
 
+def check_writable(output_dir) -> None:
+    "Create `output_dir` and write a file in it, or raise an `OSError` that names the folder"
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.sft_nb-probe-'): pass
+    except OSError as e:
+        raise OSError(e.errno, f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
+                               "(checked before loading the model, so nothing was lost).") from e
+
 def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
     "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
     if train_dataset is not None and _dataset_is_empty(train_dataset):
@@ -56,6 +67,7 @@ def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_coll
     if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
         raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so training knows when to stop.")
     args.check_collator(data_collator)
+    if args.should_save: check_writable(args.output_dir)
 
 # %% ../nbs/08_trainer.ipynb #9cb862a5
 class GracefulExit(TrainerCallback):
@@ -99,11 +111,12 @@ def prepare_for_training(ds, processing_class, args:SFTConfig, formatting_func=N
         return {k: prepare_for_training(v, processing_class, args, formatting_func, packing, f"{name}/{k}") for k, v in ds.items()}
     if not _is_prepared(ds): ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing, dataset_name=name)
     if packing and args.max_length is not None and 'seq_lengths' not in _columns(ds):
+        if args.shuffle_dataset: ds = ds.shuffle(seed=args.seed)  # first, so `wrapped` rows don't join neighbouring rows of the source
         ds, st = pack_dataset(ds, args.max_length, args.packing_strategy, return_stats=True)
         if st and st.get('rows') and args.process_index == 0:
             print(f"Packed {name}: {st['documents']} sequences into {st['rows']} rows of {args.max_length} tokens, "
                   f"{st['efficiency']:.1%} filled, {st['truncated_tokens']} tokens truncated ({args.packing_strategy}).")
-    return ds
+    return ds.shuffle(seed=args.seed) if args.shuffle_dataset else ds  # as TRL (a buffer for an iterable dataset)
 
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
 class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
@@ -128,6 +141,8 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
                 ):
         args, train_dataset_raw = _resolve_args(args, model), train_dataset
         check_before_training(args, train_dataset, eval_dataset, data_collator)
+        # Seeded before any weight is created: LoRA initialises its adapters randomly (as TRL does; Trainer seeds only later)
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model_id = model if isinstance(model, str) else None
         model = load_model(model_id, args) if model_id is not None else prepare_model(model, args)
         check_vlm_support(model, args, _first_row(train_dataset))

@@ -70,21 +70,24 @@ def test_counters_survive_resume(tmp_path):
         last = [h for h in t.state.log_history if 'loss' in h][-1]
         assert (last['num_tokens'], last['num_trained_tokens']) == (logs[-1]['num_tokens'], logs[-1]['num_trained_tokens'])
 
-def test_loss_curve_matches_trl(tmp_path):
-    "First 10 steps: same init, same batches, no packing -> TRL 1.16's SFTTrainer losses within 1e-4 relative"
+@pytest.mark.parametrize('loss_type', ['nll', 'dft'])
+def test_loss_curve_matches_trl(tmp_path, loss_type):
+    "First 10 steps: same init, same batches, no packing -> TRL 1.16's SFTTrainer losses within 1e-4 relative, for NLL and DFT"
     from trl import SFTConfig as TRLConfig, SFTTrainer as TRLTrainer
     ds, tok = _dataset(64)
     kw = dict(per_device_train_batch_size=4, max_steps=10, learning_rate=3e-3)
-    ours = LossTrainer(model=tiny_model(tokenizer=tok), args=_args(tmp_path/'ours', **kw), train_dataset=ds,
+    args = _args(tmp_path/'ours', **kw)
+    args.loss_type = loss_type  # read by SFTLossMixin (an SFTConfig field; plain TrainingArguments here)
+    ours = LossTrainer(model=tiny_model(tokenizer=tok), args=args, train_dataset=ds,
                        data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
     ours.train()
-    targs = TRLConfig(**_args(tmp_path/'trl', **kw).to_dict() | dict(max_length=None, packing=False, dataset_num_proc=None))
+    targs = TRLConfig(**_args(tmp_path/'trl', **kw).to_dict() | dict(max_length=None, packing=False, dataset_num_proc=None, loss_type=loss_type))
     trl = TRLTrainer(model=tiny_model(tokenizer=tok), args=targs, train_dataset=ds, processing_class=tok)
     trl.train()
     get = lambda t, k: [h[k] for h in t.state.log_history if 'loss' in h]
     assert len(get(ours, 'loss')) == 10
     assert get(ours, 'loss') == pytest.approx(get(trl, 'loss'), rel=1e-4)
-    assert get(ours, 'loss')[-1] < get(ours, 'loss')[0]
+    if loss_type == 'nll': assert get(ours, 'loss')[-1] < get(ours, 'loss')[0]  # DFT's -p log p rises as p leaves ~0
     assert get(ours, 'mean_token_accuracy') == pytest.approx(get(trl, 'mean_token_accuracy'), rel=1e-4, abs=1e-6)
     assert get(ours, 'entropy') == pytest.approx(get(trl, 'entropy'), rel=1e-4)
     assert get(ours, 'num_tokens') == get(trl, 'num_tokens')
@@ -138,3 +141,21 @@ def test_moe_aux_loss_matches_trl(tmp_path):
     assert ours.router_aux_loss_coef == 0.1 and len(get(ours, 'aux_loss')) == 5
     assert get(ours, 'aux_loss') == pytest.approx(get(trl, 'aux_loss'), rel=1e-4)
     assert get(ours, 'loss') == pytest.approx(get(trl, 'loss'), rel=1e-4)
+
+
+def test_head_runs_only_on_labelled_positions_in_chunks(monkeypatch):
+    "The LM head is applied to the labelled positions only (prompts and padding skipped), never more than `chunk` rows at once"
+    import sft_nb.loss as L
+    rows = []
+    real = L._logits
+    monkeypatch.setattr(L, '_logits', lambda h, w, b, out: (rows.append(h.shape[0]), real(h, w, b, out))[1])
+    ds, tok = _dataset(8)
+    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)([ds[i] for i in range(8)])
+    n_labelled = int((batch['labels'][:, 1:] != -100).sum())
+    assert n_labelled < batch['input_ids'].numel() // 2            # most positions are prompts or padding
+    loss, stats = sft_loss(tiny_model(tokenizer=tok), batch, chunk_tokens=16)
+    assert sum(rows) == n_labelled == stats['n_labelled'] and max(rows) <= 16 and len(rows) == -(-n_labelled // 16)
+    rows.clear()
+    big = tiny_model(tokenizer=tok)
+    sft_loss(big, batch)                                            # default chunk: CHUNK_ELEMENTS logits, all of them here
+    assert rows == [n_labelled]

@@ -196,3 +196,38 @@ def test_missing_tokens_are_reported():
     t = pa.table({'input_ids': pa.array([[1, 2], [3, None]])})
     with pytest.raises(ValueError, match=r"Column `input_ids` has missing values in rows 0..1"):
         pack_table(t, 4)
+
+
+def test_collator_without_position_ids_matches_trl():
+    "return_position_ids=False: unpacked rows get no position_ids, as in TRL; packed rows always need them"
+    rows = [{'input_ids': [1, 2, 3]}, {'input_ids': [4, 5]}]
+    ours, trl = DataCollatorForLanguageModeling(0, return_position_ids=False)(rows), TRLCollator(0, return_position_ids=False)(rows)
+    assert set(ours) == set(trl) == {'input_ids', 'attention_mask', 'labels'}
+    for k in ours: assert ours[k].tolist() == trl[k].tolist(), k
+    packed = DataCollatorForLanguageModeling(0, return_position_ids=False)([{'input_ids': [1, 2, 3], 'seq_lengths': [2, 1]}])
+    assert packed['position_ids'].tolist() == [[0, 1, 0]] and 'attention_mask' not in packed
+
+@pytest.mark.parametrize('impl', ['sdpa', 'eager'])
+def test_sft_trainer_packed_loss_equals_documents_alone(tmp_path, impl):
+    """End to end through SFTTrainer (data prep, packing, collator, Trainer's input preparation, the chunked loss): the loss of a
+    packed batch is the token-weighted loss of its documents run one by one, so nothing on the way lets documents see each other"""
+    import torch.nn.functional as F
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.tiny import save_tiny
+    args = SFTConfig(output_dir=str(tmp_path/'o'), packing=True, max_length=96, per_device_train_batch_size=3, assistant_only_loss=True,
+                     model_init_kwargs={'attn_implementation': impl}, report_to='none', use_cpu=True, save_strategy='no')
+    t = SFTTrainer(model=str(save_tiny(tmp_path/'m')), args=args, train_dataset=tiny_dataset(n=48))
+    assert t.model.config._attn_implementation == impl
+    b = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+    with torch.no_grad():
+        packed = t.compute_loss(t.model, b)
+        total, n = 0., 0
+        for r in range(b['input_ids'].shape[0]):
+            starts = (b['position_ids'][r] == 0).nonzero().flatten().tolist() + [b['input_ids'].shape[1]]
+            assert len(starts) > 2                                    # several documents in this row
+            for s, e in zip(starts, starts[1:]):
+                labels = b['labels'][r, s + 1:e]
+                if (labels != -100).any():
+                    logits = t.model(input_ids=b['input_ids'][r:r + 1, s:e]).logits[0, :-1]
+                    total += F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum'); n += int((labels != -100).sum())
+    torch.testing.assert_close(packed, total / n, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@ import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from sft_nb.tiny import save_tiny
+from sft_nb.tiny import save_tiny, save_tiny_dataset
 
 HERE = Path(__file__).parent
 SCRIPT = HERE/'trainer_script.py'
@@ -38,36 +38,55 @@ def test_resume_after_kill_matches_uninterrupted_run(base):
     wa, wb = _weights(base/'a'/'final'), _weights(base/'b'/'final')
     for k in wa: torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
-def test_sigterm_saves_checkpoint_and_exits_cleanly(base):
-    "SIGTERM at step 3 with checkpoints every 100 steps: a checkpoint at step 3 is written, then the process exits"
-    r = _run(base/'a', '--max_steps', '50', '--save_steps', '100', '--sigterm_at', '3', check=False)
-    assert r.returncode == 128 + signal.SIGTERM and 'Traceback' not in r.stderr, r.stderr[-3000:]
+@pytest.mark.parametrize('sig', ['TERM', 'INT'])
+def test_signal_saves_checkpoint_and_exits_cleanly(base, sig):
+    "SIGTERM (a scheduler) or SIGINT (Ctrl-C) at step 3 with checkpoints every 100 steps: checkpoint-3 is written, then the process exits"
+    r = _run(base/'a', '--max_steps', '50', '--save_steps', '100', '--signal_at', '3', '--signal', sig, '--record', str(base/'a.json'), check=False)
+    assert r.returncode == 128 + getattr(signal, f'SIG{sig}') and 'Traceback' not in r.stderr, r.stderr[-3000:]
     ckpts = sorted(p.name for p in (base/'a'/'run').glob('checkpoint-*'))
     assert ckpts == ['checkpoint-3'], ckpts
-    assert (base/'a'/'run'/'checkpoint-3'/'model.safetensors').exists()
+    assert json.loads((base/'a'/'run'/'checkpoint-3'/'trainer_state.json').read_text())['global_step'] == 3
+    assert _record(base/'a.json')['step'] == 3 and not (base/'a'/'final').exists()  # stopped: no "final" save of a half-trained model
+
+def test_signal_without_checkpoints_stops_without_saving(base):
+    "With save_strategy='no' a SIGTERM still stops training at the end of the step and exits cleanly, writing nothing"
+    r = _run(base/'a', '--max_steps', '50', '--save_strategy', 'no', '--signal_at', '2', '--record', str(base/'a.json'), check=False)
+    assert r.returncode == 128 + signal.SIGTERM and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert _record(base/'a.json')['step'] == 2 and not list((base/'a'/'run').glob('checkpoint-*'))
 
 def test_two_processes_match_single_process(base):
-    """Two processes through accelerate on CPU (gloo): ranks see different data, the loss equals one process with the same global
-    batch, and one copy of model and card is written. accelerate 1.15's `--cpu` flag starts a single process unless mpirun is
-    configured, so this launches through torchrun (`--multi_gpu`) and the config's `use_cpu=True` selects gloo."""
-    _run(base/'a', '--max_steps', '4', '--per_device', '8', '--record', str(base/'a.json'))
+    """Two processes through accelerate on CPU (gloo): the dataset is tokenized once (rank 1 loads rank 0's cache), ranks see
+    different data, the loss equals one process with the same global batch, and one copy of model, card and checkpoints is
+    written. accelerate 1.15's `--cpu` flag starts a single process unless mpirun is configured, so this launches through
+    torchrun (`--multi_gpu`) and the config's `use_cpu=True` selects gloo."""
+    data = save_tiny_dataset(base/'data', n=256)
+    _run(base/'a', '--max_steps', '4', '--per_device', '8', '--data', str(data), '--record', str(base/'a.json'))
     launcher = (sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
                 '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29533')
-    _run(base/'b', '--max_steps', '4', '--per_device', '4', '--record', str(base/'b.json'), launcher=launcher)
+    _run(base/'b', '--max_steps', '4', '--per_device', '4', '--data', str(data), '--record', str(base/'b.json'), launcher=launcher)
     r0, r1 = _record(base/'b.json', 0), _record(base/'b.json', 1)
+    assert r0['cache_files'] and r0['cache_files'] == r1['cache_files']  # same fingerprint: rank 1 reused rank 0's tokenized data
     assert r0['seen'] and r0['seen'] != r1['seen']
+    assert not {json.dumps(b) for b in r0['seen']} & {json.dumps(b) for b in r1['seen']}
     single, dist = _losses(_record(base/'a.json')), _losses(r0)
+    assert set(single) == set(dist) == {1, 2, 3, 4}
     for step in single: assert dist[step] == pytest.approx(single[step], rel=1e-4), step
-    final = base/'b'/'final'
+    run, final = base/'b'/'run', base/'b'/'final'
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith('runs')) == ['checkpoint-4']  # no staging folder left
+    ckpt = sorted(p.name for p in (run/'checkpoint-4').iterdir())
+    assert ckpt.count('model.safetensors') == 1 and {'rng_state_0.pth', 'rng_state_1.pth'} <= set(ckpt), ckpt
     assert (final/'model.safetensors').exists() and (final/'README.md').exists()
-    assert not list(final.glob('*rank*')) and not list(final.parent.glob('final?*'))
+    assert not [p.name for p in final.iterdir() if 'rank' in p.name or p.name.startswith('_tmp')]
+    assert sorted(p.name for p in final.parent.iterdir() if p.name.startswith('final')) == ['final']
+    w_single, w_dist = _weights(base/'a'/'final'), _weights(final)
+    for k in w_single: torch.testing.assert_close(w_dist[k], w_single[k], rtol=1e-4, atol=1e-5)
 
 
 # In-process runs: every combination the issue names, each a few steps on the tiny model.
 from datasets import IterableDataset
 from peft import LoraConfig
 from sft_nb import SFTConfig, SFTTrainer, ModelConfig, get_quantization_config
-from sft_nb.tiny import tiny_dataset
+from sft_nb.tiny import tiny_dataset, tiny_pairs
 
 def _args(out, **kw):
     d = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
@@ -123,7 +142,23 @@ def test_accumulation_checkpointing_eval_best_model(tmp_path):
     t = _train(tmp_path, model, args, tiny_dataset(n=64), eval_dataset=tiny_dataset(n=16, seed=1))
     evals = [h for h in t.state.log_history if 'eval_loss' in h]
     assert len(evals) == 3 and all('eval_mean_token_accuracy' in h and 'eval_entropy' in h for h in evals)
-    assert t.state.best_model_checkpoint and Path(t.state.best_model_checkpoint).exists()
+    best = min(evals, key=lambda h: h['eval_loss'])
+    assert t.state.best_model_checkpoint == str(tmp_path/'o'/f"checkpoint-{best['step']}") and t.state.best_metric == best['eval_loss']
+    saved = load_file(str(Path(t.state.best_model_checkpoint)/'model.safetensors'))
+    for k, v in t.model.state_dict().items():   # the model in memory at the end is the best checkpoint's
+        if k in saved: torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+    assert t.evaluate()['eval_loss'] == pytest.approx(best['eval_loss'], rel=1e-5)
+
+def test_load_best_model_with_another_metric(tmp_path):
+    "metric_for_best_model='mean_token_accuracy' (greater is better) picks the checkpoint with the highest eval accuracy"
+    model = save_tiny(tmp_path/'m')
+    args = _args(tmp_path/'o', max_steps=6, eval_strategy='steps', eval_steps=2, save_strategy='steps', save_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model='mean_token_accuracy', assistant_only_loss=True)
+    t = _train(tmp_path, model, args, tiny_dataset(n=64), eval_dataset=tiny_dataset(n=16, seed=1))
+    evals = [h for h in t.state.log_history if 'eval_loss' in h]
+    best = max(evals, key=lambda h: h['eval_mean_token_accuracy'])
+    assert t.args.greater_is_better and t.state.best_metric == best['eval_mean_token_accuracy']
+    assert t.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
 
 def test_eval_dict_of_datasets(tmp_path):
     model = save_tiny(tmp_path/'m')
@@ -132,11 +167,26 @@ def test_eval_dict_of_datasets(tmp_path):
     keys = set().union(*[h.keys() for h in t.state.log_history])
     assert {'eval_chat_loss', 'eval_pc_loss'} <= keys, keys
 
-def test_iterable_dataset(tmp_path):
+@pytest.mark.parametrize('packing,shuffle', [(False, False), (True, False), (True, True)])
+def test_iterable_dataset(tmp_path, packing, shuffle):
     model = save_tiny(tmp_path/'m')
     rows = list(tiny_dataset(n=64))
     stream = IterableDataset.from_generator(lambda: iter(rows))
-    _train(tmp_path, model, _args(tmp_path/'o', assistant_only_loss=True), stream)
+    t = _train(tmp_path, model, _args(tmp_path/'o', assistant_only_loss=True, packing=packing, shuffle_dataset=shuffle), stream)
+    b = next(iter(t.get_train_dataloader()))
+    assert ('attention_mask' in b) != packing
+    if packing: assert (b['position_ids'] == 0).sum() > b['input_ids'].shape[0]  # several documents per row
+
+def test_lora_gradient_checkpointing_packing_accumulation(tmp_path):
+    "LoRA + gradient checkpointing + packing + GA together: checkpointing recomputes, it must not change a single loss"
+    model = save_tiny(tmp_path/'m')
+    runs = {}
+    for gc in (False, True):
+        args = _args(tmp_path/f'o{gc}', gradient_checkpointing=gc, packing=True, gradient_accumulation_steps=2, assistant_only_loss=True)
+        t = _train(tmp_path, model, args, tiny_dataset(n=64), **ADAPTERS['lora'])
+        runs[gc] = [h['loss'] for h in t.state.log_history if 'loss' in h]
+        assert t.args.gradient_checkpointing == gc and getattr(t.model.base_model.model, 'is_gradient_checkpointing', False) == gc
+    assert len(runs[True]) == 4 and runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 def test_tensorboard_logs_sft_metrics(tmp_path):
     pytest.importorskip('tensorboard')
@@ -158,3 +208,57 @@ def test_bad_input_fails_before_loading(tmp_path):
         SFTTrainer(model=str(model), args=_args(tmp_path/'o', packing=True), train_dataset=tiny_dataset(n=8), data_collator=DataCollatorWithPadding(None))
     with pytest.raises(ValueError, match='max_steps'):
         SFTTrainer(model=str(model), args=_args(tmp_path/'o', max_steps=-1), train_dataset=IterableDataset.from_generator(lambda: iter(list(tiny_dataset(n=4)))))
+
+
+def test_unwritable_output_dir_fails_before_loading(tmp_path):
+    "An output_dir that can't be created fails in the constructor, naming the folder, before the model is loaded"
+    (tmp_path/'a_file').write_text('x')
+    with pytest.raises(OSError, match='Cannot write to output_dir .*a_file/run') as e:
+        SFTTrainer(model=str(tmp_path/'no-model-here'), args=_args(tmp_path/'a_file'/'run'), train_dataset=tiny_dataset(n=8))
+    assert e.value.errno == 20  # ENOTDIR: kept for callers that check it; and the missing model was never reached
+
+def test_disk_full_fails_before_first_step(tmp_path, monkeypatch):
+    "Too little free space for one checkpoint: train() raises ENOSPC before any step, nothing is written"
+    import shutil
+    model = save_tiny(tmp_path/'m')
+    t = SFTTrainer(model=str(model), args=_args(tmp_path/'o', save_strategy='steps', save_steps=2), train_dataset=tiny_dataset(n=16))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: real(p)._replace(free=1000))
+    with pytest.raises(OSError, match='GiB free but a checkpoint') as e: t.train()
+    assert e.value.errno == 28 and t.state.global_step == 0 and not _changed(t, before)
+    assert not list((tmp_path/'o').glob('checkpoint-*'))
+
+def test_formatting_func(tmp_path):
+    "TRL's formatting_func: rows in any shape become text; the labels are that text's tokens"
+    model = save_tiny(tmp_path/'m')
+    rows = [{'question': p, 'answer': a} for p, a in tiny_pairs(32)]
+    from datasets import Dataset
+    fmt = lambda r: f"Q: {r['question']} A: {r['answer']}"
+    t = _train(tmp_path, model, _args(tmp_path/'o'), Dataset.from_list(rows), formatting_func=fmt)
+    tok = t.processing_class
+    first = t.train_dataset[0]
+    assert tok.decode(first['input_ids']).startswith(fmt(rows[0]))
+    assert [l for l in first['labels'] if l != -100] == first['input_ids']
+
+def test_compute_metrics_and_custom_optimizer(tmp_path):
+    "optimizers=(opt, sched) is used as given; compute_metrics gets the eval logits and labels, its results logged with eval_"
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path/'m'))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    seen = {}
+    def metrics(p):
+        seen['shapes'] = (p.predictions.shape, p.label_ids.shape)
+        return {'n_labelled': float((p.label_ids != -100).sum())}
+    t = SFTTrainer(model=model, args=_args(tmp_path/'o', eval_strategy='steps', eval_steps=4, assistant_only_loss=True),
+                   train_dataset=tiny_dataset(n=32), eval_dataset=tiny_dataset(n=8, seed=1), optimizers=(opt, sched),
+                   compute_metrics=metrics)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    assert t.optimizer.optimizer is opt if hasattr(t.optimizer, 'optimizer') else t.optimizer is opt
+    assert all(h['learning_rate'] == 0.5 for h in t.state.log_history if 'learning_rate' in h)
+    assert _changed(t, before)
+    ev = next(h for h in t.state.log_history if 'eval_loss' in h)
+    n = sum(sum(l != -100 for l in r['labels']) for r in t.eval_dataset)
+    assert ev['eval_n_labelled'] == n and seen['shapes'][0][:2] == seen['shapes'][1] and seen['shapes'][0][2] == len(t.processing_class)
