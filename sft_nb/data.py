@@ -257,7 +257,7 @@ def _traced(s:str) -> str: return Slot(s) if _has_slot(s) else s
 _STRUCTURE_FILTERS = frozenset({'length', 'count', 'first', 'last', 'list', 'reverse', 'selectattr', 'rejectattr', 'map', 'batch',
                                 'slice', 'items', 'attr'})
 _TYPE_TESTS = frozenset({'defined', 'undefined', 'none', 'string', 'mapping', 'sequence', 'iterable', 'number', 'integer', 'float',
-                         'boolean', 'true', 'false', 'callable', 'sameas'})
+                         'boolean', 'true', 'false', 'callable'})  # not `sameas`: Python shares some equal strings, slots never
 
 def _guard_filter(name, f):
     "`f`, raising `Escaped` where it would read a text made from a slot"
