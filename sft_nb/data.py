@@ -407,28 +407,33 @@ class ChatRenderer:
         "`(text, generation spans)`; the spans are empty unless `markers`"
         from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
         template = self.tokenizer.get_chat_template(None, tools)
-        kw = {**self.special, **(kwargs or {})}
-        out = self._by_shape(template, messages, kwargs, kw, add_generation_prompt) if tools is None else None
-        if out is None and (text := self._marked(template, messages, tools, kw, add_generation_prompt)) is not None: out = split_marked(text)
-        if out is None: out = _render_with_assistant_indices(_compile_jinja_template(template), _chat(messages)[0], tools, None, add_generation_prompt, **kw)
+        out = self._by_shape(template, messages, kwargs, add_generation_prompt) if tools is None else None
+        if out is None and (text := self._marked(template, messages, tools, kwargs, add_generation_prompt)) is not None: out = split_marked(text)
+        if out is None:
+            out = _render_with_assistant_indices(_compile_jinja_template(template), _chat(messages)[0], tools, None, add_generation_prompt,
+                                                 **self._kw(kwargs))
         return out if markers else (out[0], [])
 
-    def _marked(self, template, messages, tools, kw, add_generation_prompt) -> str|None:
+    def _kw(self, kwargs) -> dict: return {**self.special, **(kwargs or {})}  # a row's template kwargs win over special tokens
+
+    def _marked(self, template, messages, tools, kwargs, add_generation_prompt) -> str|None:
         "The text with generation sentinels, rendered by Jinja; None if a message holds a sentinel"
         chat, sentinel = _chat(messages)
         if sentinel: return None
-        return compile_marked(template).render(messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **kw)
+        return compile_marked(template).render(messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
+                                               **self._kw(kwargs))
 
-    def _by_shape(self, template, messages, kwargs, kw, add_generation_prompt) -> tuple|None:
+    def _by_shape(self, template, messages, kwargs, add_generation_prompt) -> tuple|None:
         "Text and generation spans from the stencil of the conversation's shape (made on first sight); None: render the row"
         s = conversation_shape(messages)
         if s is None: return None
         shape, texts = s
-        try: st = self.stencils.get(key := (template, shape, add_generation_prompt, tuple(sorted((kwargs or {}).items()))), _MISSING)
+        try: st = self.stencils.get(key := (template, shape, add_generation_prompt, tuple(sorted(kwargs.items())) if kwargs else ()), _MISSING)
         except TypeError: return None  # template kwargs that can't be a key
         if st is not _MISSING: return None if st is None else fill_stencil(st, texts)
         if len(self.stencils) >= self.max_shapes: return None
-        st, out = build_stencil(template, shape, kw, add_generation_prompt), split_marked(self._marked(template, messages, None, kw, add_generation_prompt))
+        st = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt)
+        out = split_marked(self._marked(template, messages, None, kwargs, add_generation_prompt))
         self.stencils[key] = st if st is not None and fill_stencil(st, texts) == out else None
         return out
 
@@ -699,14 +704,15 @@ def _suspect_conversations(col, need_assistant:bool):
         r0 += n
     return out
 
-_CHECKED = {'text': lambda tf: [(tf, False)], 'prompt_completion': lambda tf: [('prompt', False), ('completion', False)],
-            'conversational': lambda tf: [('messages', True)], 'conversational_prompt_completion': lambda tf: [('prompt', True), ('completion', True)]}
+def _plain_columns(features, fmt:str, text_field:str) -> list[tuple[str, bool]]|None:
+    "The columns `check_row` reads, each with whether it holds conversations; None unless all have the plain `features`"
+    cols = {'text': [(text_field, False)], 'prompt_completion': [('prompt', False), ('completion', False)],
+            'conversational': [('messages', True)], 'conversational_prompt_completion': [('prompt', True), ('completion', True)]}.get(fmt)
+    return cols if cols and all(c in features and _plain(features[c], conv) for c, conv in cols) else None
 
-def _suspect_rows(table, features, fmt:str, text_field:str='text', assistant_only_loss:bool=False):
-    "Indices of the rows of an Arrow `table` that may fail `check_row`; None unless its columns have the plain `features`"
+def _suspect_rows(table, cols:list[tuple[str, bool]], assistant_only_loss:bool=False):
+    "Indices of the rows of an Arrow `table` that may fail `check_row`, given its plain `cols` (from `_plain_columns`)"
     import numpy as np
-    cols = _CHECKED[fmt](text_field) if fmt in _CHECKED else None
-    if not cols or not all(c in features and _plain(features[c], conv) for c, conv in cols): return None
     parts = [_suspect_conversations(table.column(c), assistant_only_loss and c != 'prompt') if conv else
              table.column(c).is_null().to_numpy(zero_copy_only=False) for c, conv in cols]
     return np.flatnonzero(np.logical_or.reduce(parts))
@@ -717,9 +723,10 @@ def validate_dataset(dataset, # a `datasets.Dataset`
                      batch_size:int=10_000) -> None:
     "Check every row of `dataset`, raising a `DataFormatError` on the first bad one"
     sub = dataset.select_columns(_needed_columns(fmt, dataset.column_names, text_field))
+    cols = _plain_columns(sub.features, fmt, text_field)
     for i in range(0, len(sub), batch_size):
-        sus = _suspect_rows(sub.with_format('arrow')[i:i+batch_size], sub.features, fmt, text_field, assistant_only_loss)
-        idx = list(range(i, min(i + batch_size, len(sub)))) if sus is None else (sus + i).tolist()
+        if cols is None: idx = list(range(i, min(i + batch_size, len(sub))))
+        else: idx = (_suspect_rows(sub.with_format('arrow')[i:i+batch_size], cols, assistant_only_loss) + i).tolist()
         if not idx: continue
         batch = sub[idx]  # decoded by `datasets` as the tokenizer will see the rows
         keys = list(batch)
