@@ -212,6 +212,13 @@ def _target_device(kw:dict, args:SFTConfig|None) -> torch.device:
     if args is not None and args.use_cpu: return torch.device('cpu')
     if torch.cuda.is_available(): return torch.device('cuda')
     return torch.device('mps') if torch.backends.mps.is_available() else torch.device('cpu')
+def _placement(kw:dict, config, args:SFTConfig|None) -> dict:
+    "`kw` with a `device_map` for quantized weights, which bitsandbytes places while loading: on this process's GPU, or the CPU"
+    quantized = kw.get('quantization_config') is not None or getattr(config, 'quantization_config', None) is not None
+    if not quantized or 'device_map' in kw: return kw
+    if _target_device(kw, args).type != 'cuda': return {**kw, 'device_map': {'': 'cpu'}}
+    from accelerate import PartialState
+    return {**kw, 'device_map': {'': PartialState().local_process_index}}
 
 # %% ../nbs/02_models.ipynb #ed9eb4e3
 def _load_config(name:str, kw:dict):
@@ -231,9 +238,7 @@ def load_model(model_name_or_path, # Hub id or local folder
     kw = model_init_kwargs(args, model_args, **kwargs)
     config = _load_config(name, kw)
     check_dtype(config_dtype(config) if kw['dtype'] == 'auto' else kw['dtype'], _target_device(kw, args))
-    if kw.get('quantization_config') is not None and 'device_map' not in kw and torch.cuda.is_available():
-        from accelerate import PartialState
-        kw['device_map'] = {'': PartialState().local_process_index}
+    kw = _placement(kw, config, args)
     cls = model_class(config)
     if is_vlm(config): _log.info(f"{name} is a vision-language model: loading it with {cls.__name__} (text-only training).")
     return prepare_model(cls.from_pretrained(name, **kw), args)

@@ -151,6 +151,32 @@ def test_device_map_reaches_from_pretrained(tiny_path, tmp_path):
     torch.testing.assert_close(model(input_ids=x).logits, load_model(tiny_path)(input_ids=x).logits)
 
 
+def test_quantized_models_go_where_training_runs(tiny_path, tmp_path, monkeypatch):
+    """bitsandbytes places quantized weights while they load, on the GPU whenever there is one unless told otherwise:
+    a `use_cpu` run must get them on the CPU, and each DDP rank on its own GPU; checkpoints saved quantized too"""
+    pytest.importorskip('bitsandbytes')
+    load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)).save_pretrained(tmp_path/'q4')
+    cpu_run, seen = SFTConfig('out', use_cpu=True), []
+    class Recorder:
+        @staticmethod
+        def from_pretrained(name, **kw): seen.append(kw.get('device_map')); return tiny_model()
+    class Rank1:
+        local_process_index = 1
+    import accelerate
+    monkeypatch.setattr(models, 'model_class', lambda config: Recorder)
+    monkeypatch.setattr(models, 'check_dtype', lambda dtype, device: None)  # would ask the (absent) GPU about bfloat16
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(accelerate, 'PartialState', Rank1)
+    q4 = ModelConfig(load_in_4bit=True, dtype='float32')
+    load_model(tiny_path, model_args=q4)
+    load_model(tiny_path, cpu_run, model_args=q4)
+    load_model(tmp_path/'q4')
+    load_model(tmp_path/'q4', cpu_run)
+    load_model(tiny_path, cpu_run, model_args=q4, device_map='auto')  # the caller's map wins
+    load_model(tiny_path, cpu_run)  # not quantized: the Trainer places it
+    assert seen == [{'': 1}, {'': 'cpu'}, {'': 1}, {'': 'cpu'}, 'auto', None]
+
+
 REMOTE_CONFIG = "from transformers import LlamaConfig\nclass TinyXConfig(LlamaConfig): model_type = 'tinyx'\n"
 REMOTE_MODEL = ("from transformers import LlamaForCausalLM\nfrom .configuration_tinyx import TinyXConfig\n"
                 "class TinyXForCausalLM(LlamaForCausalLM): config_class = TinyXConfig\n")
