@@ -1,4 +1,7 @@
-"LoRA / DoRA / QLoRA beyond the notebook page: QLoRA gradients against an fp32 reference, 8-bit, saving, merging, TRL parity."
+"""LoRA / DoRA / QLoRA beyond the notebook page: QLoRA gradients against an fp32 reference, 8-bit, saving, merging, TRL parity.
+
+The QLoRA tests run on the CPU everywhere and again on CUDA where there is a GPU (the `cuda` cases, skipped without one).
+Each pins its device with a `device_map`: left alone, bitsandbytes would put every quantized model on the GPU."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -12,6 +15,14 @@ from sft_nb.models import keep_bnb_layout, load_model, load_tokenizer, prepare_t
 from sft_nb.tiny import save_tiny
 
 X = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+DEVICES = ['cpu', pytest.param('cuda', marks=cuda)]
+
+def _on(device): return {'device_map': {'': 0 if device == 'cuda' else 'cpu'}}
+
+def _q4(path, device='cpu', **kw):
+    "A 4-bit model on `device`, computing in float32 unless told"
+    return load_model(path, model_args=ModelConfig(load_in_4bit=True, **{'dtype': 'float32', **kw}), **_on(device))
 
 
 @pytest.fixture(scope='module')
@@ -40,42 +51,47 @@ def _dequantized_twin(qmodel, path):
 
 def _grads(model):
     model.zero_grad()
-    model(input_ids=X, labels=X).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    x = X.to(model.device)
+    model(input_ids=x, labels=x).loss.backward()
+    return {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _eval_pass(model):
-    "What an evaluation step does: eval mode, no gradients, a forward"
+    "What evaluation and generation do: eval mode, no gradients, a forward over the batch and one over a single token"
     model.eval()
-    with torch.no_grad(): model(input_ids=X)
+    with torch.no_grad():
+        model(input_ids=X.to(model.device))
+        model(input_ids=X[:1, :1].to(model.device))  # one token: bitsandbytes' inference kernel (gemv on CUDA)
     model.train()
 
 
-def _qlora_pair(path, quant_type, nested, **lora_kw):
-    q = load_model(path, model_args=ModelConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, use_bnb_nested_quant=nested))
-    ref = _dequantized_twin(q, path)
+def _qlora_pair(path, quant_type, nested, device='cpu', **lora_kw):
+    q = _q4(path, device, bnb_4bit_quant_type=quant_type, use_bnb_nested_quant=nested)
+    ref = _dequantized_twin(q, path).to(device)
     torch.manual_seed(0); q = apply_peft(q, _lora(**lora_kw))
     ref = apply_peft(ref, _lora(**lora_kw))
     set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
     return q, ref
 
 
-def _assert_grads_close(a, b):
+def _assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
     assert a.keys() == b.keys() and len(a) > 0
-    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('quant_type,nested', [('nf4', True), ('nf4', False), ('fp4', True)])
-def test_qlora_grads_match_dequantized_fp32_before_and_after_eval(avx512bf16_cpu, tiny_path, quant_type, nested):
-    q, ref = _qlora_pair(tiny_path, quant_type, nested)
+def test_qlora_grads_match_dequantized_fp32_before_and_after_eval(avx512bf16_cpu, tiny_path, quant_type, nested, device):
+    q, ref = _qlora_pair(tiny_path, quant_type, nested, device)
     want = _grads(ref)
     _assert_grads_close(_grads(q), want)
     _eval_pass(q)
     _assert_grads_close(_grads(q), want)
 
 
-def test_qdora_grads_match_dequantized_fp32(avx512bf16_cpu, tiny_path):
-    q, ref = _qlora_pair(tiny_path, 'nf4', True, use_dora=True)
+@pytest.mark.parametrize('device', DEVICES)
+def test_qdora_grads_match_dequantized_fp32(avx512bf16_cpu, tiny_path, device):
+    q, ref = _qlora_pair(tiny_path, 'nf4', True, device, use_dora=True)
     want = _grads(ref)
     _assert_grads_close(_grads(q), want)
     _eval_pass(q)
@@ -95,36 +111,42 @@ def test_without_the_layout_fix_grads_go_wrong_after_eval(avx512bf16_cpu, tiny_p
     assert worst > 0.05, worst  # not rounding: the weights the backward pass reads are no longer the model's
 
 
-def test_4bit_save_after_eval_reloads_same_model(avx512bf16_cpu, tiny_path, tmp_path):
-    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True))
+@pytest.mark.parametrize('device', DEVICES)
+def test_4bit_save_after_eval_reloads_same_model(avx512bf16_cpu, tiny_path, tmp_path, device):
+    q = _q4(tiny_path, device)
+    _eval_pass(q)
     q.eval()
-    with torch.no_grad(): before = q(input_ids=X).logits
+    with torch.no_grad(): before = q(input_ids=X.to(device)).logits
     q.save_pretrained(tmp_path/'q4')
-    again = load_model(tmp_path/'q4').eval()
-    with torch.no_grad(): torch.testing.assert_close(again(input_ids=X).logits, before)
+    again = load_model(tmp_path/'q4', **_on(device)).eval()
+    assert again.is_loaded_in_4bit and again.model.layers[0].self_attn.q_proj.weight.device.type == device
+    with torch.no_grad(): torch.testing.assert_close(again(input_ids=X.to(device)).logits, before)
 
 
 def test_keep_bnb_layout_counts_layers(tiny_path):
-    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True))
+    q = _q4(tiny_path)
     assert keep_bnb_layout(q) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     assert keep_bnb_layout(load_model(tiny_path)) == 0
 
 
-def test_4bit_parameter_count_matches_peft(tiny_path):
-    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora())
+@pytest.mark.parametrize('device', DEVICES)
+def test_4bit_parameter_count_matches_peft(tiny_path, device):
+    q = apply_peft(_q4(tiny_path, device), _lora())
     full = apply_peft(load_model(tiny_path), _lora())
     assert count_parameters(q) == tuple(q.get_nb_trainable_parameters()) == count_parameters(full)
     assert trainable_report(q) == trainable_report(full)
 
 
-def test_8bit_lora_trains(tiny_path):
-    m = load_model(tiny_path, model_args=ModelConfig(load_in_8bit=True))
-    assert type(m.model.layers[0].self_attn.q_proj).__name__ == 'Linear8bitLt'
+@pytest.mark.parametrize('device', DEVICES)
+def test_8bit_lora_trains(tiny_path, device):
+    m = load_model(tiny_path, model_args=ModelConfig(load_in_8bit=True), **_on(device))
+    q_proj = m.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == 'Linear8bitLt' and q_proj.weight.device.type == device
     torch.manual_seed(0); m = apply_peft(m, LoraConfig(r=4, target_modules='all-linear'))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
+    losses, x = [], X.to(device)
     for _ in range(8):
-        loss = m(input_ids=X, labels=X).loss; loss.backward(); opt.step(); opt.zero_grad()
+        loss = m(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
 
@@ -183,9 +205,11 @@ def test_added_tokens_train_save_reload_and_merge(tiny_path, tmp_path, tied):
     with torch.no_grad(): torch.testing.assert_close(again(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
-def test_qlora_merge_after_training_matches_adapter_on_full_precision_base(avx512bf16_cpu, tiny_path, tmp_path):
-    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora(use_dora=True))
-    _train_step(q, X, lr=0.05)
+@pytest.mark.parametrize('device', DEVICES)
+def test_qlora_merge_after_training_matches_adapter_on_full_precision_base(avx512bf16_cpu, tiny_path, tmp_path, device):
+    "Merging reloads the base unquantized (on the CPU, whatever device trained): merged and unmerged agree to 1e-5"
+    q = apply_peft(_q4(tiny_path, device, dtype='auto'), _lora(use_dora=True))
+    _train_step(q, X.to(device), lr=0.05)
     _eval_pass(q)
     q.save_pretrained(tmp_path/'qad')
     merged = merge_adapters(q, tmp_path/'merged')
@@ -195,24 +219,23 @@ def test_qlora_merge_after_training_matches_adapter_on_full_precision_base(avx51
         torch.testing.assert_close(merged(input_ids=X).logits, on_full(input_ids=X).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-def test_qlora_on_cuda_grads_match_dequantized_reference(tiny_path):
-    "bfloat16 compute on CUDA: same comparison as on CPU, within bfloat16 rounding"
-    q = load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True, dtype='bfloat16'))
+@cuda
+def test_qlora_on_cuda_bf16_grads_match_dequantized_reference(tiny_path):
+    "bfloat16 compute on CUDA, as QLoRA is usually run: the same comparison within bfloat16 rounding, before and after eval"
+    q = _q4(tiny_path, 'cuda', dtype='bfloat16')
+    assert q.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
     ref = _dequantized_twin(q, tiny_path).to('cuda', torch.bfloat16)
     torch.manual_seed(0); q = apply_peft(q, _lora())
     ref = apply_peft(ref, _lora())
     set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
-    x = X.cuda()
-    def grads(m):
-        m.zero_grad(); m(input_ids=x, labels=x).loss.backward()
-        return {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
-    got, want = grads(q), grads(ref)
-    for k in want: torch.testing.assert_close(got[k], want[k], rtol=0.1, atol=1e-3, msg=k)
+    want = _grads(ref)
+    _assert_grads_close(_grads(q), want, rtol=0.1, atol=1e-3)
+    _eval_pass(q)
+    _assert_grads_close(_grads(q), want, rtol=0.1, atol=1e-3)
 
 
 def test_qlora_merge_needs_to_know_its_base(tiny_path):
-    q = apply_peft(load_model(tiny_path, model_args=ModelConfig(load_in_4bit=True)), _lora())
+    q = apply_peft(_q4(tiny_path), _lora())
     q.peft_config['default'].base_model_name_or_path = None
     with pytest.raises(ValueError, match="can't be reloaded in full precision"): merge_adapters(q)
 

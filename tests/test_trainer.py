@@ -133,6 +133,36 @@ def test_qlora_trains_on_cpu(tmp_path):
     t = _train(tmp_path, model, args, tiny_dataset(n=32), **ADAPTERS['lora'])
     assert any('Linear4bit' in type(m).__name__ for m in t.model.modules())
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_qlora_on_cuda_trains_saves_and_merges_in_full_precision(tmp_path):
+    "QLoRA as usually run: nf4 with double quant on the GPU, bfloat16 compute and mixed precision; both saves reload to the trained model"
+    pytest.importorskip('bitsandbytes')
+    from sft_nb.adapters import load_adapter
+    from sft_nb.models import load_model
+    model, mc = save_tiny(tmp_path/'m'), ModelConfig(load_in_4bit=True, use_bnb_nested_quant=True, dtype='bfloat16')
+    args = _args(tmp_path/'o', use_cpu=False, max_steps=12, learning_rate=2e-2, assistant_only_loss=True, save_merged_model=True,
+                 model_init_kwargs={'quantization_config': get_quantization_config(mc)})
+    assert args.bf16
+    t = _train(tmp_path, model, args, tiny_dataset(n=48), **ADAPTERS['lora'])
+    assert t.model.device.type == 'cuda' and any('Linear4bit' in type(m).__name__ for m in t.model.modules())
+    losses = [h['loss'] for h in t.state.log_history if 'loss' in h]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    t.save_model()
+    out, ids = Path(args.output_dir), torch.tensor([[5, 17, 42, 9, 3, 77]])
+    assert 'quantization_config' not in json.loads((out/'merged'/'config.json').read_text())
+    t.model.eval()
+    again = load_adapter(out, is_trainable=False, quantization_config=get_quantization_config(mc)).eval()  # on a fresh 4-bit base
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):  # as in training, whether or not accelerate kept its wrapper
+        trained = t.model(input_ids=ids.cuda()).logits.float().cpu()
+        torch.testing.assert_close(again(input_ids=ids.cuda()).logits.float().cpu(), trained)
+        with again.disable_adapter(): untrained = again(input_ids=ids.cuda()).logits.float().cpu()
+    assert not torch.allclose(untrained, trained, atol=1e-2)  # the adapter is what makes them equal
+    with torch.no_grad():
+        merged, on_full = load_model(out/'merged').eval(), load_adapter(out, is_trainable=False).eval()
+        assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear and merged.dtype == torch.float32
+        torch.testing.assert_close(merged(input_ids=ids).logits, on_full(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_accumulation_checkpointing_eval_best_model(tmp_path):
     "GA + gradient checkpointing + eval during training + load_best_model_at_end on eval loss"
     model = save_tiny(tmp_path/'m')
