@@ -212,6 +212,7 @@ def _target_device(kw:dict, args:SFTConfig|None) -> torch.device:
     if args is not None and args.use_cpu: return torch.device('cpu')
     if torch.cuda.is_available(): return torch.device('cuda')
     return torch.device('mps') if torch.backends.mps.is_available() else torch.device('cpu')
+
 def _placement(kw:dict, config, args:SFTConfig|None) -> dict:
     "`kw` with a `device_map` for quantized weights, which bitsandbytes places while loading: on this process's GPU, or the CPU"
     quantized = kw.get('quantization_config') is not None or getattr(config, 'quantization_config', None) is not None
