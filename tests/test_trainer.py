@@ -132,6 +132,7 @@ def test_qlora_trains_on_cpu(tmp_path):
     args = _args(tmp_path/'o', assistant_only_loss=True, model_init_kwargs={'quantization_config': q, 'dtype': torch.float32})
     t = _train(tmp_path, model, args, tiny_dataset(n=32), **ADAPTERS['lora'])
     assert any('Linear4bit' in type(m).__name__ for m in t.model.modules())
+    assert {p.dtype for p in t.model.parameters() if p.requires_grad} == {torch.float32}  # TRL: bfloat16 (see the adapters notebook)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_qlora_on_cuda_trains_saves_and_merges_in_full_precision(tmp_path):
