@@ -134,6 +134,7 @@ def test_qlora_trains_on_cpu(tmp_path):
     assert any('Linear4bit' in type(m).__name__ for m in t.model.modules())
     assert {p.dtype for p in t.model.parameters() if p.requires_grad} == {torch.float32}  # TRL: bfloat16 (see the adapters notebook)
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_qlora_on_cuda_trains_saves_and_merges_in_full_precision(tmp_path):
     "QLoRA as usually run: nf4 with double quant on the GPU, bfloat16 compute and mixed precision; both saves reload to the trained model"

@@ -31,7 +31,6 @@ import torch, bitsandbytes, transformers, peft, trl, datasets, accelerate, sft_n
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 print(*(f'{m.__name__} {m.__version__}' for m in (bitsandbytes, transformers, peft, trl, datasets, accelerate, sft_nb)), sep=', ')
 assert sft_nb.__file__.startswith('$PWD'), sft_nb.__file__"
-required=("${failed[@]}")
 
 # Issue 6: QLoRA on CUDA. The CPU cases of these files run too (pinned to the CPU), so a GPU machine is checked for both.
 step adapters 300 $PY -m pytest -q -rs -p no:cacheprovider tests/test_adapters.py

@@ -6,12 +6,12 @@ CI tests. This carries, at the versions installed here (the ones CI tests), ever
 torch, the CUDA libraries, and the large compiled packages the image already has (`IMAGE_HAS`).
 
 bitsandbytes ships one library per CUDA and ROCm version (43 MB); only its CPU library and the CUDA 13 ones are kept, which
-makes the whole folder about 35 MB, under the 64 MiB the device tool carries.
+makes the whole folder about 45 MiB, under the 64 MiB the device tool carries.
 
     python tools/gpu_wheels.py              # wheels for the GPU image (CPython 3.12, manylinux x86-64)
     python tools/gpu_wheels.py --python 3.11 --dest /tmp/whl   # for trying the install on this machine
 """
-import argparse, importlib.metadata as md, re, shutil, subprocess, sys, tempfile, zipfile
+import argparse, importlib.metadata as md, re, shutil, subprocess, sys, zipfile
 from pathlib import Path
 from packaging.requirements import Requirement
 
