@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #ccbe4b46
 from __future__ import annotations
-import sys, tempfile
+import sys
 from pathlib import Path
 
 from .config import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, parse_args

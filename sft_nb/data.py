@@ -8,7 +8,7 @@ Docs: https://sft-nb.github.io/sft_nb/data.html.md"""
 from __future__ import annotations
 import functools, gc, html, json, logging, re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #abf8a290
 from __future__ import annotations
-import json, logging, os
+import logging, os
 from pathlib import Path
 
 import torch

@@ -8,9 +8,8 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 from __future__ import annotations
 import dataclasses, signal, tempfile, threading, time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
 from transformers.utils import logging

@@ -1,12 +1,12 @@
 "Integration tests of `sft_nb.loss` through a real `transformers.Trainer`: gradient accumulation, resume, TRL parity."
-import json, logging, math
+import json
 from pathlib import Path
 import pytest, torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from sft_nb.tiny import tiny_model, tiny_tokenizer, tiny_conversations
-from sft_nb.loss import SFTLossMixin, TokenCounter, sft_loss
+from sft_nb.loss import SFTLossMixin, sft_loss
 
 class LossTrainer(SFTLossMixin, Trainer): pass
 
@@ -55,7 +55,7 @@ def test_counters_survive_resume(tmp_path):
     ds, _ = _dataset()
     assert logs[-1]['num_trained_tokens'] > 0 and logs[-1]['num_tokens'] > logs[-1]['num_trained_tokens']
     assert [h['num_tokens'] for h in logs] == sorted(h['num_tokens'] for h in logs)
-    part = _train(tmp_path/'part', max_steps=4, per_device_train_batch_size=4, save_strategy='steps', save_steps=2)
+    _train(tmp_path/'part', max_steps=4, per_device_train_batch_size=4, save_strategy='steps', save_steps=2)
     state = json.loads((tmp_path/'part'/'checkpoint-2'/'trainer_state.json').read_text())
     saved = state['stateful_callbacks']['TokenCounter']['attributes']
     test_logs = [h for h in state['log_history'] if 'loss' in h]

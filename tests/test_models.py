@@ -1,5 +1,5 @@
 "Model and tokenizer loading beyond the notebook page: VLMs, bad input, TRL's chat-template cloning as the reference."
-import json, logging, os, subprocess, sys, textwrap
+import json, logging, os, subprocess, sys
 from pathlib import Path
 
 import pytest

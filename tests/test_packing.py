@@ -1,5 +1,4 @@
 "Packing and the collator against TRL 1.16 and against running each document alone, on more cases than the notebook shows."
-import warnings
 import numpy as np
 import pyarrow as pa
 import pytest

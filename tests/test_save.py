@@ -5,7 +5,7 @@ import pytest, torch, transformers
 from huggingface_hub import ModelCard
 from transformers.trainer_utils import get_last_checkpoint
 
-from sft_nb.tiny import tiny_model, tiny_tokenizer, tiny_dataset, save_tiny
+from sft_nb.tiny import tiny_model, tiny_tokenizer, save_tiny
 from sft_nb import save as S
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 python trainer_script.py OUT_DIR [--max_steps N] [--kill_at STEP] [--signal_at STEP --signal TERM|INT] [--resume] [--record FILE]
                            [--per_device B] [--ga G] [--save_steps N] [--save_strategy steps|no] [--data DIR]
 """
-import argparse, json, os, signal, sys
+import argparse, json, os, signal
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 from transformers import TrainerCallback
