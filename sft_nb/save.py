@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TMP_PREFIX', 'MODEL_FILES', 'publish_dir', 'atomic_dir', 'verify_saved', 'is_hub_id', 'plot_loss', 'model_card',
-           'write_model_card', 'save_model', 'PushError', 'resolve_token', 'with_retries', 'push_to_hub',
+__all__ = ['TMP_PREFIX', 'MODEL_FILES', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'is_hub_id', 'plot_loss',
+           'model_card', 'write_model_card', 'save_model', 'PushError', 'resolve_token', 'with_retries', 'push_to_hub',
            'check_output_dir', 'checkpoint_bytes', 'save_training_args', 'rotate_checkpoints', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07_save.ipynb #6801aa5d
@@ -111,14 +111,40 @@ def _weight_files(path:Path) -> dict[str, tuple[tuple, str]]:
     if (path/'model.safetensors').exists(): return _tensor_shapes([path/'model.safetensors'])
     raise FileNotFoundError(f"No weights in {path}: expected model.safetensors, a sharded index, or adapter_model.safetensors.")
 
-# %% ../nbs/07_save.ipynb #b49d0f1b
-def _expected_shapes(model) -> dict[str, tuple]:
-    "What the model should have written: peft's adapter state dict, or the full state dict without tied duplicates"
-    from peft import PeftModel, get_peft_model_state_dict
-    if isinstance(model, PeftModel): return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    tied = set(getattr(model, 'all_tied_weights_keys', None) or {})
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+# %% ../nbs/07_save.ipynb #c92288bc
+def _shapes_only(sd:dict) -> dict:
+    "The same names as `sd`, as meta tensors: shapes and dtypes, no memory"
+    import torch
+    return {k: torch.empty(v.shape, dtype=v.dtype, device='meta') for k, v in sd.items()}
 
+def _revert(model, sd:dict) -> dict:
+    "transformers' own save-time conversion of `sd`: on shapes alone, or on the real tensors for a converter that needs values"
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+    try:
+        return revert_weight_conversion(model, _shapes_only(sd))
+    except Exception:
+        with torch.no_grad():
+            return revert_weight_conversion(model, sd)
+
+def saved_shapes(model) -> dict[str, tuple]:
+    "Name -> shape of what `model.save_pretrained` writes: without tied copies and ignored keys, with its renames applied"
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    sd = model.state_dict()
+    for k in model._keys_to_ignore_on_save or []:
+        sd.pop(k, None)
+    sd = remove_tied_weights_from_state_dict(sd, model)
+    return {k: tuple(v.shape) for k, v in _revert(model, sd).items()}
+
+def _expected_shapes(model) -> dict[str, tuple]:
+    "What the model should have written: peft's adapter state dict, or what `save_pretrained` writes of the full model"
+    from peft import PeftModel, get_peft_model_state_dict
+    if isinstance(model, PeftModel):
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    return saved_shapes(model)
+
+
+# %% ../nbs/07_save.ipynb #b49d0f1b
 def verify_saved(path, # folder written by `save_model` / `save_pretrained`
                  model=None, # if given, saved shapes must match this model's
                 ) -> dict[str, tuple]:

@@ -455,3 +455,60 @@ def test_lora_with_added_tokens_saves_embeddings(tmp_path, base):
     m.eval()
     with torch.no_grad():
         assert torch.allclose(AutoPeftModelForCausalLM.from_pretrained(out).eval()(ids).logits, m(ids).logits, atol=1e-5)
+
+# Families whose saved names differ from their parameter names (transformers 5 converts on load and back on save)
+def _renamed_families(vocab):
+    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return {
+        'qwen3_moe': transformers.Qwen3MoeConfig(**small, num_key_value_heads=2, moe_intermediate_size=16, num_experts=4,
+                                                 num_experts_per_tok=2),
+        'glm4_moe': transformers.Glm4MoeConfig(**small, num_key_value_heads=2, moe_intermediate_size=16, n_routed_experts=4,
+                                               num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1),
+        'gpt_neox': transformers.GPTNeoXConfig(**small),
+        'nemotron_h': transformers.NemotronHConfig(**small, num_key_value_heads=2, hybrid_override_pattern='M*',
+                                                   mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1),
+    }
+
+@pytest.mark.parametrize('family', ['qwen3_moe', 'glm4_moe', 'gpt_neox', 'nemotron_h'])
+def test_renamed_families_train_with_checkpoints_and_reload(tmp_path, family):
+    "Checkpoints and the final save of models transformers renames on save are verified against what it writes"
+    from datasets import load_dataset
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.tiny import save_tiny_dataset
+    tok = tiny_tokenizer()
+    cfg = _renamed_families(len(tok))[family]
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    src = tmp_path/'base'
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    ds = load_dataset(str(save_tiny_dataset(tmp_path/'data', n=16)), split='train')
+    args = SFTConfig(str(tmp_path/'run'), max_steps=2, save_steps=1, per_device_train_batch_size=4, report_to='none',
+                     use_cpu=True, max_length=64, learning_rate=1e-3, logging_steps=1)
+    trainer = SFTTrainer(model=str(src), args=args, train_dataset=ds)
+    trainer.train()
+    trainer.save_model()
+    for ck in ('checkpoint-1', 'checkpoint-2'):
+        S.verify_saved(tmp_path/'run'/ck, trainer.model)
+    S.verify_saved(tmp_path/'run', trainer.model)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'run', dtype=trainer.model.dtype)
+    torch.testing.assert_close(logits(back), logits(trainer.model))
+
+def test_chat_template_from_a_path_on_gpt_neox(tmp_path):
+    "GPT-NeoX (lm_head saved as embed_out) with a chat template taken from another tokenizer folder saves and reloads"
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.tiny import tiny_dataset
+    base_tok = tiny_tokenizer(chat_template=None)
+    cfg = _renamed_families(len(base_tok))['gpt_neox']
+    src = tmp_path/'neox'
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    base_tok.save_pretrained(src)
+    chat_src = tmp_path/'chat-tok'
+    tiny_tokenizer().save_pretrained(chat_src)
+    args = SFTConfig(str(tmp_path/'run'), max_steps=2, save_steps=1, per_device_train_batch_size=4, report_to='none',
+                     use_cpu=True, max_length=64, chat_template_path=str(chat_src))
+    trainer = SFTTrainer(model=str(src), args=args, train_dataset=tiny_dataset('conversational', n=16))
+    trainer.train()
+    trainer.save_model()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'run')
+    torch.testing.assert_close(logits(back), logits(trainer.model))
