@@ -6,14 +6,15 @@ Docs: https://sft-nb.github.io/sft_nb/save.html.md"""
 
 # %% ../nbs/07_save.ipynb #c8427169
 from __future__ import annotations
-import json, logging, os, re, shutil, sys, time, uuid
+import errno, json, logging, os, re, shutil, sys, time, uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['TMP_PREFIX', 'MODEL_FILES', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'is_hub_id', 'plot_loss',
-           'model_card', 'write_model_card', 'save_model', 'PushError', 'resolve_token', 'with_retries', 'push_to_hub',
-           'check_output_dir', 'checkpoint_bytes', 'save_training_args', 'rotate_checkpoints', 'CrashSafeSaveMixin']
+           'model_card', 'write_model_card', 'checkpoint_bytes', 'save_model', 'PushError', 'resolve_token',
+           'with_retries', 'push_to_hub', 'check_output_dir', 'save_training_args', 'rotate_checkpoints',
+           'CrashSafeSaveMixin']
 
 # %% ../nbs/07_save.ipynb #6801aa5d
 _logger = logging.getLogger(__name__)
@@ -62,12 +63,60 @@ def publish_dir(src, # a complete folder
     if old is not None: shutil.rmtree(old, ignore_errors=True)
     return dest
 
-def _save_error(e:OSError, dest, kept:str) -> OSError:
-    "Say which save failed and that nothing was lost, keeping errno (ENOSPC, EACCES, ...) for callers that check it"
-    return OSError(e.errno, f"Saving to {dest} failed: {e.strerror or e}. {kept}; free space or fix permissions and save again.")
+def _free_bytes(path:Path) -> int:
+    "Free space on the filesystem that holds `path` (or its nearest existing parent)"
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+def _is_disk_full(e:BaseException, dest:Path, need:int=0) -> bool:
+    "ENOSPC as an OSError, as safetensors' Rust error (`os error 28`), or as torch.save's bare write failure with too little room"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if 'os error 28' in str(e) or 'No space left' in str(e):
+        return True
+    return need > 0 and _free_bytes(dest) < need
+
+def _size(n:int) -> str:
+    "Bytes for a reader: 812.0 KiB, 3.4 GiB"
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if n < 1024: return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+def _save_error(e:Exception, # what the write raised: an OSError, or a disk-full error of safetensors / torch.save
+                dest, # the folder being saved
+                kept:str, # what is still safe on disk
+                need:int=0, # bytes the save needs, when known
+               ) -> OSError:
+    "Say which save failed, why, and that nothing was lost; a full disk is ENOSPC, other OSErrors keep their errno"
+    if _is_disk_full(e, dest, need):
+        room = f" (it needs about {_size(need)}, {_size(_free_bytes(dest))} is free)" if need else ""
+        return OSError(errno.ENOSPC, f"Saving to {dest} failed: no space left on the disk{room}. {kept}.")
+    return OSError(e.errno, f"Saving to {dest} failed: {e.strerror or e}. {kept}.")
+
+@contextmanager
+def _explained(dest:Path, # the folder being saved
+               kept:str, # what is still safe on disk
+               need:int=0, # bytes the save needs, when known
+               cleanup:Path|None=None, # a temporary folder to remove when the save fails
+              ):
+    "Turn a failed write (a full disk, an OSError) into an error that says which save failed, why, and what is safe"
+    try:
+        yield
+    except Exception as e:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if not (isinstance(e, OSError) or _is_disk_full(e, dest, need)):
+            raise
+        raise _save_error(e, dest, kept, need) from e
+
+_UNTOUCHED = 'What was there before is untouched; free space or fix permissions and save again'
 
 @contextmanager
 def atomic_dir(dest, # final folder
+               need:int=0, # bytes the save needs, for the message when the disk fills up
               ):
     "Yield a temporary folder next to `dest`; on success rename it onto `dest`, on error delete it"
     dest = Path(dest)
@@ -75,9 +124,9 @@ def atomic_dir(dest, # final folder
     tmp = _tmp_sibling(dest)
     tmp.mkdir()
     try:
-        yield tmp
-        publish_dir(tmp, dest)
-    except OSError as e: raise _save_error(e, dest, 'What was there before is untouched') from e
+        with _explained(dest, _UNTOUCHED, need):
+            yield tmp
+            publish_dir(tmp, dest)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
@@ -206,22 +255,25 @@ _HPARAMS = ['learning_rate', 'num_train_epochs', 'max_steps', 'per_device_train_
             'max_length', 'packing', 'lr_scheduler_type', 'warmup_ratio', 'weight_decay', 'optim', 'seed', 'loss_type',
             'completion_only_loss', 'assistant_only_loss']
 
+_LORA_NAMES = {'r': 'lora_r', 'lora_alpha': 'lora_alpha', 'lora_dropout': 'lora_dropout'}  # as a recipe sets them
+
 def _hyperparameters(args, peft_config) -> dict:
     "Key settings for the card; never a token or another secret"
     hp = {k: getattr(args, k) for k in _HPARAMS if args is not None and getattr(args, k, None) not in (None, -1)}
     if hp.get('max_steps', 0) > 0: hp.pop('num_train_epochs', None)  # max_steps overrides epochs: don't show both
     if peft_config is not None:
-        hp.update({f"lora_{k}": getattr(peft_config, k) for k in ['r', 'lora_alpha', 'lora_dropout'] if hasattr(peft_config, k)})
+        hp.update({name: getattr(peft_config, k) for k, name in _LORA_NAMES.items() if hasattr(peft_config, k)})
         tm = getattr(peft_config, 'target_modules', None)
         if tm: hp['lora_target_modules'] = tm if isinstance(tm, str) else sorted(tm)
     return {k: (v.value if hasattr(v, 'value') else v) for k, v in hp.items()}
 
 def _final_losses(log_history:list[dict]) -> dict:
+    "The last train and eval losses and the run's mean, to four significant digits"
     out = {}
     for r in log_history or []:
-        if 'loss' in r: out['final train loss'] = r['loss']
-        if 'train_loss' in r: out['mean train loss'] = r['train_loss']
-        if 'eval_loss' in r: out['final eval loss'] = r['eval_loss']
+        if 'loss' in r: out['final train loss'] = float(f"{r['loss']:.4g}")
+        if 'train_loss' in r: out['mean train loss'] = float(f"{r['train_loss']:.4g}")
+        if 'eval_loss' in r: out['final eval loss'] = float(f"{r['eval_loss']:.4g}")
         if r.get('num_input_tokens_seen'): out['tokens seen'] = r['num_input_tokens_seen']
     return out
 
@@ -250,8 +302,17 @@ def _table(d:dict) -> str:
 
 # %% ../nbs/07_save.ipynb #ac30e4c7
 def _where(repo_id, subfolder) -> str:
-    "The arguments of `from_pretrained` in the quick start"
-    return f'"{repo_id or "path/to/this/model"}"' + (f', subfolder="{subfolder}"' if subfolder else '')
+    "The arguments of `from_pretrained` in the quick start: the Hub id, or the folder's name relative to where it was saved"
+    if not repo_id: where = "path/to/this/model"
+    elif is_hub_id(repo_id): where = repo_id
+    else: where = f"./{Path(repo_id).name}"  # never an absolute path: it names the user's home and means nothing elsewhere
+    return f'"{where}"' + (f', subfolder="{subfolder}"' if subfolder else '')
+
+def _dataset_words(dataset_name) -> str:
+    "A Hub dataset by its id and link; anything else (a local file or folder) described, never named by its path"
+    if not dataset_name: return "not recorded"
+    if is_hub_id(dataset_name): return f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})"
+    return "a local dataset"
 
 def model_card(base_model:str|None=None, # what was fine-tuned: kept in the metadata only if a Hub id
                repo_id:str|None=None, # where the model is loaded from (Hub id or local path), for the quick start
@@ -278,9 +339,9 @@ def model_card(base_model:str|None=None, # what was fine-tuned: kept in the meta
            f"a fine-tune of [{base}](https://huggingface.co/{base})" if base else ("a LoRA adapter" if is_peft else "a fine-tuned causal language model")
     lines = [f"# {Path(repo_id).name if repo_id else 'Model'}", '', f"This model is {what}, trained with {method} "
              f"(supervised fine-tuning) by [sft_nb](https://github.com/sft-nb/sft_nb)"
-             + (f" on `{dataset_name}`." if dataset_name else "."), '', '## Quick start', '',
+             + (f" on {_dataset_words(dataset_name)}." if dataset_name else "."), '', '## Quick start', '',
              _QUICKSTART[is_peft].format(where=_where(repo_id, subfolder)), '', '## Training', '',
-             f"- method: {method}" + (" (LoRA)" if is_peft else ""), f"- dataset: {dataset_name or 'not recorded'}"]
+             f"- method: {method}" + (" (LoRA)" if is_peft else ""), f"- dataset: {_dataset_words(dataset_name)}"]
     results = _final_losses(log_history)
     if tokens_seen: results['tokens seen'] = tokens_seen
     if results: lines += ['', '### Results', '', _table(results)]
@@ -310,6 +371,18 @@ def _card_defaults(model) -> dict:
     base = pc.base_model_name_or_path if pc is not None else getattr(model.config, '_name_or_path', None)
     return dict(is_peft=pc is not None, peft_config=pc, base_model=base)
 
+# %% ../nbs/07_save.ipynb #34cd9999
+def checkpoint_bytes(model, # the model being trained
+                     save_only_model:bool=False, # no optimizer state in checkpoints
+                    ) -> int:
+    "Rough size of one checkpoint: all weights (or the adapter) plus two Adam moments per trainable weight"
+    from peft import PeftModel
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not isinstance(model, PeftModel))
+    moments = 0 if save_only_model else sum(2 * 4 * p.numel() for p in params if p.requires_grad)  # fp32 Adam m and v
+    return weights + moments
+
+
 # %% ../nbs/07_save.ipynb #a135631d
 def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
     from peft import PeftModel
@@ -327,10 +400,6 @@ def _write_merged(model, path:Path, max_shard_size='5GB', processing_class=None)
     if processing_class is not None: processing_class.save_pretrained(path)
     verify_saved(path, merged)
 
-def _merged_where(card:dict, output_dir:Path) -> dict:
-    "The merged model's place for its card's quick start: a sub-folder of the Hub repo, or its local folder"
-    return dict(subfolder='merged') if is_hub_id(card.get('repo_id')) else dict(repo_id=str(output_dir.resolve()/'merged'))
-
 def save_model(model, # a `PreTrainedModel` or `PeftModel`
                output_dir, # the folder to write; replaced atomically if it exists
                processing_class=None, # tokenizer (with chat template) or processor saved next to the weights
@@ -345,14 +414,14 @@ def save_model(model, # a `PreTrainedModel` or `PeftModel`
     if not is_main_process: return None
     output_dir = Path(output_dir)
     info = {**_card_defaults(model), 'repo_id': str(output_dir.resolve()), **(card or {})}
-    with atomic_dir(output_dir) as t:
+    with atomic_dir(output_dir, checkpoint_bytes(model, save_only_model=True)) as t:
         _write_weights(model, t, state_dict, max_shard_size)
         if processing_class is not None: processing_class.save_pretrained(t)
         if verify: verify_saved(t, model if state_dict is None else None)
         write_model_card(t, **info)  # replaces peft's template card, whose base_model may be a local path
         if merged:
             _write_merged(model, t/'merged', max_shard_size, processing_class)
-            write_model_card(t/'merged', **{**info, 'is_peft': False, **_merged_where(info, output_dir)})
+            write_model_card(t/'merged', **{**info, 'is_peft': False, 'subfolder': 'merged'})
     return output_dir
 
 # %% ../nbs/07_save.ipynb #08be83a9
@@ -391,6 +460,16 @@ def with_retries(fn, # called with no arguments
             time.sleep(wait * 2**attempt)
 
 # %% ../nbs/07_save.ipynb #e73f552f
+def _card_names_repo(folder:Path, repo_id:str):
+    "Point the quick start of sft_nb's cards in `folder` (and `folder/merged`) at `repo_id` before they are pushed"
+    local = f'from_pretrained("./{folder.name}"'
+    for card in (folder/'README.md', folder/'merged'/'README.md'):
+        text = card.read_text() if card.exists() else ''
+        if local not in text: continue
+        tmp = card.with_name('README.md.tmp')
+        tmp.write_text(text.replace(local, f'from_pretrained("{repo_id}"'))
+        os.replace(tmp, card)
+
 def push_to_hub(folder, # local folder to upload (a saved model or checkpoint)
                 repo_id:str, # `org/name` on the Hub
                 token:str|None=None, # write token; default the logged-in one
@@ -409,6 +488,7 @@ def push_to_hub(folder, # local folder to upload (a saved model or checkpoint)
     def attempt():
         rid = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         if revision and revision != 'main': api.create_branch(rid, branch=revision, token=token, exist_ok=True)
+        if path_in_repo is None: _card_names_repo(Path(folder), rid)
         return api.upload_folder(repo_id=rid, folder_path=str(folder), path_in_repo=path_in_repo, commit_message=commit_message,
                                  token=token, revision=revision, ignore_patterns=ignore_patterns)
     hint = f"The local save in {folder} is complete: push it later with sft_nb.save.push_to_hub({str(folder)!r}, {repo_id!r})."
@@ -453,15 +533,6 @@ def check_output_dir(output_dir, # the run's folder
     for stale in path.glob(f"{TMP_PREFIX}*"): shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
     return path
 
-def checkpoint_bytes(model, # the model being trained
-                     save_only_model:bool=False, # no optimizer state in checkpoints
-                    ) -> int:
-    "Rough size of one checkpoint: all weights (or the adapter) plus two Adam moments per trainable weight"
-    from peft import PeftModel
-    params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not isinstance(model, PeftModel))
-    moments = 0 if save_only_model else sum(2 * 4 * p.numel() for p in params if p.requires_grad)  # fp32 Adam m and v
-    return weights + moments
 
 # %% ../nbs/07_save.ipynb #c74e34a8
 def save_training_args(args, # `TrainingArguments` / `SFTConfig`
@@ -542,11 +613,13 @@ class CrashSafeSaveMixin:
         if self.args.should_save: shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self._stage, self._pending_push = str(stage), False
-        try: super()._save_checkpoint(model, trial)  # everything lands in stage/name; its push waits for the rename
-        except OSError as e:
-            if self.args.should_save: shutil.rmtree(stage, ignore_errors=True)
-            raise _save_error(e, run_dir/name, 'Earlier checkpoints are untouched; resume with resume_from_checkpoint=True') from e
-        finally: self._stage = None
+        need = checkpoint_bytes(self._unwrapped(), self.args.save_only_model)
+        kept = 'Earlier checkpoints are untouched; free space or fix permissions, then resume with resume_from_checkpoint=True'
+        try:
+            with _explained(run_dir/name, kept, need, stage if self.args.should_save else None):
+                super()._save_checkpoint(model, trial)  # everything lands in stage/name; its push waits for the rename
+        finally:
+            self._stage = None
         self.accelerator.wait_for_everyone()
         final = run_dir/name
         if self.args.should_save:
@@ -593,7 +666,9 @@ class CrashSafeSaveMixin:
         stage = dest/f"{TMP_PREFIX}save"
         if self.args.should_save: shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        super().save_model(str(stage), _internal_call=True)
+        need = checkpoint_bytes(self._unwrapped(), save_only_model=True)
+        with _explained(dest, _UNTOUCHED, need, stage if self.args.should_save else None):
+            super().save_model(str(stage), _internal_call=True)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             _move_into(stage, dest)
@@ -609,13 +684,13 @@ class CrashSafeSaveMixin:
     def _write_card(self, out:Path):
         "The card of the model saved in `out` (and of the merged model in `out/merged` when there is one)"
         model = self._unwrapped()
-        repo = (self.hub_model_id or self.args.hub_model_id) if self.args.push_to_hub else None
+        repo = self.hub_model_id or (self.args.hub_model_id if self.args.push_to_hub else None)  # set once a push began
         info = {**_card_defaults(model), **self.card_info, 'args': self.args, 'log_history': self.state.log_history,
                 'tokens_seen': self.state.num_input_tokens_seen or None, 'repo_id': repo or str(self._final_path(out).resolve())}
         info['tags'] = list(dict.fromkeys([*(getattr(model, 'model_tags', None) or []), *(self.card_info.get('tags') or [])]))
         write_model_card(out, **info)
         if (out/'merged'/'config.json').exists():
-            write_model_card(out/'merged', **{**info, 'is_peft': False, **_merged_where(info, self._final_path(out))})
+            write_model_card(out/'merged', **{**info, 'is_peft': False, 'subfolder': 'merged'})
 
     def create_model_card(self, model_name=None, tags=None, license=None, dataset_name=None, **kwargs):
         if not self.is_world_process_zero(): return

@@ -143,17 +143,59 @@ def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
             raise OSError(28, 'No space left on device')
         return orig(model, path, *a, **k)
     monkeypatch.setattr(S, '_write_weights', full)
-    with pytest.raises(OSError, match='checkpoint-4 failed: No space left on device. Earlier checkpoints are untouched') as e: tr.train()
+    with pytest.raises(OSError, match='checkpoint-4 failed: no space left on the disk .it needs about .* is free.. Earlier checkpoints are untouched') as e:
+        tr.train()
     assert e.value.errno == 28
     assert sorted(p.name for p in (tmp_path/'run').iterdir()) == ['checkpoint-2']  # no half-written folder left
     S.verify_saved(tmp_path/'run'/'checkpoint-2')
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A real filesystem that can fill up: a tmpfs of a size the test chooses (needs root, as on CI)"
+    mounted = []
+    def mount(size_bytes):
+        d = tmp_path/'disk'
+        d.mkdir()
+        r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_bytes}', 'tmpfs', str(d)], capture_output=True, text=True)
+        if r.returncode != 0: pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): the full-disk test needs root")
+        mounted.append(d)
+        return d
+    yield mount
+    for d in mounted: subprocess.run(['umount', '--lazy', str(d)])  # lazy: the trainer's dataloader may still hold a file open
+
+def test_real_disk_full_during_checkpoint(tmp_path, small_disk):
+    "safetensors and torch.save fail on a really full disk (not OSErrors): the previous checkpoint stays, no temp folder is left"
+    ns = {}
+    exec(TRAIN, ns)
+    ns['make_trainer'](tmp_path/'probe', max_steps=2, save_steps=2).train()
+    size = sum(f.stat().st_size for f in (tmp_path/'probe'/'checkpoint-2').rglob('*') if f.is_file())
+    disk = small_disk(int(size * 1.6))
+    tr = ns['make_trainer'](disk/'run', max_steps=6, save_steps=2)
+    with pytest.raises(OSError, match='checkpoint-4 failed: no space left on the disk .it needs about') as e:
+        tr.train()
+    assert e.value.errno == 28
+    assert sorted(p.name for p in (disk/'run').iterdir()) == ['checkpoint-2']
+    S.verify_saved(disk/'run'/'checkpoint-2')
+    assert transformers.AutoModelForCausalLM.from_pretrained(disk/'run'/'checkpoint-2') is not None
+
+def test_real_disk_full_during_final_save(tmp_path, small_disk):
+    "The trainer's final save on a full disk: an ENOSPC error naming the folder and the size, and no temp folder left"
+    ns = {}
+    exec(TRAIN, ns)
+    disk = small_disk(256 * 1024)
+    tr = ns['make_trainer'](disk/'run', max_steps=1, save_strategy='no')
+    tr.train()
+    with pytest.raises(OSError, match=f'Saving to {disk}/run failed: no space left on the disk') as e:
+        tr.save_model()
+    assert e.value.errno == 28
+    assert [p.name for p in (disk/'run').iterdir() if p.name.startswith('_tmp')] == []
 
 def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
     tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok)
     S.save_model(m, tmp_path/'m', tok)
     before = {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()}
     monkeypatch.setattr(S, '_write_weights', lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
-    with pytest.raises(OSError, match='No space left on device. What was there before is untouched'): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
+    with pytest.raises(OSError, match='no space left on the disk .*. What was there before is untouched'): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
     assert {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['m']
 
@@ -217,7 +259,7 @@ def test_lora_trainer_roundtrip_card_and_merged(tmp_path, base, monkeypatch):
     card = ModelCard.load(out/'README.md')
     assert card.data.library_name == 'peft' and card.data.base_model is None  # base is a local path
     assert card.data.tags == ['sft', 'sft_nb', 'lora', 'math'] and card.data.license == 'apache-2.0'
-    assert f'AutoPeftModelForCausalLM.from_pretrained("{out.resolve()}")' in card.text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("./run")' in card.text and str(tmp_path) not in card.text
     assert 'final train loss' in card.text and 'lora_r | 4' in card.text and (out/'loss_curve.png').exists()
     want = logits(tr.model)
     assert torch.allclose(logits(AutoPeftModelForCausalLM.from_pretrained(out)), want, atol=1e-5)
@@ -225,7 +267,7 @@ def test_lora_trainer_roundtrip_card_and_merged(tmp_path, base, monkeypatch):
     assert torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(out/'merged')), want, atol=1e-5)
     merged_card = ModelCard.load(out/'merged'/'README.md')
     assert merged_card.data.library_name == 'transformers' and 'sft_nb' in merged_card.data.tags
-    assert f'AutoModelForCausalLM.from_pretrained("{out.resolve()/"merged"}")' in merged_card.text
+    assert 'AutoModelForCausalLM.from_pretrained("./run", subfolder="merged")' in merged_card.text
     assert transformers.AutoTokenizer.from_pretrained(out/'merged').chat_template == ns['tok'].chat_template
     assert not torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(base)), want, atol=1e-3)  # it did train
 
@@ -315,6 +357,8 @@ def test_push_full_model_to_revision_and_download(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
         dev = hub.files('me/full', 'dev')
         assert 'model.safetensors.index.json' in dev and hub.files('me/full', 'main') == {}
+        assert 'AutoModelForCausalLM.from_pretrained("me/full")' in dev['README.md'].decode()  # the pushed card names the repo
+        assert str(tmp_path) not in dev['README.md'].decode()
         paths = [path for _, path, _ in hub.state.requests]
         assert any(p.endswith('.git/info/lfs/objects/batch') for p in paths) and any(p.startswith('/_lfs/') for p in paths)
         assert not any('/xet-write-token/' in p for p in paths)  # HF_HUB_DISABLE_XET: the regular (LFS) path only
