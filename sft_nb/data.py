@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/data.html.md"""
 
 # %% ../nbs/04_data.ipynb #a62a7c13
 from __future__ import annotations
-import functools, gc, html, json, logging, re
+import functools, gc, html, json, logging, re, traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,8 +18,9 @@ __all__ = ['logger', 'ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'GEN_OPEN', 'G
            'DataFormatError', 'data_error', 'detect_format', 'to_chatml', 'check_messages', 'check_row',
            'has_generation_markers', 'compile_marked', 'split_marked', 'Escaped', 'Slot', 'compile_stencil',
            'conversation_shape', 'build_stencil', 'fill_stencil', 'ChatRenderer', 'diff_spans', 'fast_backend',
-           'token_spans', 'span_mask', 'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble', 'Tokenize',
-           'validate_dataset', 'check_markers', 'make_tokenize', 'prepare_dataset', 'TrainedText', 'show_trained']
+           'token_spans', 'span_mask', 'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble',
+           'template_error', 'check_calls_rendered', 'Tokenize', 'validate_tokenized', 'validate_dataset',
+           'check_markers', 'make_tokenize', 'check_dataset', 'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04_data.ipynb #264c796b
 class DataFormatError(ValueError):
@@ -78,23 +79,57 @@ def detect_format(columns, # column names of the dataset
     return fmt
 
 # %% ../nbs/04_data.ipynb #0b868869
-_SHAREGPT_ROLES = {'human': 'user', 'gpt': 'assistant'}
+# ShareGPT speakers as chat roles: `human`/`gpt` in most dumps, the product's name in the original ShareGPT crawl
+_SHAREGPT_ROLES = {'human': 'user', 'gpt': 'assistant', 'chatgpt': 'assistant', 'bard': 'assistant', 'bing': 'assistant',
+                   'observation': 'tool', 'function_response': 'tool'}
+
+def _from_sharegpt(m):
+    "One ShareGPT message (`from`, `value`) as a chat message (`role`, `content`); anything else as it is"
+    if not isinstance(m, dict) or 'from' not in m:
+        return m
+    out = {('role' if k == 'from' else 'content' if k == 'value' else k): v for k, v in m.items()}
+    out['role'] = _SHAREGPT_ROLES.get(out['role'], out['role'])
+    return out
 
 def to_chatml(messages:list) -> list:
-    "ShareGPT `from`/`value` messages to `role`/`content`, as TRL's `maybe_convert_to_chatml`"
-    return [{('role' if k == 'from' else 'content' if k == 'value' else k): v for k, v in m.items()} if isinstance(m, dict) else m
-            for m in messages]
+    "ShareGPT `from`/`value` messages to `role`/`content` ones, `human`/`gpt` to `user`/`assistant` (TRL renames only the keys)"
+    return [_from_sharegpt(m) for m in messages] if isinstance(messages, list) else messages
 
-def _check_message(m, row, f):
+_TOOL_CALLS = '[{"type": "function", "function": {"name": "...", "arguments": {...}}}]'
+
+def _check_arguments(args, row, f):
+    if isinstance(args, dict):
+        return
+    try:
+        ok = isinstance(args, str) and isinstance(json.loads(args), dict)
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise data_error(row, f, args, "the call's arguments: a dict, or a JSON object as a string")
+
+def _check_tool_calls(calls, row, f):
+    "A message's `tool_calls`: a list of `{type: function, function: {name, arguments}}`, as transformers' templates read them"
+    if not isinstance(calls, list):
+        raise data_error(row, f, calls, f"a list of tool calls, {_TOOL_CALLS}")
+    for k, c in enumerate(calls):
+        fn = c.get('function') if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or c.get('type', 'function') != 'function' or not isinstance(fn.get('name'), str):
+            raise data_error(row, f"{f}[{k}]", c, f"a tool call, {_TOOL_CALLS}")
+        _check_arguments(fn.get('arguments'), row, f"{f}[{k}].function.arguments")
+
+def _check_message(m, row, f, keys=('role', 'content')):
+    role_key, content_key = keys
     if not isinstance(m, dict) or 'role' not in m:
-        raise data_error(row, f, m, "a message: a dict with `role` and `content`")
+        raise data_error(row, f, m, f"a message: a dict with `{role_key}` and `{content_key}`")
     role = m['role']
     if role not in ROLES:
         hint = f"Rename it `{_SHAREGPT_ROLES[role]}`." if role in _SHAREGPT_ROLES else ""
-        raise data_error(row, f"{f}.role", role, f"one of {list(ROLES)}", hint)
+        raise data_error(row, f"{f}.{role_key}", role, f"one of {list(ROLES)}", hint)
+    if m.get('tool_calls') is not None:
+        _check_tool_calls(m['tool_calls'], row, f"{f}.tool_calls")
     c = m.get('content')
     if c is None and role == 'assistant' and m.get('tool_calls'): return
-    if not isinstance(c, str): raise data_error(row, f"{f}.content", c, "a string")
+    if not isinstance(c, str): raise data_error(row, f"{f}.{content_key}", c, "a string")
 
 def check_messages(messages, # a conversation
                    row:int, # its row index, for the error
@@ -104,7 +139,8 @@ def check_messages(messages, # a conversation
     "Raise a `DataFormatError` if `messages` is not a non-empty list of valid messages"
     if not isinstance(messages, list): raise data_error(row, field, messages, "a list of {role, content} messages")
     if not messages: raise data_error(row, field, messages, "at least one message", "Drop empty conversations.")
-    for j, m in enumerate(messages): _check_message(m, row, f"{field}[{j}]")
+    keys = ('from', 'value') if field == 'conversations' else ('role', 'content')  # ShareGPT rows are named as the user wrote them
+    for j, m in enumerate(messages): _check_message(m, row, f"{field}[{j}]", keys)
     if need_assistant and not any(m['role'] == 'assistant' for m in messages):
         raise data_error(row, field, [m['role'] for m in messages], "an `assistant` turn to train on (assistant_only_loss=True)",
                          "Drop the row or add the assistant's answer.")
@@ -121,12 +157,26 @@ def _check_ids(row_d, row):
         if row_d.get(c) is not None and len(row_d[c]) != len(ids):
             raise data_error(row, c, f"{len(row_d[c])} values", f"one value per token of `input_ids` ({len(ids)})")
 
+_TOOLS = '[{"type": "function", "function": {"name": "...", "parameters": {...}}}]'
+
+def _check_tools(tools, row):
+    "The `tools` column: a list of tool schemas, or that list as a JSON string"
+    if tools is None: return
+    if isinstance(tools, str):
+        try: tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise data_error(row, 'tools', tools, f"a JSON list of tool schemas, {_TOOLS}", f"The JSON is invalid: {e.msg} at character {e.pos}.")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise data_error(row, 'tools', tools, f"a list of tool schemas, {_TOOLS}")
+
 def check_row(r:dict, row:int, fmt:str, text_field:str='text', assistant_only_loss:bool=False) -> None:
     "Raise a `DataFormatError` if row `r` (index `row`) does not fit format `fmt`"
     if fmt == 'tokenized': return _check_ids(r, row)
     if fmt == 'text': return _check_str(r[text_field], row, text_field)
+    _check_tools(r.get('tools'), row)
     if fmt == 'conversational':
-        return check_messages(r['messages'], row, 'messages', assistant_only_loss)
+        field = 'messages' if 'messages' in r else 'conversations'
+        return check_messages(to_chatml(r[field]), row, field, assistant_only_loss)
     kinds = ['message list' if isinstance(r[k], list) else type(r[k]).__name__ for k in ('prompt', 'completion')]
     if fmt == 'prompt_completion':
         if kinds[1] != 'str': raise data_error(row, 'completion', r['completion'], "a string, like `prompt`", "Mixed formats: make both strings or both message lists.")
@@ -571,6 +621,34 @@ def _lists(flat, labels, off):
     cut = lambda x: [x[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
     return {'input_ids': cut(flat), 'labels': cut(labels)}
 
+# %% ../nbs/04_data.ipynb #f90789bd
+def _template_line(e:BaseException) -> int|None:
+    "The line of the chat template where Jinja failed: a syntax error's own, or the last template frame of the traceback"
+    if getattr(e, 'lineno', None): return e.lineno
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == '<template>']
+    return lines[-1] if lines else None
+
+def template_error(e:Exception, # what rendering raised
+                   row:int, # the row being rendered
+                   field:str, # its column
+                  ) -> DataFormatError:
+    "A chat template's failure on a row, as an error that names the row, the field and the template line"
+    line = _template_line(e)
+    at = f"line {line} of the chat template" if line else "the chat template"
+    return DataFormatError(f"Row {row}, field `{field}`: {at} fails on this row ({type(e).__name__}: {e}). Fix the row, or choose "
+                           "a template that renders it with `chat_template_path` (a tokenizer folder, Hub id or .jinja file).")
+
+def check_calls_rendered(text:str, # the rendered conversation
+                         messages:list, # the conversation
+                         row:int, field:str) -> None:
+    "Raise if the rendered text lost a tool call: the template ignores `tool_calls`, so the model would learn an empty turn"
+    for j, m in enumerate(messages):
+        for c in m.get('tool_calls') or []:
+            name = c['function']['name']
+            if name not in text:
+                raise data_error(row, f"{field}[{j}].tool_calls", name, "a chat template that renders tool calls, but it dropped "
+                                 "this call", "Choose a template with tool support (`chat_template_path`), or drop the row.")
+
 # %% ../nbs/04_data.ipynb #b22107db
 @contextmanager
 def _paused_gc():
@@ -631,9 +709,20 @@ class Tokenize:
         ids, cmasks, _ = self._completion_masks([r['prompt'] for r in rows], [r['prompt'] + self._eos(r['completion']) for r in rows], True)
         return ids, [[m] if self.completion_only_loss else [] for m in cmasks]
 
+    def _rendered(self, messages, row, field, tools, kw, spans:bool, **render_kw) -> tuple[str, list]:
+        "Text (and assistant spans) of one conversation; a template that fails on it or drops its tool calls names the row"
+        try:
+            out = self.spans(messages, row, tools, kw) if spans else (self.render(messages, tools, kw, **render_kw)[0], [])
+        except DataFormatError:
+            raise
+        except Exception as e:
+            raise template_error(e, row, field) from e
+        check_calls_rendered(out[0], messages, row, field)
+        return out
+
     def conversational(self, rows, idx):
-        out = [self.spans(r['messages'], i, *_template_inputs(r)) if self.assistant_only_loss else (self.render(r['messages'], *_template_inputs(r))[0], [])
-               for r, i in zip(rows, idx)]
+        aol = self.assistant_only_loss
+        out = [self._rendered(r['messages'], i, 'messages', *_template_inputs(r), aol) for r, i in zip(rows, idx)]
         encs = self.encode([t for t, _ in out], False)
         return [e.ids for e in encs], [[token_spans(e, s)] if self.assistant_only_loss else [] for e, (_, s) in zip(encs, out)]
 
@@ -641,9 +730,8 @@ class Tokenize:
         prompts, fulls = [], []
         for r, i in zip(rows, idx):
             tools, kw = _template_inputs(r)
-            prompts.append(self.render(r['prompt'], tools, kw, add_generation_prompt=True)[0])
-            msgs = r['prompt'] + r['completion']
-            fulls.append(self.spans(msgs, i, tools, kw) if self.assistant_only_loss else (self.render(msgs, tools, kw)[0], []))
+            prompts.append(self._rendered(r['prompt'], i, 'prompt', tools, kw, False, add_generation_prompt=True)[0])
+            fulls.append(self._rendered(r['prompt'] + r['completion'], i, 'completion', tools, kw, self.assistant_only_loss))
         ids, cmasks, encs = self._completion_masks(prompts, [t for t, _ in fulls], False)
         amasks = [token_spans(e, s) for e, (_, s) in zip(encs, fulls)] if self.assistant_only_loss else None
         return ids, [([c] if self.completion_only_loss else []) + ([amasks[k]] if amasks else []) for k, c in enumerate(cmasks)]
@@ -661,10 +749,10 @@ class Tokenize:
     def _tokenize(self, batch, idx):
         keys = list(batch.keys())
         rows = [dict(zip(keys, v)) for v in zip(*[batch[k] for k in keys])]
-        if 'conversations' in batch:
-            for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
         if self.validate and self.formatting_func is None:
             for r, i in zip(rows, idx): check_row(r, i, self.fmt, self.text_field, self.assistant_only_loss)
+        if 'conversations' in batch:
+            for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
         ids, masks = getattr(self, self.fmt)(rows, idx)
         given = [r.get('labels') for r in rows] if self.fmt == 'tokenized' else None
         out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given)
@@ -696,6 +784,8 @@ def _suspect_conversations(col, need_assistant:bool):
         role, content = flat.field('role'), flat.field('content')
         known = pc.fill_null(pc.is_in(role, value_set=pa.array(ROLES)), False)
         msg_bad = pc.or_(pc.invert(known), pc.or_(content.is_null(), flat.is_null()))
+        if flat.type.get_field_index('tool_calls') >= 0:  # calls are checked row by row: their shape varies too much for Arrow
+            msg_bad = pc.or_(msg_bad, pc.fill_null(flat.field('tool_calls').is_valid(), False))
         bad[parent[msg_bad.to_numpy(zero_copy_only=False)]] = True
         if need_assistant:
             has = np.zeros(n, bool)
@@ -717,13 +807,55 @@ def _suspect_rows(table, cols:list[tuple[str, bool]], assistant_only_loss:bool=F
              table.column(c).is_null().to_numpy(zero_copy_only=False) for c, conv in cols]
     return np.flatnonzero(np.logical_or.reduce(parts))
 
+def _row_of(parent, bad):
+    "The first row (and the position in it) whose flattened values are `bad`, or None"
+    import numpy as np
+    hits = np.flatnonzero(bad)
+    return None if not len(hits) else int(parent[hits[0]])
+
+def _check_token_columns(table, r0:int, vocab_size:int|None):
+    "Raise on the first row of an Arrow `table` (starting at row `r0`) whose ids, labels or masks are not one per token, in range"
+    import numpy as np, pyarrow.compute as pc
+    ids = table.column('input_ids').combine_chunks()
+    n = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+    if (empty := np.flatnonzero(n == 0)).size:
+        raise data_error(r0 + int(empty[0]), 'input_ids', ids[int(empty[0])].as_py(), "a non-empty list of token ids")
+    for c in MASK_COLUMNS:
+        if c not in table.column_names: continue
+        m = pc.list_value_length(table.column(c).combine_chunks()).fill_null(-1).to_numpy(zero_copy_only=False)
+        if (off := np.flatnonzero((m != n) & (m != -1))).size:
+            k = int(off[0])
+            raise data_error(r0 + k, c, f"{m[k]} values", f"one value per token of `input_ids` ({n[k]})")
+    if vocab_size is None: return
+    for c, allowed in (('input_ids', ()), ('labels', (-100,))):
+        if c not in table.column_names: continue
+        col = table.column(c).combine_chunks()
+        flat, parent = pc.list_flatten(col).to_numpy(zero_copy_only=False), pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+        bad = ((flat < 0) | (flat >= vocab_size)) & ~np.isin(flat, allowed)
+        if (k := _row_of(parent, bad)) is not None:
+            found = flat[np.flatnonzero(bad)[0]]
+            what = "-100 (no loss) or a token id" if allowed else "token ids"
+            raise data_error(r0 + k, c, int(found), f"{what} in [0, {vocab_size}) (the tokenizer's vocabulary)")
+
+def validate_tokenized(dataset, # a `datasets.Dataset` with `input_ids` (and maybe labels and masks)
+                       vocab_size:int|None=None, # ids must be below this (e.g. `len(tokenizer)`); None: not checked
+                       batch_size:int=100_000) -> None:
+    "Check pre-tokenized rows on Arrow, without decoding them: one label and mask value per token, every id in the vocabulary"
+    cols = _needed_columns('tokenized', dataset.column_names, 'text')
+    for i in range(0, len(dataset), batch_size):
+        _check_token_columns(dataset.select_columns(cols).with_format('arrow')[i:i+batch_size], i, vocab_size)
+
 def validate_dataset(dataset, # a `datasets.Dataset`
                      fmt:str, # its format, from `detect_format`
                      text_field:str='text', assistant_only_loss:bool=False,
-                     batch_size:int=10_000) -> None:
+                     batch_size:int=10_000,
+                     vocab_size:int|None=None, # for pre-tokenized rows: ids must be below it
+                    ) -> None:
     "Check every row of `dataset`, raising a `DataFormatError` on the first bad one"
-    sub = dataset.select_columns(_needed_columns(fmt, dataset.column_names, text_field))
-    cols = _plain_columns(sub.features, fmt, text_field)
+    if fmt == 'tokenized': return validate_tokenized(dataset, vocab_size)
+    tools = [c for c in ('tools',) if c in dataset.column_names]
+    sub = dataset.select_columns(_needed_columns(fmt, dataset.column_names, text_field) + tools)
+    cols = None if tools else _plain_columns(sub.features, fmt, text_field)  # tools: JSON, checked row by row
     for i in range(0, len(sub), batch_size):
         if cols is None: idx = list(range(i, min(i + batch_size, len(sub))))
         else: idx = (_suspect_rows(sub.with_format('arrow')[i:i+batch_size], cols, assistant_only_loss) + i).tolist()
@@ -731,9 +863,7 @@ def validate_dataset(dataset, # a `datasets.Dataset`
         batch = sub[idx]  # decoded by `datasets` as the tokenizer will see the rows
         keys = list(batch)
         for k, v in zip(idx, zip(*[batch[c] for c in keys])):
-            r = dict(zip(keys, v))
-            if 'conversations' in r: r['messages'] = to_chatml(r.pop('conversations'))
-            check_row(r, k, fmt, text_field, assistant_only_loss)
+            check_row(dict(zip(keys, v)), k, fmt, text_field, assistant_only_loss)
 
 # %% ../nbs/04_data.ipynb #c11dbadf
 def check_markers(t:Tokenize, # a conversational `Tokenize` with assistant_only_loss
@@ -766,6 +896,74 @@ def make_tokenize(fmt, tokenizer, args, formatting_func=None, packing=False, col
     return Tokenize(tokenizer, fmt, args.dataset_text_field, args.eos_token, col, args.assistant_only_loss,
                     None if packing else args.max_length, args.truncation_mode, not packing, formatting_func)
 
+_IMAGE_COLUMNS = ('image', 'images')
+_checked = set()  # (fingerprint, settings) of datasets whose rows passed validation: the trainer checks before loading the model
+
+def _check_flags(fmt:str, columns, args, name:str):
+    "Settings that can't apply to this format: refused (TRL refuses assistant_only_loss on non-conversational data too)"
+    if not args.assistant_only_loss: return
+    if fmt in ('text', 'prompt_completion'):
+        raise DataFormatError(f"`assistant_only_loss=True`, but the {name} dataset is {fmt.replace('_', '-')} data, which has no "
+                              "assistant turns: every token would be trained. Use conversational data (`messages`, or `prompt` and "
+                              "`completion` message lists), `completion_only_loss` for prompt-completion data, or set it False.")
+    if fmt == 'tokenized' and 'assistant_masks' not in columns:
+        raise data_error(None, 'assistant_masks', sorted(columns), "an `assistant_masks` column in pre-tokenized data "
+                         "(assistant_only_loss=True)", "Add the masks (1 on assistant tokens), or set assistant_only_loss=False.")
+
+def _check_images(columns, processing_class, name:str):
+    "Images that a text tokenizer would drop: refused, so a vision dataset is never trained on its text alone"
+    cols = [c for c in _IMAGE_COLUMNS if c in columns]
+    if not cols or hasattr(processing_class, 'image_processor'): return
+    raise data_error(None, cols[0], f"images in the {name} dataset", "a processor that reads them (a vision-language model)",
+                     f"The processing class is a text tokenizer, so the images would be dropped and the model trained on the text "
+                     f"alone. Train a vision-language model, or drop the column: `dataset.remove_columns({cols})`.")
+
+def _validate_once(dataset, fmt, args, vocab_size):
+    key = (getattr(dataset, '_fingerprint', None), fmt, args.dataset_text_field, args.assistant_only_loss, vocab_size)
+    if key[0] is not None and key in _checked: return
+    validate_dataset(dataset, fmt, args.dataset_text_field, args.assistant_only_loss, vocab_size=vocab_size)
+    if key[0] is not None: _checked.add(key)
+
+def check_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict`, a dict of them, or a list of row dicts
+                  args, # an `SFTConfig`
+                  processing_class=None, # the tokenizer or processor, when known: images and ids are checked against it
+                  formatting_func:Callable|None=None, # row -> text
+                  name:str='train', # for the messages
+                 ) -> str|dict|None:
+    "Everything the data alone can tell, before a model is loaded: format, settings, images and (for a `Dataset`) every row"
+    from datasets import Dataset
+    if dataset is None: return None
+    if isinstance(dataset, dict):
+        return {k: check_dataset(v, args, processing_class, formatting_func, f"{name}/{k}") for k, v in dataset.items()}
+    if isinstance(dataset, list): dataset = Dataset.from_list(dataset)
+    if isinstance(dataset, Dataset) and dataset.format['type'] == 'custom':
+        raise ValueError(f"The {name} dataset uses `with_transform()`, which preparation (`map`) would bake into the tokens. "
+                         "Materialize a deterministic transform with `map()` first, or pass "
+                         "`dataset_kwargs={'skip_prepare_dataset': True}` and make the transform return tokenized rows.")
+    first = _first_row(dataset)
+    columns = dataset.column_names or list(first)
+    fmt = detect_format(columns, first, args.dataset_text_field, formatting_func)
+    _check_flags(fmt, columns, args, name)
+    if processing_class is not None: _check_images(columns, processing_class, name)
+    if isinstance(dataset, Dataset) and (formatting_func is None or fmt == 'tokenized'):
+        tok = getattr(processing_class, 'tokenizer', processing_class)
+        _validate_once(dataset, fmt, args, len(tok) if tok is not None else None)
+    return fmt
+
+def _all_dropped(dataset, t:Tokenize, args, name:str) -> DataFormatError:
+    "Every row lost its trained tokens to truncation: say where the first trained token comes, so max_length can be chosen"
+    import dataclasses, numpy as np
+    probe = dataclasses.replace(t, max_length=None, drop_untrained=False, arrow=False)
+    head = dataset.select(range(min(len(dataset), 256)))
+    out = probe(head[:], list(range(len(head))))
+    lengths = [len(x) for x in out['input_ids']]
+    first = [int(np.argmax(np.asarray(l) != -100)) for l in out['labels'] if any(x != -100 for x in l)]
+    where = (f"in the first {len(head)} rows the first trained token comes at position {min(first)} at the earliest "
+             f"(rows are {min(lengths)} to {max(lengths)} tokens long)") if first else f"the first {len(head)} rows have no trained token at all"
+    return DataFormatError(f"All {len(dataset)} rows of the {name} dataset were dropped: none keeps a trained token after truncation "
+                           f"to max_length={args.max_length} ({args.truncation_mode}); {where}. Raise `max_length`, or set "
+                           "truncation_mode='keep_end' to keep the end of each row (where the answers are).")
+
 def _prepare_dicts(dataset, *args, **kwargs):
     return type(dataset)({k: prepare_dataset(v, *args, **{**kwargs, 'dataset_name': k}) for k, v in dataset.items()})
 
@@ -781,13 +979,10 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         return _prepare_dicts(dataset, processing_class, args, formatting_func, packing)
     if isinstance(dataset, list): dataset = Dataset.from_list(dataset)
-    if isinstance(dataset, Dataset) and dataset.format['type'] == 'custom':
-        raise ValueError("The dataset uses `with_transform()`, which `map` would bake into the tokens. Materialize it with `map()` first.")
+    fmt = check_dataset(dataset, args, processing_class, formatting_func, dataset_name)
     packing = args.packing if packing is None else packing
     tokenizer = getattr(processing_class, 'tokenizer', processing_class)
-    first = _first_row(dataset)
-    columns = dataset.column_names or list(first)
-    fmt = detect_format(columns, first, args.dataset_text_field, formatting_func)
+    columns = dataset.column_names or list(_first_row(dataset))
     if fmt == 'tokenized' and formatting_func is not None: logger.warning("The dataset is already tokenized (`input_ids`): `formatting_func` is ignored.")
     t = make_tokenize(fmt, tokenizer, args, formatting_func if fmt != 'tokenized' else None, packing, columns)
     unused = [c for c in columns if c not in _needed_columns(fmt, columns, args.dataset_text_field) + list(TEMPLATE_COLUMNS)]
@@ -795,8 +990,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
         logger.warning(f"The {dataset_name} dataset's columns {unused} are not used by its {fmt} format: they are dropped.")
     kw = dict(batched=True, with_indices=True, remove_columns=columns)
     if isinstance(dataset, Dataset):
-        if formatting_func is None or fmt == 'tokenized': validate_dataset(dataset, fmt, args.dataset_text_field, args.assistant_only_loss)
-        else: t.validate = True
+        if formatting_func is not None and fmt != 'tokenized': t.validate = True
         kw |= dict(num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} dataset")
     else: t.validate, t.arrow = True, False
     if t.render is not None and t.render.markers and args.assistant_only_loss:
@@ -804,6 +998,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
         for i, r in enumerate(head): check_row(r, i, fmt, args.dataset_text_field, True)
         check_markers(t, head)
     out = dataset.map(t, **kw)
+    if isinstance(dataset, Dataset) and len(out) == 0: raise _all_dropped(dataset, t, args, dataset_name)
     if isinstance(dataset, Dataset) and len(out) < len(dataset):
         logger.warning(f"Dropped {len(dataset) - len(out)} of {len(dataset)} rows of the {dataset_name} dataset: no trained token left "
                        f"after truncation to max_length={args.max_length} ({args.truncation_mode}).")

@@ -28,11 +28,13 @@ SOFTCAP_MODEL_TYPES = {'gemma2', 'gemma3', 'gemma3_text', 'gemma4', 'gemma4_text
 def loss_from_logits(logits:torch.Tensor, # (N, V) logits of the labelled positions
                      targets:torch.Tensor, # (N,) their labels
                      loss_type:str='nll', # 'nll' or 'dft'
+                     label_smoothing:float=0.0, # `label_smoothing_factor`: weight of the mean NLL over the whole vocabulary
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Summed per-token loss, top-1 hits and summed entropy, from full logits: the reference, and the fallback path"
     logp = logits.float().log_softmax(-1)                                # (N, V)
     logp_t = logp.gather(-1, targets[:, None]).squeeze(-1)              # (N,)
     per_token = -logp_t * (logp_t.exp().detach() if loss_type == 'dft' else 1)
+    if label_smoothing: per_token = (1 - label_smoothing) * per_token - label_smoothing * logp.mean(-1)
     entropy = -(logp.exp() * logp).sum(-1)                               # (N,)
     return per_token.sum(), (logits.argmax(-1) == targets).sum(), entropy.detach().sum()
 
@@ -43,7 +45,7 @@ def _logits(h, weight, bias, out):
     if bias is None: return torch.mm(h, weight.t(), out=out)
     return torch.addmm(bias, h, weight.t(), out=out)
 
-def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf):
+def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0):
     "Loss, hits and entropy of one chunk of tokens; with `grads` (gh, gw, gb) also accumulate d loss / d inputs into them"
     n = len(t)
     z = _logits(h, weight, bias, zbuf[:n])                               # (n, V)
@@ -55,21 +57,25 @@ def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf):
     entropy = log_z - (e[:, None] @ z[:, :, None]).view(-1) / s          # batched dot: no (n, V) temporary
     logp_t = z.gather(-1, t[:, None]).view(-1) - log_z
     w = logp_t.exp() if dft else torch.ones_like(logp_t)
+    loss = -(w * logp_t).sum()
+    if smoothing: loss = (1 - smoothing) * loss + smoothing * (log_z - z.mean(-1)).sum()  # mean NLL over the vocabulary
     if grads is not None:
-        dz = e.mul_((w / s)[:, None])                                    # w * softmax, in place of e
-        dz[torch.arange(n), t] -= w                                      # w * (softmax - onehot)
+        kept = w * (1 - smoothing)
+        dz = e.mul_(((kept + smoothing) / s)[:, None])                  # w * softmax, in place of e (smoothed: ...
+        dz[torch.arange(n), t] -= kept                                   # w * (softmax - onehot)  ... (1-eps) of it, plus
+        if smoothing: dz.sub_(smoothing / z.size(-1))                    # eps * (softmax - 1/V) for the vocabulary mean)
         if softcap: dz.mul_(1 - z.div_(softcap).square_())
         gh, gw, gb = grads
         if gh is not None: gh.copy_(dz.to(weight.dtype) @ weight)
         if gw is not None: gw.addmm_(dz.t(), h.float())
         if gb is not None: gb.add_(dz.sum(0))
-    return -(w * logp_t).sum(), (top == t).sum(), entropy.sum()
+    return loss, (top == t).sum(), entropy.sum()
 
 # %% ../nbs/06_loss.ipynb #1bd2bb62
 class ChunkedLMHead(torch.autograd.Function):
     "Summed per-token loss, hits and entropy of `hidden @ weight.T + bias` at `targets`, `chunk` tokens at a time"
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dft=False, softcap=None, chunk=64):
+    def forward(ctx, hidden, weight, bias, targets, dft=False, softcap=None, chunk=64, smoothing=0.0):
         need = ctx.needs_input_grad
         gh = hidden.new_empty(hidden.shape) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
@@ -80,7 +86,7 @@ class ChunkedLMHead(torch.autograd.Function):
         for i in range(0, len(targets), chunk):
             sl = slice(i, i + chunk)
             l, c, e = _chunk(hidden[sl].to(weight.dtype), weight, bias, targets[sl], dft, softcap,
-                             (None if gh is None else gh[sl], gw, gb) if want else None, zbuf, ebuf)
+                             (None if gh is None else gh[sl], gw, gb) if want else None, zbuf, ebuf, smoothing)
             loss += l; hits += c; ent += e
         ctx.grads = (gh, gw, gb)
         ctx.mark_non_differentiable(hits, ent)
@@ -91,7 +97,7 @@ class ChunkedLMHead(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         del ctx.grads
         scaled = [None if x is None else x * g.to(x.dtype) for x in (gh, gw, gb)]
-        return *scaled, None, None, None, None
+        return *scaled, None, None, None, None, None
 
 # %% ../nbs/06_loss.ipynb #5dae53c5
 def _unwrap(model):
@@ -173,19 +179,21 @@ def _log_once(key, msg):
     if key not in _logged: _logged.add(key); logger.warning(msg)
 
 # %% ../nbs/06_loss.ipynb #59f20e4b
-def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False):
+def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smoothing=0.0):
     with hidden_states_from_head(model) as (called, softcap):
         out = model(**_model_inputs(inputs, router))
     if len(called) != 1: return None
     hidden, head = _last(out, targets.size(1)), called[0]                  # (B, T, H)
     chunk = chunk_tokens or max(16, CHUNK_ELEMENTS // head.weight.size(0))
     h = hidden[mask.to(hidden.device)].to(head.weight.device)               # (N, H): labelled positions only
-    return *ChunkedLMHead.apply(h, head.weight, head.bias, targets[mask].to(head.weight.device), dft, softcap, chunk), _aux(out, router)
+    t = targets[mask].to(head.weight.device)
+    return *ChunkedLMHead.apply(h, head.weight, head.bias, t, dft, softcap, chunk, smoothing), _aux(out, router)
 
-def _unfused(model, inputs, targets, mask, dft, router=False):
+def _unfused(model, inputs, targets, mask, dft, router=False, smoothing=0.0):
     out = model(**_model_inputs(inputs, router))
     logits = _last(out, targets.size(1))                                    # (B, T, V)
-    return *loss_from_logits(logits[mask.to(logits.device)], targets[mask].to(logits.device), 'dft' if dft else 'nll'), _aux(out, router)
+    t = targets[mask].to(logits.device)
+    return *loss_from_logits(logits[mask.to(logits.device)], t, 'dft' if dft else 'nll', smoothing), _aux(out, router)
 
 # %% ../nbs/06_loss.ipynb #996ea9b8
 def sft_loss(model, # causal LM, possibly PEFT- or DDP-wrapped
@@ -194,6 +202,7 @@ def sft_loss(model, # causal LM, possibly PEFT- or DDP-wrapped
              loss_type:str='nll', # 'nll' or 'dft' (Dynamic Fine-Tuning)
              chunk_tokens:int|None=None, # tokens per LM-head chunk; default keeps a chunk near `CHUNK_ELEMENTS` logits
              router_aux_loss_coef:float=0.0, # MoE models: weight of the router load-balancing loss added to the loss
+             label_smoothing:float=0.0, # `label_smoothing_factor`, as transformers' `LabelSmoother` applies it
             ) -> tuple[torch.Tensor, dict]:
     "Token-normalised loss and detached summed stats `n_correct`, `n_labelled`, `entropy_sum` (and `aux_loss`), without full logits"
     if loss_type not in ('nll', 'dft'): raise ValueError(f"loss_type={loss_type!r} is not supported by sft_loss: use 'nll' or 'dft'.")
@@ -201,12 +210,13 @@ def sft_loss(model, # causal LM, possibly PEFT- or DDP-wrapped
     targets = _targets(inputs)
     mask = targets != IGNORE_INDEX                                             # (B, T)
     blocker, out, router = fused_head_blocker(model), None, router_aux_loss_coef != 0
-    if blocker is None: out = _fused(model, inputs, targets, mask, loss_type == 'dft', chunk_tokens, router)
+    dft = loss_type == 'dft'
+    if blocker is None: out = _fused(model, inputs, targets, mask, dft, chunk_tokens, router, label_smoothing)
     if out is None:
         name = type(_unwrap(model)).__name__
         _log_once(name, f"sft_loss: {name} computes full logits (slower, more memory) because "
                         f"{blocker or 'its forward did not call the LM head exactly once'}.")
-        out = _unfused(model, inputs, targets, mask, loss_type == 'dft', router)
+        out = _unfused(model, inputs, targets, mask, dft, router, label_smoothing)
     loss_sum, n_correct, entropy_sum, aux = out
     n_labelled = mask.sum()
     denom = n_labelled if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
@@ -290,7 +300,9 @@ class SFTLossMixin:
         scale = self.accelerator.num_processes if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1
         coef = self.router_aux_loss_coef / scale
         if num_items_in_batch is not None: coef /= getattr(self, 'current_gradient_accumulation_steps', 1)
-        loss, stats = sft_loss(model, inputs, num_items_in_batch, getattr(self.args, 'loss_type', 'nll'), router_aux_loss_coef=coef)
+        smoothing = getattr(self.args, 'label_smoothing_factor', 0.0)
+        loss, stats = sft_loss(model, inputs, num_items_in_batch, getattr(self.args, 'loss_type', 'nll'), router_aux_loss_coef=coef,
+                               label_smoothing=smoothing)
         loss = loss * scale
         local = torch.stack([stats['n_correct'].float(), stats['n_labelled'].float(), stats['entropy_sum'].float(),
                              input_tokens(inputs).float().to(stats['entropy_sum'].device)])

@@ -352,8 +352,11 @@ def prepare_tokenizer(tokenizer, # tokenizer or processor
         if tokenizer is not tok: tokenizer.chat_template = tok.chat_template
     elif path is not None: clone_chat_template(tokenizer, path)
     elif needs_chat_template and not tok.chat_template:
-        _log.info("The tokenizer has no chat template: using ChatML.")
-        add_chatml_template(tokenizer)
+        added = add_chatml_template(tokenizer)
+        _log.warning(f"The tokenizer has no chat template, and the dataset is conversational: sft_nb gave it ChatML "
+                     f"(`<|im_start|>role ... <|im_end|>`, {len(added)} new special tokens, `<|im_end|>` as eos), which the saved "
+                     "model keeps. To use another, pass `chat_template_path` (a .jinja file, or a tokenizer folder or Hub id "
+                     "whose template to copy).")
     _set_pad(tok, getattr(args, 'pad_token', None))
     if model is not None: sync_model_with_tokenizer(model, tokenizer)
     return tokenizer

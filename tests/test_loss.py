@@ -159,3 +159,20 @@ def test_head_runs_only_on_labelled_positions_in_chunks(monkeypatch):
     big = tiny_model(tokenizer=tok)
     sft_loss(big, batch)                                            # default chunk: CHUNK_ELEMENTS logits, all of them here
     assert rows == [n_labelled]
+
+def test_label_smoothing_matches_transformers_trainer(tmp_path):
+    "label_smoothing_factor=0.1: the same 4 losses as a stock `Trainer` (its LabelSmoother on full logits), and not those without it"
+    ds, tok = _dataset(32)
+    kw = dict(per_device_train_batch_size=8, max_steps=4, learning_rate=3e-3, label_smoothing_factor=0.1)
+    ours = LossTrainer(model=tiny_model(tokenizer=tok), args=_args(tmp_path/'ours', **kw), train_dataset=ds,
+                       data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
+    ours.train()
+    stock = Trainer(model=tiny_model(tokenizer=tok), args=_args(tmp_path/'stock', **kw), train_dataset=ds,
+                    data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
+    stock.train()
+    plain = LossTrainer(model=tiny_model(tokenizer=tok), args=_args(tmp_path/'plain', **(kw | dict(label_smoothing_factor=0.0))),
+                        train_dataset=ds, data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
+    plain.train()
+    get = lambda t: [h['loss'] for h in t.state.log_history if 'loss' in h]
+    assert get(ours) == pytest.approx(get(stock), rel=1e-4)
+    assert abs(get(ours)[-1] - get(plain)[-1]) > 1e-2  # it did change the loss (logits are near uniform at step 1)
