@@ -782,7 +782,9 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
         return _prepare_dicts(dataset, processing_class, args, formatting_func, packing)
     if isinstance(dataset, list): dataset = Dataset.from_list(dataset)
     if isinstance(dataset, Dataset) and dataset.format['type'] == 'custom':
-        raise ValueError("The dataset uses `with_transform()`, which `map` would bake into the tokens. Materialize it with `map()` first.")
+        raise ValueError("The dataset uses `Dataset.with_transform()`, which `map` would bake into the tokens (a random transform "
+                         "would be frozen). Pass `dataset_kwargs={'skip_prepare_dataset': True}` and make the transform return "
+                         "trainer-ready examples (`input_ids`, `labels`), or materialize it with `map()` first.")
     packing = args.packing if packing is None else packing
     tokenizer = getattr(processing_class, 'tokenizer', processing_class)
     first = _first_row(dataset)
