@@ -250,14 +250,16 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
     return_tensors: str = 'pt'
     completion_only_loss: bool|None = None # rows without `labels`: None: `input_ids` (TRL); else masked by `assistant_masks` and, if True, `completion_mask`
     block_diagonal: bool = False # packed rows (`seq_lengths`) stay rows, with per-document `position_ids` and no `attention_mask`
+    predict_first_token: bool = False # prompt tuning: also `shift_labels`, one wider than `labels`, whose first column is a target
 
     def torch_call(self, examples:list[dict]) -> dict:
         if not examples: raise ValueError("The collator got an empty batch.")
         ids = [np.asarray(ex['input_ids'], dtype=np.int64) for ex in examples]
         labels = [example_labels(ex, self.completion_only_loss) for ex in examples]
         docs = _doc_lengths(examples)
-        if self.padding_free: return self._flat(ids, labels, docs)
-        return self._rows(ids, labels, docs, packed=self.block_diagonal and 'seq_lengths' in examples[0])
+        out = self._flat(ids, labels, docs) if self.padding_free else self._rows(ids, labels, docs, packed=self.block_diagonal and 'seq_lengths' in examples[0])
+        if self.predict_first_token: out['shift_labels'] = torch.nn.functional.pad(out['labels'], (0, 1), value=-100)  # (B, T+1)
+        return out
 
     @staticmethod
     def get_position_ids_from_packed_seq_lengths(batch_seq_lengths:list[list[int]]) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from .config import SFTConfig
 from .models import check_vlm_support, load_model, load_tokenizer, prepare_model, prepare_tokenizer
-from .adapters import apply_peft, is_peft_model, trainable_report
+from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
 from .data import detect_format, prepare_dataset
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .loss import SFTLossMixin
@@ -28,7 +28,7 @@ logger = logging.get_logger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'check_writable', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training',
-           'set_trl_attributes', 'check_masks_have_labels', 'SFTTrainer']
+           'check_virtual_tokens', 'set_trl_attributes', 'check_masks_have_labels', 'SFTTrainer']
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
@@ -131,6 +131,13 @@ def _quantization(args:SFTConfig, quantization_config) -> dict:
         raise ValueError("`quantization_config` is set both as a trainer argument and in `args.model_init_kwargs`: keep one of them.")
     return {'quantization_config': quantization_config}
 
+def check_virtual_tokens(model, args:SFTConfig):
+    "Prompt tuning and p-tuning can't keep packed documents apart"
+    if adds_virtual_tokens(model) and (args.packing or args.padding_free):
+        raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then drops `position_ids`, which "
+                         "keep packed documents apart, so they would attend to each other. Set `packing=False` and "
+                         "`padding_free=False`, or use LoRA or prefix tuning.")
+
 def set_trl_attributes(trainer, args:SFTConfig, processing_class, first_row:dict, formatting_func=None):
     "The attributes TRL's `SFTTrainer.__init__` sets, which scripts and callbacks read"
     trainer._tokenizer = getattr(processing_class, 'tokenizer', processing_class)
@@ -201,15 +208,18 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
         if peft_config is not None or is_peft_model(model):
             model = apply_peft(model, peft_config, args)
             if args.process_index == 0: print(trainable_report(model))
+        check_virtual_tokens(model, args)
         set_trl_attributes(self, args, processing_class, _first_row(train_dataset), formatting_func)
         if not self._skip_prepare_dataset:
             with args.main_process_first(desc="preparing datasets"):
                 train_dataset = prepare_for_training(train_dataset, processing_class, args, formatting_func, args.packing, 'train')
                 eval_dataset = prepare_for_training(eval_dataset, processing_class, args, formatting_func, args.eval_packing, 'eval')
         if data_collator is None:
+            virtual = adds_virtual_tokens(model)  # peft ignores position_ids there, with a warning at every step
             data_collator = DataCollatorForLanguageModeling(pad_token_id=processing_class.pad_token_id, padding_free=args.padding_free,
-                                                            pad_to_multiple_of=args.pad_to_multiple_of, return_position_ids=True,
-                                                            completion_only_loss=self.completion_only_loss, block_diagonal=True)
+                                                            pad_to_multiple_of=args.pad_to_multiple_of, return_position_ids=not virtual,
+                                                            completion_only_loss=self.completion_only_loss, block_diagonal=True,
+                                                            predict_first_token=virtual)
         if self._skip_prepare_dataset: check_masks_have_labels({'train': train_dataset, **_named(eval_dataset)}, data_collator)
         self._graceful = GracefulExit()
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
