@@ -396,3 +396,42 @@ def test_evaluate_prepares_raw_datasets_as_trl(tmp_path, kind):
     losses = sorted(k for k in ref if k.endswith('_loss'))
     assert losses and losses == sorted(k for k in mine if k.endswith('_loss'))
     for k in losses: assert mine[k] == pytest.approx(ref[k], rel=1e-4), k
+
+def test_deviation_padding_free_without_packing_keeps_max_length(tmp_path):
+    """TRL refuses padding_free=True without packing when max_length is set, because its preparation would not enforce it.
+    sft_nb truncates during preparation, so max_length holds and the run trains: a deviation that does what was asked"""
+    model = save_tiny(tmp_path/'m')
+    data = tiny_dataset('text', n=16)
+    with pytest.raises(ValueError, match='`max_length` is not enforced'):
+        trl.SFTTrainer(model=str(model), train_dataset=data, args=trl.SFTConfig(**{**_ARGS, 'output_dir': str(tmp_path/'t'),
+                                                                                   'padding_free': True, 'max_length': 8}))
+    t = _train(tmp_path, model, _args(tmp_path/'o', padding_free=True, max_length=8), data)
+    assert max(len(r) for r in t.train_dataset['input_ids']) == 8 and t.padding_free
+    b = next(iter(t.get_train_dataloader()))
+    assert b['input_ids'].shape[0] == 1 and 'attention_mask' not in b  # TRL's one-row layout
+
+def test_deviation_mask_columns_without_labels_train_on_the_masks(tmp_path):
+    """TRL refuses rows with `assistant_masks` / `completion_mask` but no `labels` under skip_prepare_dataset (its collator would
+    train on every token). sft_nb's collator folds the masks in, so exactly the masked-in tokens are trained"""
+    model = save_tiny(tmp_path/'m')
+    from datasets import Dataset
+    rows = [{'input_ids': [5, 6, 7, 8, 9, 10], 'assistant_masks': [0, 0, 1, 1, 1, 0], 'completion_mask': [1] * 6},
+            {'input_ids': [11, 12, 13, 14], 'assistant_masks': [1] * 4, 'completion_mask': [0, 1, 1, 1]}] * 4
+    skip = {'dataset_kwargs': {'skip_prepare_dataset': True}}
+    with pytest.raises(ValueError, match="Add a 'labels' column"):
+        trl.SFTTrainer(model=str(model), train_dataset=Dataset.from_list(rows), args=trl.SFTConfig(**{**_ARGS, **skip, 'output_dir': str(tmp_path/'t')}))
+    t = _train(tmp_path, model, _args(tmp_path/'o', per_device_train_batch_size=2, **skip), Dataset.from_list(rows))
+    b = t.data_collator([t.train_dataset[i] for i in range(2)])
+    assert b['labels'].tolist() == [[-100, -100, 7, 8, 9, -100], [-100, 12, 13, 14, -100, -100]]
+
+def test_quantization_config_argument_as_in_trl(tmp_path):
+    "TRL's `quantization_config=` trainer argument loads the model quantized (here 4-bit, with LoRA: QLoRA on CPU)"
+    pytest.importorskip('bitsandbytes')
+    from transformers import BitsAndBytesConfig
+    model = save_tiny(tmp_path/'m')
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    t = _train(tmp_path, model, _args(tmp_path/'o'), tiny_dataset(n=16), quantization_config=q, **ADAPTERS['lora'])
+    assert any('Linear4bit' in type(m).__name__ for m in t.model.modules())
+    with pytest.raises(ValueError, match='both as a trainer argument'):
+        SFTTrainer(model=str(model), args=_args(tmp_path/'o', model_init_kwargs={'quantization_config': q}), train_dataset=tiny_dataset(n=8),
+                   quantization_config=q)
