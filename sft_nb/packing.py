@@ -248,7 +248,7 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
     return_position_ids: bool = False # also return `position_ids` alongside the `attention_mask` of padded rows
     pad_to_multiple_of: int|None = None # round the padded length up to a multiple of this
     return_tensors: str = 'pt'
-    completion_only_loss: bool|None = None # rows without `labels`: None: `input_ids` (TRL); else masked by `assistant_masks` and, if True, `completion_mask`
+    completion_only_loss: bool|None = None # rows without `labels`: None: `input_ids` (TRL); else masked by their mask columns
     block_diagonal: bool = False # packed rows (`seq_lengths`) stay rows, with per-document `position_ids` and no `attention_mask`
     predict_first_token: bool = False # prompt tuning: also `shift_labels`, one wider than `labels`, whose first column is a target
 
@@ -257,7 +257,8 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
         ids = [np.asarray(ex['input_ids'], dtype=np.int64) for ex in examples]
         labels = [example_labels(ex, self.completion_only_loss) for ex in examples]
         docs = _doc_lengths(examples)
-        out = self._flat(ids, labels, docs) if self.padding_free else self._rows(ids, labels, docs, packed=self.block_diagonal and 'seq_lengths' in examples[0])
+        packed = self.block_diagonal and 'seq_lengths' in examples[0]
+        out = self._flat(ids, labels, docs) if self.padding_free else self._rows(ids, labels, docs, packed)
         if self.predict_first_token: out['shift_labels'] = torch.nn.functional.pad(out['labels'], (0, 1), value=-100)  # (B, T+1)
         return out
 

@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #9bc212a8
 from __future__ import annotations
-import contextlib, dataclasses, signal, tempfile, threading, time
+import contextlib, dataclasses, signal, sys, tempfile, threading, time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -27,8 +27,9 @@ from .save import CrashSafeSaveMixin
 logger = logging.get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'check_writable', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training',
-           'check_virtual_tokens', 'set_trl_attributes', 'check_masks_have_labels', 'SFTTrainer']
+__all__ = ['logger', 'check_writable', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'needs_chat_template',
+           'prepare_for_training', 'check_virtual_tokens', 'default_collator', 'set_trl_attributes',
+           'check_masks_have_labels', 'SFTTrainer']
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
@@ -56,6 +57,17 @@ def check_writable(output_dir) -> None:
         raise OSError(e.errno, f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
                                "(checked before loading the model, so nothing was lost).") from e
 
+def check_packing_collator(args:SFTConfig, data_collator) -> None:
+    "`packing=True` with a `DataCollatorForLanguageModeling` (sft_nb's or TRL's) that would pad packed rows with an all-ones mask"
+    if not args.packing or args.packing_strategy == 'wrapped' or data_collator is None: return
+    trl = sys.modules.get('trl.trainer.sft_trainer')
+    ours = isinstance(data_collator, DataCollatorForLanguageModeling) and not data_collator.block_diagonal
+    theirs = trl is not None and isinstance(data_collator, trl.DataCollatorForLanguageModeling)
+    if (ours or theirs) and not data_collator.padding_free:
+        raise ValueError(f"`packing=True`, but this {type(data_collator).__name__} pads packed rows with an all-ones "
+                         "`attention_mask`, so packed documents would attend to each other. Drop `data_collator` (sft_nb "
+                         "builds one), or build it with `block_diagonal=True` (sft_nb's) or `padding_free=True`.")
+
 def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
     "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
     if train_dataset is None:
@@ -72,6 +84,7 @@ def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_coll
     if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
         raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so training knows when to stop.")
     args.check_collator(data_collator)
+    check_packing_collator(args, data_collator)
     if args.should_save: check_writable(args.output_dir)
 
 # %% ../nbs/08_trainer.ipynb #9cb862a5
@@ -131,12 +144,26 @@ def _quantization(args:SFTConfig, quantization_config) -> dict:
         raise ValueError("`quantization_config` is set both as a trainer argument and in `args.model_init_kwargs`: keep one of them.")
     return {'quantization_config': quantization_config}
 
+def _model(model, args:SFTConfig, quantization_config=None):
+    "Load `model` by name (quantized if asked), or make an already loaded one safe to train"
+    if isinstance(model, str): return load_model(model, args, **_quantization(args, quantization_config))
+    if quantization_config is not None:
+        logger.warning("`quantization_config` is ignored: the model is already loaded. Pass its name or folder to quantize it.")
+    return prepare_model(model, args)
+
 def check_virtual_tokens(model, args:SFTConfig):
     "Prompt tuning and p-tuning can't keep packed documents apart"
     if adds_virtual_tokens(model) and (args.packing or args.padding_free):
         raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then drops `position_ids`, which "
                          "keep packed documents apart, so they would attend to each other. Set `packing=False` and "
                          "`padding_free=False`, or use LoRA or prefix tuning.")
+
+def default_collator(tokenizer, args:SFTConfig, completion_only_loss:bool, model) -> DataCollatorForLanguageModeling:
+    "sft_nb's collator for `args`: block-diagonal packed rows, mask columns folded in, the first token a target after virtual tokens"
+    virtual = adds_virtual_tokens(model)  # peft ignores position_ids there, warning at every step
+    return DataCollatorForLanguageModeling(tokenizer.pad_token_id, args.padding_free, return_position_ids=not virtual,
+                                           pad_to_multiple_of=args.pad_to_multiple_of, completion_only_loss=completion_only_loss,
+                                           block_diagonal=True, predict_first_token=virtual)
 
 def set_trl_attributes(trainer, args:SFTConfig, processing_class, first_row:dict, formatting_func=None):
     "The attributes TRL's `SFTTrainer.__init__` sets, which scripts and callbacks read"
@@ -159,11 +186,15 @@ def _named(eval_dataset) -> dict:
     if eval_dataset is None or isinstance(eval_dataset, str): return {}
     return dict(eval_dataset) if isinstance(eval_dataset, dict) else {'eval': eval_dataset}
 
+def _ignores_masks(collator) -> bool:
+    "Takes `labels`, else `input_ids`, never the mask columns: TRL 1.16's collator, and sft_nb's built the TRL way"
+    if isinstance(collator, DataCollatorForLanguageModeling): return collator.completion_only_loss is None
+    trl = sys.modules.get('trl.trainer.sft_trainer')  # loaded whenever one of its collators exists
+    return trl is not None and isinstance(collator, trl.DataCollatorForLanguageModeling)
+
 def check_masks_have_labels(datasets:dict, data_collator) -> None:
     "Raise when a collator that ignores mask columns would get rows with masks but no `labels`"
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLCollator
-    ours = isinstance(data_collator, DataCollatorForLanguageModeling)
-    if not (isinstance(data_collator, TRLCollator) or ours and data_collator.completion_only_loss is None): return
+    if not _ignores_masks(data_collator): return
     for name, ds in datasets.items():
         cols = _columns(ds)
         if 'labels' not in cols and ('completion_mask' in cols or 'assistant_masks' in cols):
@@ -199,9 +230,7 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
         # Seeded before any weight is created: LoRA initialises its adapters randomly (as TRL does; Trainer seeds only later)
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model_id = model if isinstance(model, str) else None
-        model = load_model(model_id, args, **_quantization(args, quantization_config)) if model_id is not None else prepare_model(model, args)
-        if model_id is None and quantization_config is not None:
-            logger.warning("`quantization_config` is ignored: the model is already loaded. Pass its name or folder to quantize it.")
+        model = _model(model, args, quantization_config)
         check_vlm_support(model, args, _first_row(train_dataset))
         if processing_class is None: processing_class = load_tokenizer(model_id or model.config._name_or_path, args)
         processing_class = prepare_tokenizer(processing_class, model, args, needs_chat_template(train_dataset, args, formatting_func))
@@ -214,12 +243,7 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
             with args.main_process_first(desc="preparing datasets"):
                 train_dataset = prepare_for_training(train_dataset, processing_class, args, formatting_func, args.packing, 'train')
                 eval_dataset = prepare_for_training(eval_dataset, processing_class, args, formatting_func, args.eval_packing, 'eval')
-        if data_collator is None:
-            virtual = adds_virtual_tokens(model)  # peft ignores position_ids there, with a warning at every step
-            data_collator = DataCollatorForLanguageModeling(pad_token_id=processing_class.pad_token_id, padding_free=args.padding_free,
-                                                            pad_to_multiple_of=args.pad_to_multiple_of, return_position_ids=not virtual,
-                                                            completion_only_loss=self.completion_only_loss, block_diagonal=True,
-                                                            predict_first_token=virtual)
+        if data_collator is None: data_collator = default_collator(self._tokenizer, args, self.completion_only_loss, model)
         if self._skip_prepare_dataset: check_masks_have_labels({'train': train_dataset, **_named(eval_dataset)}, data_collator)
         self._graceful = GracefulExit()
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -227,7 +251,8 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
                          callbacks=[*(callbacks or []), self._graceful], optimizers=optimizers,
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if hasattr(self.model, 'add_model_tags'): self.model.add_model_tags(self._tag_names)
-        self.aux_loss_enabled = hasattr(self.model.config.get_text_config(), 'output_router_logits') and self.router_aux_loss_coef != 0
+        moe = hasattr(self.model.config.get_text_config(), 'output_router_logits')
+        self.aux_loss_enabled = moe and self.router_aux_loss_coef != 0
         pc = self.accelerator.parallelism_config
         self._tp_size = pc.tp_size if pc is not None else 1
         self.card_info = {'method': 'SFT', 'dataset_name': _dataset_name(train_dataset_raw)}
