@@ -207,6 +207,7 @@ def check_masks_have_labels(datasets:dict, data_collator) -> None:
 class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
     "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed; any dataset format"
     _tag_names = ["sft", "sft_nb"]
+    _name = "SFT"  # TRL's trainer name, read by its model-card code
 
     def __init__(self,
                  model:str|PreTrainedModel, # Hub id, local folder, or a loaded model (a `PeftModel` keeps its adapters trainable)
@@ -307,6 +308,11 @@ def evaluate(self:SFTTrainer,
                                             self.args.eval_packing, metric_key_prefix)
     if self._skip_prepare_dataset: check_masks_have_labels(_named(eval_dataset), self.data_collator)
     return super(SFTTrainer, self).evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+@patch
+def _prepare_dataset(self:SFTTrainer, dataset, processing_class, args:SFTConfig, packing:bool, formatting_func, dataset_name:str):
+    "TRL's method, with TRL's signature, that subclasses and scripts call to prepare a dataset as the trainer does"
+    return prepare_for_training(dataset, processing_class, args, formatting_func, packing, dataset_name)
 
 @patch(as_prop=True)
 def _total_train_tokens(self:SFTTrainer) -> int: return self.token_counter.num_tokens

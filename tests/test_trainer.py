@@ -318,7 +318,7 @@ def _family(path, family):
     return path
 
 TRL_ATTRS = ['padding_free', 'completion_only_loss', 'aux_loss_enabled', 'router_aux_loss_coef', '_is_vlm', '_is_vision_dataset',
-             '_skip_prepare_dataset', '_formatting_func', '_tp_size', '_total_train_tokens', 'chat_template']
+             '_skip_prepare_dataset', '_formatting_func', '_tp_size', '_total_train_tokens', 'chat_template', '_name']
 
 def _both(tmp_path, model, data, **kw):
     "(sft_nb trainer, TRL trainer) of the same script"
@@ -382,15 +382,16 @@ def test_with_transform_names_skip_prepare_dataset_as_trl(tmp_path):
             lib.SFTTrainer(model=str(model), args=lib.SFTConfig(output_dir=str(tmp_path/'o'), report_to='none', use_cpu=True),
                            train_dataset=data)
 
-@pytest.mark.parametrize('kind', ['dataset', 'iterable', 'datasetdict', 'dict'])
+@pytest.mark.parametrize('kind', ['dataset', 'iterable', 'datasetdict', 'iterable_datasetdict', 'dict', 'dict_of_iterable'])
 def test_evaluate_prepares_raw_datasets_as_trl(tmp_path, kind):
     """evaluate(eval_dataset=raw): prepared, then the same eval losses as TRL's (same model, same rows). Trained on the eval
     data's format: TRL decides completion-only loss once, from the train dataset, sft_nb for each dataset"""
-    from datasets import DatasetDict
+    from datasets import DatasetDict, IterableDatasetDict
     model = save_tiny(tmp_path/'m')
-    raw = tiny_dataset('prompt_completion', n=8, seed=2)
-    ds = {'dataset': raw, 'iterable': raw.to_iterable_dataset(), 'datasetdict': DatasetDict(a=raw, b=tiny_dataset('prompt_completion', n=4)),
-          'dict': {'a': raw}}[kind]
+    raw, other = tiny_dataset('prompt_completion', n=8, seed=2), tiny_dataset('prompt_completion', n=4)
+    ds = {'dataset': lambda: raw, 'iterable': lambda: raw.to_iterable_dataset(), 'datasetdict': lambda: DatasetDict(a=raw, b=other),
+          'iterable_datasetdict': lambda: IterableDatasetDict(a=raw.to_iterable_dataset(), b=other.to_iterable_dataset()),
+          'dict': lambda: {'a': raw}, 'dict_of_iterable': lambda: {'a': raw.to_iterable_dataset()}}[kind]()
     ours, theirs = _both(tmp_path, model, tiny_dataset('prompt_completion', n=8), per_device_eval_batch_size=8)
     mine, ref = ours.evaluate(eval_dataset=ds), theirs.evaluate(eval_dataset=ds)
     losses = sorted(k for k in ref if k.endswith('_loss'))
