@@ -85,7 +85,7 @@ if __name__ == '__main__':
     tok = tiny_tokenizer()
     ds = chat_docs(tok, 4000)
     n = STEPS + WARMUP
-    ours = batches(pack_dataset(ds, MAX_LEN, 'bfd'), DataCollatorForLanguageModeling(tok.pad_token_id), n)
+    ours = batches(pack_dataset(ds, MAX_LEN, 'bfd'), DataCollatorForLanguageModeling(tok.pad_token_id, block_diagonal=True), n)
     trl = batches(trl_pack_dataset(ds, MAX_LEN, 'bfd'), TRLCollator(tok.pad_token_id, padding_free=True), n)
     per_batch = BATCH * MAX_LEN // int(np.mean([len(x) for x in ds['input_ids']]))   # about as many real tokens per step
     padded = batches(ds, TRLCollator(tok.pad_token_id), n, batch=per_batch)

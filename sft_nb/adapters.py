@@ -18,8 +18,8 @@ from .models import NEW_TOKENS_ATTR, check_model_path, keep_bnb_layout, load_mod
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['is_peft_model', 'get_peft_config', 'count_parameters', 'trainable_report', 'apply_peft', 'check_adapter_matches',
-           'load_adapter', 'merged_copy', 'merge_adapters']
+__all__ = ['is_peft_model', 'get_peft_config', 'count_parameters', 'trainable_report', 'adds_virtual_tokens', 'apply_peft',
+           'check_adapter_matches', 'load_adapter', 'merged_copy', 'merge_adapters']
 
 # %% ../nbs/03_adapters.ipynb #7ed8eb05
 def is_peft_model(model) -> bool:
@@ -80,6 +80,25 @@ def _train_new_tokens(model, cfg, new_ids:list[int]):
             cfg.modules_to_save = [*(cfg.modules_to_save or []), name]
     return cfg
 
+def _is_prompt_learning(model) -> bool: return model.peft_config[model.active_adapter].is_prompt_learning
+def _is_prefix_tuning(model) -> bool: return model.peft_config[model.active_adapter].peft_type == 'PREFIX_TUNING'
+
+def adds_virtual_tokens(model) -> bool:
+    "Does peft put virtual tokens before the input (prompt tuning, p-tuning), making the output longer than the input?"
+    return is_peft_model(model) and _is_prompt_learning(model) and not _is_prefix_tuning(model)
+
+def _unfreeze(model):
+    "Make a `PeftModel`'s adapters trainable; prompt learning trains its prompt encoder (peft refuses `set_requires_grad` there)"
+    if not _is_prompt_learning(model): return model.set_requires_grad(model.active_adapters, requires_grad=True)
+    for p in model.prompt_encoder[model.active_adapter].parameters(): p.requires_grad_(True)
+
+def _no_checkpointing(args):
+    "Prefix tuning feeds its prefix as a KV cache, which activation checkpointing drops: turn checkpointing off"
+    _log.warning("Prefix tuning can't train with activation (gradient) checkpointing, which drops the prefix the model attends to: "
+                 "turning it off. Set `gradient_checkpointing=False` to silence this.")
+    args.activation_checkpointing = False
+    args.gradient_checkpointing = False
+
 def apply_peft(model, # a transformers model, or a `PeftModel`
                peft_config=None, # `peft.LoraConfig` (or a dict of its fields); None: full fine-tuning, or keep the PeftModel's adapters
                args:SFTConfig|None=None, # activation_checkpointing needs input gradients
@@ -90,7 +109,7 @@ def apply_peft(model, # a transformers model, or a `PeftModel`
         if peft_config is not None:
             raise ValueError("The model already has peft adapters and a `peft_config` was passed too. Either train the existing "
                              "adapters (drop `peft_config`), or merge them first (`merge_adapters`) and pass the merged model.")
-        model.set_requires_grad(model.active_adapters, requires_grad=True)
+        _unfreeze(model)
     elif peft_config is None: return model
     else:
         cfg, new_ids = _as_lora_config(peft_config), getattr(model, NEW_TOKENS_ATTR, [])
@@ -98,6 +117,7 @@ def apply_peft(model, # a transformers model, or a `PeftModel`
         with warnings.catch_warnings():  # peft probes the renamed `is_gradient_checkpointing` (transformers 5.23 warns)
             warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated')
             model = get_peft_model(model, cfg)
+    if args is not None and args.activation_checkpointing and _is_prefix_tuning(model): _no_checkpointing(args)
     if args is not None and args.activation_checkpointing: model.enable_input_require_grads()
     _log.info(trainable_report(model))
     return model

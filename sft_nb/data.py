@@ -937,9 +937,10 @@ def check_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict`, a dict
         return {k: check_dataset(v, args, processing_class, formatting_func, f"{name}/{k}") for k, v in dataset.items()}
     if isinstance(dataset, list): dataset = Dataset.from_list(dataset)
     if isinstance(dataset, Dataset) and dataset.format['type'] == 'custom':
-        raise ValueError(f"The {name} dataset uses `with_transform()`, which preparation (`map`) would bake into the tokens. "
-                         "Materialize a deterministic transform with `map()` first, or pass "
-                         "`dataset_kwargs={'skip_prepare_dataset': True}` and make the transform return tokenized rows.")
+        raise ValueError(f"The {name} dataset uses `Dataset.with_transform()`, which preparation (`map`) would bake into "
+                         "the tokens (a random transform would be frozen). Pass `dataset_kwargs={'skip_prepare_dataset': True}` "
+                         "and make the transform return trainer-ready examples (`input_ids`, `labels`), or materialize it with "
+                         "`map()` first.")
     first = _first_row(dataset)
     columns = dataset.column_names or list(first)
     fmt = detect_format(columns, first, args.dataset_text_field, formatting_func)

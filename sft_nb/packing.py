@@ -207,11 +207,14 @@ def position_ids_from_lengths(lengths:np.ndarray) -> np.ndarray:
     return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 # %% ../nbs/05_packing.ipynb #b35f2e2a
-def example_labels(ex:dict, completion_only_loss:bool=True) -> np.ndarray:
-    "Labels of one row: `labels` if given, else `input_ids` masked by `completion_mask` / `assistant_masks` (TRL's rows)"
+def example_labels(ex:dict, # one row: `input_ids`, and optionally `labels`, `completion_mask`, `assistant_masks`
+                   completion_only_loss:bool|None=True, # None: `labels`, else `input_ids` (TRL 1.16's collator)
+                  ) -> np.ndarray:
+    "Labels of one row: `labels` if given, else `input_ids` masked by `assistant_masks` and (if `completion_only_loss`) `completion_mask`"
     ids = np.asarray(ex['input_ids'], dtype=np.int64)
     if ex.get('labels') is not None: return np.asarray(ex['labels'], dtype=np.int64)
     labels = ids.copy()
+    if completion_only_loss is None: return labels
     if completion_only_loss and ex.get('completion_mask') is not None: labels[np.asarray(ex['completion_mask']) == 0] = -100
     if ex.get('assistant_masks') is not None: labels[np.asarray(ex['assistant_masks']) == 0] = -100
     return labels
@@ -239,21 +242,32 @@ def _cu_seq_lens(position_ids:torch.Tensor) -> dict:
 # %% ../nbs/05_packing.ipynb #3bc213ab
 @dataclass
 class DataCollatorForLanguageModeling(DataCollatorMixin):
-    "Pad rows to the batch's longest; packed rows get per-document `position_ids` and no `attention_mask` (TRL's arguments)"
+    "TRL's collator (same arguments, order, defaults and batches), plus sft_nb's block-diagonal packed rows and row masks"
     pad_token_id: int # token that fills padding
-    completion_only_loss: bool = True # mask prompts with `completion_mask` when rows have no `labels`
     padding_free: bool = False # TRL's layout: the whole batch as one row (for flash attention)
+    return_position_ids: bool = False # also return `position_ids` alongside the `attention_mask` of padded rows
     pad_to_multiple_of: int|None = None # round the padded length up to a multiple of this
-    return_position_ids: bool = True # also return `position_ids` for unpacked rows
     return_tensors: str = 'pt'
+    completion_only_loss: bool|None = None # rows without `labels`: None: `input_ids` (TRL); else masked by their mask columns
+    block_diagonal: bool = False # packed rows (`seq_lengths`) stay rows, with per-document `position_ids` and no `attention_mask`
+    predict_first_token: bool = False # prompt tuning: also `shift_labels`, one wider than `labels`, whose first column is a target
 
     def torch_call(self, examples:list[dict]) -> dict:
         if not examples: raise ValueError("The collator got an empty batch.")
         ids = [np.asarray(ex['input_ids'], dtype=np.int64) for ex in examples]
         labels = [example_labels(ex, self.completion_only_loss) for ex in examples]
         docs = _doc_lengths(examples)
-        if self.padding_free: return self._flat(ids, labels, docs)
-        return self._rows(ids, labels, docs, packed='seq_lengths' in examples[0])
+        packed = self.block_diagonal and 'seq_lengths' in examples[0]
+        out = self._flat(ids, labels, docs) if self.padding_free else self._rows(ids, labels, docs, packed)
+        if self.predict_first_token: out['shift_labels'] = torch.nn.functional.pad(out['labels'], (0, 1), value=-100)  # (B, T+1)
+        return out
+
+    @staticmethod
+    def get_position_ids_from_packed_seq_lengths(batch_seq_lengths:list[list[int]]) -> list[torch.Tensor]:
+        "TRL's helper: the position ids of each packed row, restarting at every document"
+        rows = [int(sum(sl)) for sl in batch_seq_lengths]
+        flat = position_ids_from_lengths([n for sl in batch_seq_lengths for n in sl])
+        return list(torch.from_numpy(flat).split(rows))
 
 # %% ../nbs/05_packing.ipynb #cb22350b
 def _pad_rows(rows:list[np.ndarray], width:int, value:int) -> torch.Tensor:
@@ -269,7 +283,7 @@ def _rows(self:DataCollatorForLanguageModeling, ids, labels, docs, packed:bool) 
     out = dict(input_ids=_pad_rows(ids, T, self.pad_token_id), labels=_pad_rows(labels, T, -100))      # (B, T)
     if not packed:
         out['attention_mask'] = _pad_rows([np.ones(len(r), np.int64) for r in ids], T, 0)
-        if self.return_position_ids: out['position_ids'] = _pad_rows([np.arange(len(r)) for r in ids], T, 0)
+        if self.return_position_ids: out['position_ids'] = _pad_rows([position_ids_from_lengths(d) for d in docs], T, 0)
         return out
     tails = [np.append(d, T - d.sum()) if d.sum() < T else d for d in docs]                        # padding: one more document
     out['position_ids'] = torch.from_numpy(np.stack([position_ids_from_lengths(d) for d in tails])) # (B, T)

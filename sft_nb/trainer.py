@@ -6,18 +6,19 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #9bc212a8
 from __future__ import annotations
-import dataclasses, signal, tempfile, threading, time
+import contextlib, dataclasses, signal, sys, tempfile, threading, time
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
+from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
 from transformers.utils import logging
 from fastcore.basics import patch
 
 from .config import SFTConfig
 from .models import check_vlm_support, load_model, load_tokenizer, prepare_model, prepare_tokenizer
-from .adapters import apply_peft, is_peft_model, trainable_report
+from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
 from .data import detect_format, prepare_dataset
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .loss import SFTLossMixin
@@ -26,8 +27,9 @@ from .save import CrashSafeSaveMixin
 logger = logging.get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'check_writable', 'check_before_training', 'GracefulExit', 'needs_chat_template', 'prepare_for_training',
-           'SFTTrainer']
+__all__ = ['logger', 'check_writable', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'needs_chat_template',
+           'prepare_for_training', 'check_virtual_tokens', 'default_collator', 'set_trl_attributes',
+           'check_masks_have_labels', 'SFTTrainer']
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
@@ -55,9 +57,25 @@ def check_writable(output_dir) -> None:
         raise OSError(e.errno, f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
                                "(checked before loading the model, so nothing was lost).") from e
 
+def check_packing_collator(args:SFTConfig, data_collator) -> None:
+    "`packing=True` with a `DataCollatorForLanguageModeling` (sft_nb's or TRL's) that would pad packed rows with an all-ones mask"
+    if not args.packing or args.packing_strategy == 'wrapped' or data_collator is None: return
+    trl = sys.modules.get('trl.trainer.sft_trainer')
+    ours = isinstance(data_collator, DataCollatorForLanguageModeling) and not data_collator.block_diagonal
+    theirs = trl is not None and isinstance(data_collator, trl.DataCollatorForLanguageModeling)
+    if (ours or theirs) and not data_collator.padding_free:
+        raise ValueError(f"`packing=True`, but this {type(data_collator).__name__} pads packed rows with an all-ones "
+                         "`attention_mask`, so packed documents would attend to each other. Drop `data_collator` (sft_nb "
+                         "builds one), or build it with `block_diagonal=True` (sft_nb's) or `padding_free=True`.")
+
 def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
     "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
-    if train_dataset is not None and _dataset_is_empty(train_dataset):
+    if train_dataset is None:
+        raise ValueError("`train_dataset` is required: pass the `Dataset` (or `IterableDataset`) to train on.")
+    if not isinstance(train_dataset, (Dataset, IterableDataset)):
+        hint = " Pick one split, e.g. `dataset['train']`." if isinstance(train_dataset, dict) else ""
+        raise TypeError(f"`train_dataset` must be a `Dataset` or `IterableDataset`, got `{type(train_dataset).__name__}`.{hint}")
+    if _dataset_is_empty(train_dataset):
         raise ValueError("`train_dataset` is empty: there is nothing to train on. Check the split name and any filtering.")
     if args.eval_strategy != 'no' and eval_dataset is None:
         raise ValueError(f"`eval_strategy='{args.eval_strategy.value}'` but no `eval_dataset` was given: pass one, or set eval_strategy='no'.")
@@ -66,6 +84,7 @@ def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_coll
     if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
         raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so training knows when to stop.")
     args.check_collator(data_collator)
+    check_packing_collator(args, data_collator)
     if args.should_save: check_writable(args.output_dir)
 
 # %% ../nbs/08_trainer.ipynb #9cb862a5
@@ -117,10 +136,78 @@ def prepare_for_training(ds, processing_class, args:SFTConfig, formatting_func=N
                   f"{st['efficiency']:.1%} filled, {st['truncated_tokens']} tokens truncated ({args.packing_strategy}).")
     return ds.shuffle(seed=args.seed) if args.shuffle_dataset else ds  # as TRL (a buffer for an iterable dataset)
 
+# %% ../nbs/08_trainer.ipynb #f2a3b4c5
+def _quantization(args:SFTConfig, quantization_config) -> dict:
+    "`load_model` keywords for TRL's `quantization_config` argument"
+    if quantization_config is None: return {}
+    if 'quantization_config' in (args.model_init_kwargs or {}):
+        raise ValueError("`quantization_config` is set both as a trainer argument and in `args.model_init_kwargs`: keep one of them.")
+    return {'quantization_config': quantization_config}
+
+def _model(model, args:SFTConfig, quantization_config=None):
+    "Load `model` by name (quantized if asked), or make an already loaded one safe to train"
+    if isinstance(model, str): return load_model(model, args, **_quantization(args, quantization_config))
+    if quantization_config is not None:
+        logger.warning("`quantization_config` is ignored: the model is already loaded. Pass its name or folder to quantize it.")
+    return prepare_model(model, args)
+
+def check_virtual_tokens(model, args:SFTConfig):
+    "Prompt tuning and p-tuning can't keep packed documents apart"
+    if adds_virtual_tokens(model) and (args.packing or args.padding_free):
+        raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then drops `position_ids`, which "
+                         "keep packed documents apart, so they would attend to each other. Set `packing=False` and "
+                         "`padding_free=False`, or use LoRA or prefix tuning.")
+
+def default_collator(tokenizer, args:SFTConfig, completion_only_loss:bool, model) -> DataCollatorForLanguageModeling:
+    "sft_nb's collator for `args`: block-diagonal packed rows, mask columns folded in, the first token a target after virtual tokens"
+    virtual = adds_virtual_tokens(model)  # peft ignores position_ids there, warning at every step
+    return DataCollatorForLanguageModeling(tokenizer.pad_token_id, args.padding_free, return_position_ids=not virtual,
+                                           pad_to_multiple_of=args.pad_to_multiple_of, completion_only_loss=completion_only_loss,
+                                           block_diagonal=True, predict_first_token=virtual)
+
+def set_trl_attributes(trainer, args:SFTConfig, processing_class, first_row:dict, formatting_func=None):
+    "The attributes TRL's `SFTTrainer.__init__` sets, which scripts and callbacks read"
+    trainer._tokenizer = getattr(processing_class, 'tokenizer', processing_class)
+    trainer._is_vlm = isinstance(processing_class, ProcessorMixin)
+    trainer._is_vision_dataset = 'image' in first_row or 'images' in first_row
+    trainer.padding_free = args.padding_free or (args.packing and args.packing_strategy in ('bfd', 'bfd_split'))
+    trainer.chat_template = None
+    col = args.completion_only_loss
+    auto = ('prompt' in first_row and 'completion' in first_row) or 'completion_mask' in first_row
+    trainer.completion_only_loss = auto if col is None else col
+    trainer._skip_prepare_dataset = bool((args.dataset_kwargs or {}).get('skip_prepare_dataset', False))
+    trainer._formatting_func = formatting_func
+    trainer.maybe_activation_offload_context = contextlib.nullcontext()
+    trainer._metrics = {'train': defaultdict(list), 'eval': defaultdict(list)}
+
+# %% ../nbs/08_trainer.ipynb #c5d6e7f8
+def _named(eval_dataset) -> dict:
+    "Eval datasets by name, as `Trainer.evaluate` names them"
+    if eval_dataset is None or isinstance(eval_dataset, str): return {}
+    return dict(eval_dataset) if isinstance(eval_dataset, dict) else {'eval': eval_dataset}
+
+def _ignores_masks(collator) -> bool:
+    "Takes `labels`, else `input_ids`, never the mask columns: TRL 1.16's collator, and sft_nb's built the TRL way"
+    if isinstance(collator, DataCollatorForLanguageModeling): return collator.completion_only_loss is None
+    trl = sys.modules.get('trl.trainer.sft_trainer')  # loaded whenever one of its collators exists
+    return trl is not None and isinstance(collator, trl.DataCollatorForLanguageModeling)
+
+def check_masks_have_labels(datasets:dict, data_collator) -> None:
+    "Raise when a collator that ignores mask columns would get rows with masks but no `labels`"
+    if not _ignores_masks(data_collator): return
+    for name, ds in datasets.items():
+        cols = _columns(ds)
+        if 'labels' not in cols and ('completion_mask' in cols or 'assistant_masks' in cols):
+            raise ValueError(f"The {name} dataset has mask columns but no 'labels', and `skip_prepare_dataset=True` skips label "
+                             f"building, so {type(data_collator).__name__}(completion_only_loss=None) would train on the full "
+                             "sequence. Add a 'labels' column (-100 for non-loss tokens), drop `data_collator` (sft_nb's folds "
+                             "the masks in), or drop `skip_prepare_dataset`.")
+
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
 class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
     "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed; any dataset format"
     _tag_names = ["sft", "sft_nb"]
+    _name = "SFT"  # TRL's trainer name, read by its model-card code
 
     def __init__(self,
                  model:str|PreTrainedModel, # Hub id, local folder, or a loaded model (a `PeftModel` keeps its adapters trainable)
@@ -135,6 +222,7 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
                  optimizers:tuple=(None, None), # (optimizer, scheduler)
                  optimizer_cls_and_kwargs:tuple|None=None,
                  preprocess_logits_for_metrics:Callable|None=None,
+                 quantization_config=None, # a `BitsAndBytesConfig` for a model loaded by name (QLoRA, with `peft_config`)
                  peft_config=None, # a `peft.LoraConfig` (or another peft config) to add adapters
                  formatting_func:Callable|None=None, # row -> text, for datasets that need custom formatting
                 ):
@@ -143,32 +231,38 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
         # Seeded before any weight is created: LoRA initialises its adapters randomly (as TRL does; Trainer seeds only later)
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model_id = model if isinstance(model, str) else None
-        model = load_model(model_id, args) if model_id is not None else prepare_model(model, args)
+        model = _model(model, args, quantization_config)
         check_vlm_support(model, args, _first_row(train_dataset))
         if processing_class is None: processing_class = load_tokenizer(model_id or model.config._name_or_path, args)
         processing_class = prepare_tokenizer(processing_class, model, args, needs_chat_template(train_dataset, args, formatting_func))
         if peft_config is not None or is_peft_model(model):
             model = apply_peft(model, peft_config, args)
             if args.process_index == 0: print(trainable_report(model))
-        if not (args.dataset_kwargs or {}).get('skip_prepare_dataset', False):
+        check_virtual_tokens(model, args)
+        set_trl_attributes(self, args, processing_class, _first_row(train_dataset), formatting_func)
+        if not self._skip_prepare_dataset:
             with args.main_process_first(desc="preparing datasets"):
                 train_dataset = prepare_for_training(train_dataset, processing_class, args, formatting_func, args.packing, 'train')
                 eval_dataset = prepare_for_training(eval_dataset, processing_class, args, formatting_func, args.eval_packing, 'eval')
-        if data_collator is None:
-            data_collator = DataCollatorForLanguageModeling(pad_token_id=processing_class.pad_token_id, padding_free=args.padding_free,
-                                                            pad_to_multiple_of=args.pad_to_multiple_of, return_position_ids=True)
+        if data_collator is None: data_collator = default_collator(self._tokenizer, args, self.completion_only_loss, model)
+        if self._skip_prepare_dataset: check_masks_have_labels({'train': train_dataset, **_named(eval_dataset)}, data_collator)
         self._graceful = GracefulExit()
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                          callbacks=[*(callbacks or []), self._graceful], optimizers=optimizers,
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if hasattr(self.model, 'add_model_tags'): self.model.add_model_tags(self._tag_names)
+        moe = hasattr(self.model.config.get_text_config(), 'output_router_logits')
+        self.aux_loss_enabled = moe and self.router_aux_loss_coef != 0
+        pc = self.accelerator.parallelism_config
+        self._tp_size = pc.tp_size if pc is not None else 1
         self.card_info = {'method': 'SFT', 'dataset_name': _dataset_name(train_dataset_raw)}
 
 # %% ../nbs/08_trainer.ipynb #d944385a
 @patch
 def compute_loss(self:SFTTrainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-    if self.compute_loss_func is not None: return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    if self.compute_loss_func is not None:
+        return Trainer.compute_loss(self, model, {**inputs, 'use_cache': False}, return_outputs, num_items_in_batch)
     return super(SFTTrainer, self).compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 @patch
@@ -193,9 +287,32 @@ def train(self:SFTTrainer, resume_from_checkpoint=None, *args, **kwargs):
 
 @patch
 def log(self:SFTTrainer, logs:dict, start_time=None):
+    mode = 'train' if self.model.training else 'eval'
+    user = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}  # what a subclass appended, averaged as TRL does
+    logs.update({f"eval_{k}" if mode == 'eval' else k: v for k, v in user.items()})
+    self._metrics[mode].clear()
     if self.model.training and 'loss' in logs:
         now, n = time.perf_counter(), self.token_counter.num_tokens
         last_t, last_n = getattr(self, '_last_log', (None, None))
         if last_t is not None and now > last_t: logs['tokens_per_second'] = round((n - last_n) / (now - last_t), 1)
         self._last_log = (now, n)
     return super(SFTTrainer, self).log(logs, start_time)
+
+# %% ../nbs/08_trainer.ipynb #f8a9b0c1
+@patch
+def evaluate(self:SFTTrainer,
+             eval_dataset=None, # None: the eval dataset(s) given at init; a name: one of them; else a dataset or dict, raw or prepared
+             ignore_keys:list[str]|None=None, metric_key_prefix:str='eval'):
+    if not self._skip_prepare_dataset and eval_dataset is not None and not isinstance(eval_dataset, str):
+        eval_dataset = prepare_for_training(eval_dataset, self.processing_class, self.args, self._formatting_func,
+                                            self.args.eval_packing, metric_key_prefix)
+    if self._skip_prepare_dataset: check_masks_have_labels(_named(eval_dataset), self.data_collator)
+    return super(SFTTrainer, self).evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+@patch
+def _prepare_dataset(self:SFTTrainer, dataset, processing_class, args:SFTConfig, packing:bool, formatting_func, dataset_name:str):
+    "TRL's method, with TRL's signature, that subclasses and scripts call to prepare a dataset as the trainer does"
+    return prepare_for_training(dataset, processing_class, args, formatting_func, packing, dataset_name)
+
+@patch(as_prop=True)
+def _total_train_tokens(self:SFTTrainer) -> int: return self.token_counter.num_tokens

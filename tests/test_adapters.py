@@ -243,3 +243,73 @@ def test_qlora_merge_needs_to_know_its_base(tiny_path):
 def test_load_model_on_an_adapter_folder_points_to_load_adapter(tiny_path, tmp_path):
     apply_peft(load_model(tiny_path), _lora()).save_pretrained(tmp_path/'ad')
     with pytest.raises(FileNotFoundError, match='load_adapter'): load_model(tmp_path/'ad')
+
+
+PROMPT_LEARNING = ['prompt_tuning', 'prompt_encoder', 'prefix_tuning', 'prompt_encoder_model']
+
+def _prompt_learning(kind, path):
+    "TRL's prompt-learning cases: (model, peft_config) as its tests pass them"
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+    cfg = {'prompt_tuning': lambda: PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+           'prompt_encoder': lambda: PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, encoder_hidden_size=16),
+           'prefix_tuning': lambda: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+           'prompt_encoder_model': lambda: PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8)}[kind]()
+    if kind != 'prompt_encoder_model': return str(path), cfg
+    torch.manual_seed(0)
+    return get_peft_model(load_model(path, dtype='float32'), cfg), None
+
+def _prompt_run(lib, kind, path, out, **kw):
+    "Train 5 steps on one batch of 8 rows: (losses, names of the parameters that changed, targets per row and first token)"
+    from sft_nb.tiny import tiny_dataset
+    model, cfg = _prompt_learning(kind, path)
+    args = lib.SFTConfig(output_dir=str(out), max_steps=5, per_device_train_batch_size=8, learning_rate=3e-2, logging_steps=1,
+                         report_to='none', save_strategy='no', use_cpu=True, seed=0, **kw)
+    t = lib.SFTTrainer(model=model, args=args, train_dataset=tiny_dataset('text', n=8), peft_config=cfg)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    changed = {n for n, p in t.model.named_parameters() if not torch.equal(before[n], p)}
+    labels = [r['labels'] for r in t.train_dataset]
+    first = sum(l[0] != -100 for l in labels)
+    return [h['loss'] for h in t.state.log_history if 'loss' in h], changed, (sum(sum(x != -100 for x in l[1:]) for l in labels), first)
+
+@pytest.mark.parametrize('kind', PROMPT_LEARNING)
+def test_prompt_learning_trains_as_under_trl(tiny_path, tmp_path, kind):
+    """Prompt tuning, p-tuning (as a config and as a PeftModel passed in) and prefix tuning train through SFTTrainer: the loss goes
+    down, only the prompt encoder changes, and the losses are TRL's on the same script (TRL's tests turn checkpointing off).
+    Virtual tokens make the first token of a row a target too (peft's own loss counts it); TRL trains it but divides by the count
+    without it, which overstates its loss by that ratio, and scales its gradients by it (Adam, nearly scale-free, follows the same path)"""
+    import trl
+    import sft_nb
+    ours, changed, (n, first) = _prompt_run(sft_nb, kind, tiny_path, tmp_path/'a', gradient_checkpointing=False)
+    ref, ref_changed, _ = _prompt_run(trl, kind, tiny_path, tmp_path/'b', gradient_checkpointing=False)
+    assert ours[-1] < ours[0] and changed == ref_changed and all(n.startswith('prompt_encoder.') for n in changed), (ours, changed)
+    overstated = (n + first) / n if kind != 'prefix_tuning' else 1
+    assert [l * overstated for l in ours] == pytest.approx(ref, rel=2e-3)
+
+def test_prompt_learning_loss_is_peft_native_loss(tiny_path, tmp_path):
+    "The trainer's loss on a batch is the one peft's model computes itself from the labels (first token included)"
+    import sft_nb
+    model, _ = _prompt_learning('prompt_encoder_model', tiny_path)
+    t = sft_nb.SFTTrainer(model=model, train_dataset=__import__('sft_nb.tiny').tiny.tiny_dataset('text', n=8),
+                          args=sft_nb.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to='none', use_cpu=True))
+    b = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+    with torch.no_grad():
+        native = t.model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels']).loss
+        torch.testing.assert_close(t.compute_loss(t.model, b, num_items_in_batch=(b['shift_labels'] != -100).sum()), native)
+
+def test_prompt_learning_refuses_packing(tiny_path, tmp_path):
+    "peft drops position_ids under prompt tuning, so packed documents would see each other"
+    import sft_nb
+    from sft_nb.tiny import tiny_dataset
+    model, cfg = _prompt_learning('prompt_tuning', tiny_path)
+    with pytest.raises(ValueError, match='packing=False'):
+        sft_nb.SFTTrainer(model=model, train_dataset=tiny_dataset('text', n=8), peft_config=cfg,
+                          args=sft_nb.SFTConfig(output_dir=str(tmp_path), packing=True, report_to='none', use_cpu=True))
+
+def test_prefix_tuning_trains_with_default_checkpointing(tiny_path, tmp_path):
+    "TRL fails here (the checkpointed layers drop the prefix cache: a shape error); sft_nb turns checkpointing off and trains"
+    import trl
+    import sft_nb
+    with pytest.raises(RuntimeError, match='must match the size'): _prompt_run(trl, 'prefix_tuning', tiny_path, tmp_path/'b')
+    losses, changed, _ = _prompt_run(sft_nb, 'prefix_tuning', tiny_path, tmp_path/'a')
+    assert losses[-1] < losses[0] and changed and all(n.startswith('prompt_encoder.') for n in changed)

@@ -84,7 +84,7 @@ def test_collator_matches_trl_on_unpacked_rows(seed, kw):
     rng = np.random.default_rng(seed)
     rows = [{'input_ids': rng.integers(0, 50, n).tolist()} for n in rng.integers(1, 20, 6)]
     for r in rows: r['labels'] = [-100 if i < 2 else t for i, t in enumerate(r['input_ids'])]
-    ours, trl = DataCollatorForLanguageModeling(99, **kw)(rows), TRLCollator(99, return_position_ids=True, **kw)(rows)
+    ours, trl = DataCollatorForLanguageModeling(99, return_position_ids=True, **kw)(rows), TRLCollator(99, return_position_ids=True, **kw)(rows)
     assert set(ours) == set(trl)
     for k in ours: assert (torch.as_tensor(ours[k]) == torch.as_tensor(trl[k])).all(), k
 
@@ -92,7 +92,7 @@ def test_collator_packed_rows():
     ds = random_docs(300, 30, 3)
     packed = pack_dataset(ds, 32)
     rows = [packed[i] for i in range(8)]
-    b = DataCollatorForLanguageModeling(0, pad_to_multiple_of=8)(rows)
+    b = DataCollatorForLanguageModeling(0, pad_to_multiple_of=8, block_diagonal=True)(rows)
     assert 'attention_mask' not in b and b['use_cache'] is False
     B, T = b['input_ids'].shape
     assert B == 8 and T % 8 == 0
@@ -129,7 +129,7 @@ def check_packed_logits(arch, impl, strategy):
     tok, docs, ds = tokenized_docs(40)
     packed = pack_dataset(ds, {'bfd': 40, 'bfd_split': 7}[strategy], strategy)   # documents are 5-10 tokens: 7 splits some
     assert any(len(sl) > 1 for sl in packed['seq_lengths'])
-    batch = DataCollatorForLanguageModeling(tok.pad_token_id, pad_to_multiple_of=16)([packed[i] for i in range(len(packed))])
+    batch = DataCollatorForLanguageModeling(tok.pad_token_id, pad_to_multiple_of=16, block_diagonal=True)([packed[i] for i in range(len(packed))])
     model, ref = tiny_model(arch, tokenizer=tok).eval(), tiny_model(arch, tokenizer=tok).eval()   # same weights
     model.set_attn_implementation(impl)
     model.config.use_cache = True             # like most hub configs: the batch itself must switch the cache off
@@ -144,7 +144,7 @@ def test_cross_document_attention_is_detected(bad):
     "What the tests above guard against: either change silently lets documents see each other"
     tok, docs, ds = tokenized_docs(30)
     packed = pack_dataset(ds, 48)
-    batch = DataCollatorForLanguageModeling(tok.pad_token_id)([packed[i] for i in range(len(packed))])
+    batch = DataCollatorForLanguageModeling(tok.pad_token_id, block_diagonal=True)([packed[i] for i in range(len(packed))])
     batch = {**batch, 'attention_mask': torch.ones_like(batch['input_ids'])} if bad == 'all_ones_mask' else {**batch, 'use_cache': True}
     model = tiny_model(tokenizer=tok).eval()
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_packed_loss_and_gradients_equal_documents_alone():
     "Training on packed rows is training on the documents: same loss, same gradients"
     tok, docs, ds = tokenized_docs(24, seed=3)
     packed = pack_dataset(ds, 64)
-    batch = DataCollatorForLanguageModeling(tok.pad_token_id)([packed[i] for i in range(len(packed))])
+    batch = DataCollatorForLanguageModeling(tok.pad_token_id, block_diagonal=True)([packed[i] for i in range(len(packed))])
     model = tiny_model(tokenizer=tok)
     model(**batch).loss.backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
@@ -174,7 +174,7 @@ def test_trainer_trains_on_packed_batches(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=30, learning_rate=3e-3,
                              logging_steps=5, report_to=[], remove_unused_columns=False, save_strategy='no', use_cpu=True)
     trainer = Trainer(model=tiny_model(tokenizer=tok), args=args, train_dataset=packed,
-                      data_collator=DataCollatorForLanguageModeling(tok.pad_token_id))
+                      data_collator=DataCollatorForLanguageModeling(tok.pad_token_id, block_diagonal=True))
     trainer.train()
     losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.8
@@ -198,12 +198,12 @@ def test_missing_tokens_are_reported():
 
 
 def test_collator_without_position_ids_matches_trl():
-    "return_position_ids=False: unpacked rows get no position_ids, as in TRL; packed rows always need them"
+    "return_position_ids=False: unpacked rows get no position_ids, as in TRL; block-diagonal packed rows always need them"
     rows = [{'input_ids': [1, 2, 3]}, {'input_ids': [4, 5]}]
     ours, trl = DataCollatorForLanguageModeling(0, return_position_ids=False)(rows), TRLCollator(0, return_position_ids=False)(rows)
     assert set(ours) == set(trl) == {'input_ids', 'attention_mask', 'labels'}
     for k in ours: assert ours[k].tolist() == trl[k].tolist(), k
-    packed = DataCollatorForLanguageModeling(0, return_position_ids=False)([{'input_ids': [1, 2, 3], 'seq_lengths': [2, 1]}])
+    packed = DataCollatorForLanguageModeling(0, block_diagonal=True)([{'input_ids': [1, 2, 3], 'seq_lengths': [2, 1]}])
     assert packed['position_ids'].tolist() == [[0, 1, 0]] and 'attention_mask' not in packed
 
 @pytest.mark.parametrize('impl', ['sdpa', 'eager'])
@@ -230,3 +230,37 @@ def test_sft_trainer_packed_loss_equals_documents_alone(tmp_path, impl):
                     logits = t.model(input_ids=b['input_ids'][r:r + 1, s:e]).logits[0, :-1]
                     total += F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum'); n += int((labels != -100).sum())
     torch.testing.assert_close(packed, total / n, rtol=1e-5, atol=1e-6)
+
+
+def _random_rows(rng, kind):
+    "Rows as a user may hand them to the collator: with labels, TRL's mask columns, or packed `seq_lengths`"
+    rows = []
+    for n in rng.integers(1, 12, 5):
+        r = {'input_ids': rng.integers(0, 50, n).tolist()}
+        if kind == 'labels': r['labels'] = [-100 if rng.random() < .3 else t for t in r['input_ids']]
+        if kind == 'masks': r['completion_mask' if rng.random() < .5 else 'assistant_masks'] = rng.integers(0, 2, n).tolist()
+        if kind == 'packed':
+            cuts = sorted(set(rng.integers(1, n, 2).tolist())) if n > 2 else []
+            r['seq_lengths'] = np.diff([0, *cuts, n]).tolist()
+        rows.append(r)
+    return rows
+
+@pytest.mark.parametrize('seed', range(3))
+@pytest.mark.parametrize('kind', ['plain', 'labels', 'masks', 'packed'])
+@pytest.mark.parametrize('padding_free', [False, True])
+@pytest.mark.parametrize('return_position_ids', [False, True])
+@pytest.mark.parametrize('pad_to_multiple_of', [None, 8])
+def test_collator_built_the_trl_way_matches_trl(seed, kind, padding_free, return_position_ids, pad_to_multiple_of):
+    "TRL's constructor arguments, positional as TRL orders them: the same keys and values as TRL's collator"
+    rows = _random_rows(np.random.default_rng(seed), kind)
+    args = (7, padding_free, return_position_ids, pad_to_multiple_of)
+    ours, trl = DataCollatorForLanguageModeling(*args)(rows), TRLCollator(*args)(rows)
+    assert set(ours) == set(trl)
+    for k in trl: assert torch.as_tensor(ours[k]).tolist() == torch.as_tensor(trl[k]).tolist(), k
+
+def test_position_ids_helper_matches_trl():
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(1, 9, rng.integers(1, 5)).tolist() for _ in range(6)]
+    ours = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(lengths)
+    trl = TRLCollator.get_position_ids_from_packed_seq_lengths(lengths)
+    assert [t.tolist() for t in ours] == [t.tolist() for t in trl]

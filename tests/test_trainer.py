@@ -88,10 +88,10 @@ from peft import LoraConfig
 from sft_nb import SFTConfig, SFTTrainer, ModelConfig, get_quantization_config
 from sft_nb.tiny import tiny_dataset, tiny_pairs
 
-def _args(out, **kw):
-    d = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
-             gradient_checkpointing=False, report_to='none', save_strategy='no', use_cpu=True, max_length=128, seed=0)
-    return SFTConfig(**{**d, **kw})
+_ARGS = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, gradient_checkpointing=False,
+             report_to='none', save_strategy='no', use_cpu=True, max_length=128, seed=0)
+
+def _args(out, **kw): return SFTConfig(**{**_ARGS, 'output_dir': str(out), **kw})
 
 def _changed(trainer, before):
     after = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -294,3 +294,145 @@ def test_compute_metrics_and_custom_optimizer(tmp_path):
     ev = next(h for h in t.state.log_history if 'eval_loss' in h)
     n = sum(sum(l != -100 for l in r['labels']) for r in t.eval_dataset)
     assert ev['eval_n_labelled'] == n and seen['shapes'][0][:2] == seen['shapes'][1] and seen['shapes'][0][2] == len(t.processing_class)
+
+
+# TRL parity: the same script through trl.SFTTrainer and sft_nb.SFTTrainer, compared attribute by attribute and loss by loss.
+import trl
+from transformers import AutoModelForCausalLM
+
+def _family(path, family):
+    "A tiny model of a real family (TRL's test suite trains these), with the tiny tokenizer, saved in float32"
+    from transformers import Cohere2Config, Lfm2Config, Olmo3Config, Qwen2Config, Qwen3MoeConfig
+    from sft_nb.tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=8, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                  intermediate_size=32, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    cfg = {'qwen2.5': lambda: Qwen2Config(**common),
+           'cohere2': lambda: Cohere2Config(**common, logit_scale=1.0, layer_switch=4),
+           'olmo3': lambda: Olmo3Config(**common),
+           'lfm2': lambda: Lfm2Config(**common, full_attn_idxs=[1], block_multiple_of=8, conv_L_cache=3),
+           'qwen3_moe': lambda: Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)}[family]()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+TRL_ATTRS = ['padding_free', 'completion_only_loss', 'aux_loss_enabled', 'router_aux_loss_coef', '_is_vlm', '_is_vision_dataset',
+             '_skip_prepare_dataset', '_formatting_func', '_tp_size', '_total_train_tokens', 'chat_template', '_name']
+
+def _both(tmp_path, model, data, **kw):
+    "(sft_nb trainer, TRL trainer) of the same script"
+    out = {}
+    for lib in (trl, __import__('sft_nb')):
+        args = lib.SFTConfig(**{**_ARGS, 'output_dir': str(tmp_path/lib.__name__), **kw})
+        out[lib.__name__] = lib.SFTTrainer(model=str(model), args=args, train_dataset=data)
+    return out['sft_nb'], out['trl']
+
+@pytest.mark.parametrize('family', ['qwen2.5', 'cohere2', 'olmo3', 'lfm2', 'qwen3_moe'])
+def test_families_train_with_trls_attributes(tmp_path, family):
+    "TRL's `test_train` on each family: every weight changes, the loss is TRL's, TRL's attributes hold TRL's values"
+    model = _family(tmp_path/'m', family)
+    ours, theirs = _both(tmp_path, model, tiny_dataset('text', n=8), max_steps=2, learning_rate=1e-3)
+    for a in TRL_ATTRS: assert getattr(ours, a) == getattr(theirs, a), a
+    for t in (ours, theirs):
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        t.train()
+        assert not [n for n, p in t.model.named_parameters() if torch.equal(before[n], p)]
+    assert ours.state.log_history[-1]['train_loss'] == pytest.approx(theirs.state.log_history[-1]['train_loss'], rel=1e-3)
+    mine, ref = ([h for h in t.state.log_history if 'loss' in h][-1] for t in (ours, theirs))
+    assert ours.aux_loss_enabled == (family == 'qwen3_moe') and ('aux_loss' in mine) == ('aux_loss' in ref) == ours.aux_loss_enabled
+    if ours.aux_loss_enabled: assert mine['aux_loss'] == pytest.approx(ref['aux_loss'], rel=1e-3)
+    assert ours._total_train_tokens == theirs._total_train_tokens == mine['num_tokens']
+
+@pytest.mark.parametrize('kw', [dict(packing=True), dict(padding_free=True, max_length=None), dict(completion_only_loss=False),
+                                dict(dataset_kwargs={'skip_prepare_dataset': True})])
+def test_trl_attributes_follow_the_config(tmp_path, kw):
+    model = save_tiny(tmp_path/'m')
+    data = tiny_dataset('prompt_completion', n=8)
+    if 'dataset_kwargs' in kw: data = data.map(lambda r: {'input_ids': [1, 2, 3], 'labels': [1, 2, 3]}, remove_columns=data.column_names)
+    ours, theirs = _both(tmp_path, model, data, **kw)
+    for a in TRL_ATTRS: assert getattr(ours, a) == getattr(theirs, a), a
+
+def test_user_metrics_are_logged_as_in_trl(tmp_path):
+    "A subclass appending to `self._metrics[mode]` gets the mean logged, as in TRL"
+    class Counting(SFTTrainer):
+        def compute_loss(self, model, inputs, *a, **k):
+            self._metrics['train' if model.training else 'eval']['rows'].append(float(inputs['input_ids'].shape[0]))
+            return super().compute_loss(model, inputs, *a, **k)
+    t = Counting(model=str(save_tiny(tmp_path/'m')), args=_args(tmp_path/'o', max_steps=2, per_device_eval_batch_size=4),
+                 train_dataset=tiny_dataset(n=8),
+                 eval_dataset=tiny_dataset(n=6, seed=1))
+    t.train()
+    assert [h['rows'] for h in t.state.log_history if 'loss' in h] == [4.0, 4.0]
+    assert t.evaluate()['eval_rows'] == 3.0  # the mean of two batches: 4 rows, then 2
+
+def test_train_dataset_is_required_at_init_as_in_trl(tmp_path):
+    model = save_tiny(tmp_path/'m')
+    for lib in (trl, __import__('sft_nb')):
+        with pytest.raises(ValueError, match="`train_dataset` is required"):
+            lib.SFTTrainer(model=str(model), args=lib.SFTConfig(output_dir=str(tmp_path/'o'), report_to='none', use_cpu=True))
+
+def test_with_transform_names_skip_prepare_dataset_as_trl(tmp_path):
+    "TRL's test's pattern matches both messages"
+    from datasets import Dataset
+    data = Dataset.from_dict({'text': ['hello world']}).with_transform(lambda b: {'text': [t + ' <AUG>' for t in b['text']]})
+    model = save_tiny(tmp_path/'m')
+    for lib in (trl, __import__('sft_nb')):
+        with pytest.raises(ValueError, match=r"Dataset\.with_transform\(\).*skip_prepare_dataset.*trainer-ready"):
+            lib.SFTTrainer(model=str(model), args=lib.SFTConfig(output_dir=str(tmp_path/'o'), report_to='none', use_cpu=True),
+                           train_dataset=data)
+
+@pytest.mark.parametrize('kind', ['dataset', 'iterable', 'datasetdict', 'iterable_datasetdict', 'dict', 'dict_of_iterable'])
+def test_evaluate_prepares_raw_datasets_as_trl(tmp_path, kind):
+    """evaluate(eval_dataset=raw): prepared, then the same eval losses as TRL's (same model, same rows). Trained on the eval
+    data's format: TRL decides completion-only loss once, from the train dataset, sft_nb for each dataset"""
+    from datasets import DatasetDict, IterableDatasetDict
+    model = save_tiny(tmp_path/'m')
+    raw, other = tiny_dataset('prompt_completion', n=8, seed=2), tiny_dataset('prompt_completion', n=4)
+    ds = {'dataset': lambda: raw, 'iterable': lambda: raw.to_iterable_dataset(), 'datasetdict': lambda: DatasetDict(a=raw, b=other),
+          'iterable_datasetdict': lambda: IterableDatasetDict(a=raw.to_iterable_dataset(), b=other.to_iterable_dataset()),
+          'dict': lambda: {'a': raw}, 'dict_of_iterable': lambda: {'a': raw.to_iterable_dataset()}}[kind]()
+    ours, theirs = _both(tmp_path, model, tiny_dataset('prompt_completion', n=8), per_device_eval_batch_size=8)
+    mine, ref = ours.evaluate(eval_dataset=ds), theirs.evaluate(eval_dataset=ds)
+    losses = sorted(k for k in ref if k.endswith('_loss'))
+    assert losses and losses == sorted(k for k in mine if k.endswith('_loss'))
+    for k in losses: assert mine[k] == pytest.approx(ref[k], rel=1e-4), k
+
+def test_deviation_padding_free_without_packing_keeps_max_length(tmp_path):
+    """TRL refuses padding_free=True without packing when max_length is set, because its preparation would not enforce it.
+    sft_nb truncates during preparation, so max_length holds and the run trains: a deviation that does what was asked"""
+    model = save_tiny(tmp_path/'m')
+    data = tiny_dataset('text', n=16)
+    with pytest.raises(ValueError, match='`max_length` is not enforced'):
+        trl.SFTTrainer(model=str(model), train_dataset=data, args=trl.SFTConfig(**{**_ARGS, 'output_dir': str(tmp_path/'t'),
+                                                                                   'padding_free': True, 'max_length': 8}))
+    t = _train(tmp_path, model, _args(tmp_path/'o', padding_free=True, max_length=8), data)
+    assert max(len(r) for r in t.train_dataset['input_ids']) == 8 and t.padding_free
+    b = next(iter(t.get_train_dataloader()))
+    assert b['input_ids'].shape[0] == 1 and 'attention_mask' not in b  # TRL's one-row layout
+
+def test_deviation_mask_columns_without_labels_train_on_the_masks(tmp_path):
+    """TRL refuses rows with `assistant_masks` / `completion_mask` but no `labels` under skip_prepare_dataset (its collator would
+    train on every token). sft_nb's collator folds the masks in, so exactly the masked-in tokens are trained"""
+    model = save_tiny(tmp_path/'m')
+    from datasets import Dataset
+    rows = [{'input_ids': [5, 6, 7, 8, 9, 10], 'assistant_masks': [0, 0, 1, 1, 1, 0], 'completion_mask': [1] * 6},
+            {'input_ids': [11, 12, 13, 14], 'assistant_masks': [1] * 4, 'completion_mask': [0, 1, 1, 1]}] * 4
+    skip = {'dataset_kwargs': {'skip_prepare_dataset': True}}
+    with pytest.raises(ValueError, match="Add a 'labels' column"):
+        trl.SFTTrainer(model=str(model), train_dataset=Dataset.from_list(rows), args=trl.SFTConfig(**{**_ARGS, **skip, 'output_dir': str(tmp_path/'t')}))
+    t = _train(tmp_path, model, _args(tmp_path/'o', per_device_train_batch_size=2, **skip), Dataset.from_list(rows))
+    b = t.data_collator([t.train_dataset[i] for i in range(2)])
+    assert b['labels'].tolist() == [[-100, -100, 7, 8, 9, -100], [-100, 12, 13, 14, -100, -100]]
+
+def test_quantization_config_argument_as_in_trl(tmp_path):
+    "TRL's `quantization_config=` trainer argument loads the model quantized (here 4-bit, with LoRA: QLoRA on CPU)"
+    pytest.importorskip('bitsandbytes')
+    from transformers import BitsAndBytesConfig
+    model = save_tiny(tmp_path/'m')
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    t = _train(tmp_path, model, _args(tmp_path/'o'), tiny_dataset(n=16), quantization_config=q, **ADAPTERS['lora'])
+    assert any('Linear4bit' in type(m).__name__ for m in t.model.modules())
+    with pytest.raises(ValueError, match='both as a trainer argument'):
+        SFTTrainer(model=str(model), args=_args(tmp_path/'o', model_init_kwargs={'quantization_config': q}), train_dataset=tiny_dataset(n=8),
+                   quantization_config=q)
