@@ -906,9 +906,9 @@ def _check_flags(fmt:str, columns, args, name:str):
         raise DataFormatError(f"`assistant_only_loss=True`, but the {name} dataset is {fmt.replace('_', '-')} data, which has no "
                               "assistant turns: every token would be trained. Use conversational data (`messages`, or `prompt` and "
                               "`completion` message lists), `completion_only_loss` for prompt-completion data, or set it False.")
-    if fmt == 'tokenized' and 'assistant_masks' not in columns:
-        raise data_error(None, 'assistant_masks', sorted(columns), "an `assistant_masks` column in pre-tokenized data "
-                         "(assistant_only_loss=True)", "Add the masks (1 on assistant tokens), or set assistant_only_loss=False.")
+    if fmt == 'tokenized' and not {'assistant_masks', 'labels'} & set(columns):
+        raise data_error(None, 'assistant_masks', sorted(columns), "an `assistant_masks` (or `labels`) column in pre-tokenized "
+                         "data (assistant_only_loss=True)", "Add the masks (1 on assistant tokens), or set assistant_only_loss=False.")
 
 def _check_images(columns, processing_class, name:str):
     "Images that a text tokenizer would drop: refused, so a vision dataset is never trained on its text alone"

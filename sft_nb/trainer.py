@@ -19,7 +19,7 @@ from fastcore.basics import patch
 from .config import SFTConfig
 from .models import check_vlm_support, load_model, load_tokenizer, prepare_model, prepare_tokenizer
 from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
-from .data import detect_format, prepare_dataset
+from .data import check_dataset, detect_format, prepare_dataset
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .loss import SFTLossMixin
 from .save import CrashSafeSaveMixin
@@ -29,7 +29,7 @@ logger = logging.get_logger(__name__)
 # %% auto #0
 __all__ = ['logger', 'check_writable', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'needs_chat_template',
            'prepare_for_training', 'check_virtual_tokens', 'default_collator', 'set_trl_attributes',
-           'check_masks_have_labels', 'SFTTrainer']
+           'check_masks_have_labels', 'check_renamed', 'check_data_before_loading', 'SFTTrainer']
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
@@ -127,7 +127,8 @@ def prepare_for_training(ds, processing_class, args:SFTConfig, formatting_func=N
     if ds is None: return None
     if isinstance(ds, (dict, DatasetDict, IterableDatasetDict)):
         return {k: prepare_for_training(v, processing_class, args, formatting_func, packing, f"{name}/{k}") for k, v in ds.items()}
-    if not _is_prepared(ds): ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing, dataset_name=name)
+    if _is_prepared(ds): check_dataset(ds, args, processing_class, name=name)  # lengths and ids, on Arrow
+    else: ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing, dataset_name=name)
     if packing and args.max_length is not None and 'seq_lengths' not in _columns(ds):
         if args.shuffle_dataset: ds = ds.shuffle(seed=args.seed)  # first, so `wrapped` rows don't join neighbouring rows of the source
         ds, st = pack_dataset(ds, args.max_length, args.packing_strategy, return_stats=True)
@@ -203,6 +204,26 @@ def check_masks_have_labels(datasets:dict, data_collator) -> None:
                              "sequence. Add a 'labels' column (-100 for non-loss tokens), drop `data_collator` (sft_nb's folds "
                              "the masks in), or drop `skip_prepare_dataset`.")
 
+# %% ../nbs/08_trainer.ipynb #ffbe3f04
+# Trainer arguments of older TRL versions: where each one lives now
+_MOVED = {'tokenizer': "was renamed `processing_class`",
+          'max_seq_length': "moved to `SFTConfig` as `max_length`"}
+_TO_CONFIG = ('dataset_text_field', 'packing', 'dataset_kwargs', 'dataset_num_proc', 'dataset_batch_size', 'model_init_kwargs',
+              'neftune_noise_alpha', 'eval_packing', 'num_of_sequences', 'chars_per_token', 'infinite')
+
+def check_renamed(kwargs:dict) -> None:
+    "Refuse `SFTTrainer` arguments it does not take, naming the new spelling of those TRL renamed or moved to `SFTConfig`"
+    for k in kwargs:
+        where = _MOVED.get(k) or (f"moved to `SFTConfig(..., {k}=...)`" if k in _TO_CONFIG else None)
+        if where: raise TypeError(f"SFTTrainer(..., {k}=...): `{k}` {where} in TRL, and sft_nb follows TRL.")
+        raise TypeError(f"SFTTrainer got an unexpected keyword argument `{k}`.")
+
+def check_data_before_loading(args:SFTConfig, train_dataset, eval_dataset, processing_class=None, formatting_func=None) -> None:
+    "Every data error the data alone can tell, raised before the model loads (`sft_nb.data.check_dataset`)"
+    if (args.dataset_kwargs or {}).get('skip_prepare_dataset', False): return
+    check_dataset(train_dataset, args, processing_class, formatting_func, 'train')
+    check_dataset(eval_dataset, args, processing_class, formatting_func, 'eval')
+
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
 class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
     "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed; any dataset format"
@@ -225,12 +246,16 @@ class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
                  quantization_config=None, # a `BitsAndBytesConfig` for a model loaded by name (QLoRA, with `peft_config`)
                  peft_config=None, # a `peft.LoraConfig` (or another peft config) to add adapters
                  formatting_func:Callable|None=None, # row -> text, for datasets that need custom formatting
+                 **renamed, # arguments TRL renamed or moved to `SFTConfig`: refused with the new spelling
                 ):
+        check_renamed(renamed)
         args, train_dataset_raw = _resolve_args(args, model), train_dataset
         check_before_training(args, train_dataset, eval_dataset, data_collator)
+        model_id = model if isinstance(model, str) else None
+        if processing_class is None and model_id is not None: processing_class = load_tokenizer(model_id, args)  # seconds, not minutes
+        check_data_before_loading(args, train_dataset, eval_dataset, processing_class, formatting_func)
         # Seeded before any weight is created: LoRA initialises its adapters randomly (as TRL does; Trainer seeds only later)
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        model_id = model if isinstance(model, str) else None
         model = _model(model, args, quantization_config)
         check_vlm_support(model, args, _first_row(train_dataset))
         if processing_class is None: processing_class = load_tokenizer(model_id or model.config._name_or_path, args)

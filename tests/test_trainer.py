@@ -436,3 +436,61 @@ def test_quantization_config_argument_as_in_trl(tmp_path):
     with pytest.raises(ValueError, match='both as a trainer argument'):
         SFTTrainer(model=str(model), args=_args(tmp_path/'o', model_init_kwargs={'quantization_config': q}), train_dataset=tiny_dataset(n=8),
                    quantization_config=q)
+
+# ---------------------------------------------------------------- bad input, before the model loads
+
+def _loads_nothing(monkeypatch):
+    "Record every model load: a data error must come before any"
+    import sft_nb.trainer as T
+    calls = []
+    real = T._model
+    monkeypatch.setattr(T, '_model', lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+@pytest.mark.parametrize('rows, flags, message', [
+    ([{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': None, 'tool_calls': 'add(1)'}]}], {},
+     "Row 0, field `messages[1].tool_calls`: expected a list of tool calls"),
+    ([{'text': 'a b c'}], {'assistant_only_loss': True}, "`assistant_only_loss=True`, but the train dataset is text data"),
+    ([{'input_ids': [5, 6, 7], 'labels': [5, 6]}], {}, "Row 0, field `labels`: expected one value per token of `input_ids` (3)"),
+    ([{'input_ids': [5, 6, 10**6], 'labels': [5, 6, 7]}], {}, "Row 0, field `input_ids`: expected token ids in [0, 384)"),
+    ([{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}], 'images': ['cat.png']}], {},
+     "Field `images`: expected a processor that reads them"),
+    ([{'conversations': [{'from': 'human', 'value': 'hi'}, {'from': 'narrator', 'value': 'x'}]}], {},
+     "Row 0, field `conversations[1].from`"),
+])
+def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch, rows, flags, message):
+    "Each bad input fails in the constructor, naming row and field, and no model was loaded to find out"
+    from datasets import Dataset
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.data import DataFormatError
+    model = save_tiny(tmp_path/'m')
+    calls = _loads_nothing(monkeypatch)
+    args = SFTConfig(str(tmp_path/'out'), report_to='none', use_cpu=True, max_steps=1, **flags)
+    with pytest.raises((DataFormatError, ValueError)) as e:
+        SFTTrainer(model=str(model), args=args, train_dataset=Dataset.from_list(rows * 3))
+    assert message in str(e.value)
+    assert calls == []
+
+def test_every_row_truncated_away_fails_at_construction(tmp_path):
+    "Not a warning and then torch's `num_samples=0` at train(): an error that says where the first trained token is"
+    from datasets import Dataset
+    from sft_nb import SFTConfig, SFTTrainer
+    args = SFTConfig(str(tmp_path/'out'), report_to='none', use_cpu=True, max_steps=1, max_length=8)
+    rows = Dataset.from_list([{'prompt': 'x ' * 50, 'completion': 'y'}] * 4)
+    with pytest.raises(ValueError, match=r"All 4 rows of the train dataset were dropped.*max_length=8.*first trained token comes at position"):
+        SFTTrainer(model=str(save_tiny(tmp_path/'m')), args=args, train_dataset=rows)
+
+@pytest.mark.parametrize('kw, message', [
+    ({'tokenizer': None}, "`tokenizer` was renamed `processing_class`"),
+    ({'max_seq_length': 512}, "`max_seq_length` moved to `SFTConfig` as `max_length`"),
+    ({'dataset_text_field': 'text'}, "`dataset_text_field` moved to `SFTConfig(..., dataset_text_field=...)`"),
+    ({'packing': True}, "`packing` moved to `SFTConfig(..., packing=...)`"),
+    ({'no_such_thing': 1}, "SFTTrainer got an unexpected keyword argument `no_such_thing`"),
+])
+def test_renamed_trainer_arguments_name_the_new_spelling(tmp_path, kw, message):
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.tiny import tiny_dataset
+    with pytest.raises(TypeError) as e:
+        SFTTrainer(model=str(tmp_path/'never-loaded'), args=SFTConfig(str(tmp_path/'o'), report_to='none'),
+                   train_dataset=tiny_dataset('text', n=2), **kw)
+    assert message in str(e.value)
