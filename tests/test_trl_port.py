@@ -49,12 +49,32 @@ def sft_nb_only(reason):
     return pytest.mark.skipif(IMPL != "sft_nb", reason=f"sft_nb deviation: {reason}")
 
 
+def sft_nb_deviates(test_name):
+    "TRL's test of a behaviour sft_nb changes on purpose: run on TRL only; `test_name` asserts sft_nb's behaviour"
+    return pytest.mark.skipif(IMPL == "sft_nb", reason=f"deliberate sft_nb deviation, see {test_name}")
+
+
 BF16_OPT = "issue14-1: bf16 full fine-tuning leaves weights unchanged (bf16 weights updated in place)"
 SAVE_KEYS = "issue14-2: save verification reports tensors 'not in the checkpoint' (transformers 5 renames keys on save)"
 ATTRS = "issue14-3: missing public trainer attribute"
 COLLATOR = "issue14-4: collator is not TRL's"
 EVAL = "issue14-5: evaluate() / datasets handling"
 PROMPT_PEFT = "issue14-6: prompt-learning PEFT configs fail"
+NEOX = (f"{SAVE_KEYS}: GPT-NeoX saves lm_head as embed_out; behind it issue14-1: the float16 checkpoint trains "
+        "in float16 and its layernorm weights stay unchanged")
+QWEN3_MULTI_TURN = ("other: assistant-only loss on a multi-turn conversation with the stock Qwen 3 template raises "
+                    "DataFormatError (the template is not prefix-preserving); TRL swaps in its qwen3_training template")
+IMAGES_DROPPED = ("other: an image dataset given to a text-only model trains on the text and silently drops the "
+                  "images; TRL raises a ValueError that asks for a vision-language model")
+POSITION_IDS = f"{COLLATOR}: its batch also carries `position_ids` (return_position_ids=True by default)"
+SEQ_LENGTHS_ROWS = (f"{COLLATOR}: rows with `seq_lengths` are collated as packed rows without padding_free too "
+                    "(per-document position_ids, cu_seq_lens_*, max_length_*, use_cache; document starts unlabelled)")
+STATIC_HELPER = f"{COLLATOR}: no static `get_position_ids_from_packed_seq_lengths`"
+# TRL's tests (newer than 1.16) expect a padding-free batch of input_ids/position_ids/labels only; TRL 1.16, and
+# sft_nb with it, also return cu_seq_lens_q/k, max_length_q/k and seq_idx for the varlen kernels
+# (test_padding_free_batches_equal_trl_1_16 checks sft_nb's batch equals TRL 1.16's on these four cases)
+DRIFT_PADDING_FREE = pytest.mark.xfail(strict=True, reason="test-version drift: TRL 1.16's padding-free batch also "
+                                       "has cu_seq_lens_q/k, max_length_q/k, seq_idx (sft_nb returns the same)")
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +134,7 @@ class TestDFTLoss:
 
 
 class TestDataCollatorForLanguageModeling:
+    @sft_nb_fails(POSITION_IDS)
     def test_basic_padding(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -123,6 +144,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
+    @sft_nb_fails(POSITION_IDS)
     def test_without_labels(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         result = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
@@ -131,6 +153,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
+    @sft_nb_fails(POSITION_IDS)
     def test_provided_labels_not_reconstructed_from_masks(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         examples = [
@@ -142,6 +165,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["input_ids"], torch.tensor([[1, 2, 3], [4, 5, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
+    @DRIFT_PADDING_FREE
     def test_padding_free_mode(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -151,6 +175,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["position_ids"], torch.tensor([[0, 1, 2, 0, 1]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[-100, 2, 3, -100, 5]]))
 
+    @DRIFT_PADDING_FREE
     def test_padding_free_without_labels(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
         result = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
@@ -159,6 +184,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["position_ids"], torch.tensor([[0, 1, 2, 0, 1]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[-100, 2, 3, -100, 5]]))
 
+    @DRIFT_PADDING_FREE
     def test_packing(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
         examples = [
@@ -171,6 +197,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["position_ids"], torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[-100, 2, 3, -100, 5, 6, -100, 8, 9, 10, -100]]))
 
+    @sft_nb_fails(POSITION_IDS)
     def test_pad_to_multiple_of(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=4)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -180,6 +207,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3, -100], [4, 5, -100, -100]]))
 
+    @DRIFT_PADDING_FREE
     def test_pad_to_multiple_of_and_padding_free(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=4)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -189,6 +217,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["position_ids"], torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[-100, 2, 3, -100, 5, -100, -100, -100]]))
 
+    @sft_nb_fails(SEQ_LENGTHS_ROWS)
     def test_custom_position_ids_but_no_padding_free(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         examples = [
@@ -201,6 +230,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
+    @sft_nb_fails(POSITION_IDS)
     def test_single_example(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         result = collator([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}])
@@ -209,6 +239,7 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1, 1]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3, 4]]))
 
+    @sft_nb_fails(POSITION_IDS)
     def test_different_pad_token_id(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=999)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -218,21 +249,44 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
+    @sft_nb_fails(STATIC_HELPER)
     def test_single_example_single_doc(self):
         result = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[5]])
         assert len(result) == 1
         assert torch.equal(result[0], torch.arange(5))
 
+    @sft_nb_fails(STATIC_HELPER)
     def test_single_example_multiple_docs(self):
         result = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[3, 2]])
         assert len(result) == 1
         assert torch.equal(result[0], torch.tensor([0, 1, 2, 0, 1]))
 
+    @sft_nb_fails(STATIC_HELPER)
     def test_multiple_examples(self):
         result = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[2, 2], [3]])
         assert len(result) == 2
         assert torch.equal(result[0], torch.tensor([0, 1, 0, 1]))
         assert torch.equal(result[1], torch.arange(3))
+
+
+PADDING_FREE_CASES = [
+    ({}, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]),
+    ({}, [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]),
+    ({}, [{"input_ids": [1, 2, 3, 4, 5, 6], "seq_lengths": [3, 3], "labels": [1, 2, 3, 4, 5, 6]},
+          {"input_ids": [7, 8, 9, 10, 11], "seq_lengths": [4, 1], "labels": [7, 8, 9, 10, 11]}]),
+    ({"pad_to_multiple_of": 4}, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]),
+]
+
+
+@pytest.mark.skipif(IMPL != "sft_nb", reason="compares sft_nb with TRL")
+@pytest.mark.parametrize("kwargs, examples", PADDING_FREE_CASES)
+def test_padding_free_batches_equal_trl_1_16(kwargs, examples):
+    "Where TRL's newer tests drift from TRL 1.16 (the padding-free tests above), sft_nb's batch is TRL 1.16's"
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLCollator
+    ours = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, **kwargs)(examples)
+    theirs = TRLCollator(pad_token_id=0, padding_free=True, **kwargs)(examples)
+    assert set(ours) == set(theirs)
+    for k in theirs: assert torch.equal(torch.as_tensor(ours[k]), torch.as_tensor(theirs[k])), k
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -242,6 +296,17 @@ TRAIN_MODELS = [
     "tiny-Lfm2ForCausalLM-2.5",
 ]
 FP32_MODELS = [m + "-fp32" for m in TRAIN_MODELS]
+SAVE_RENAMED = ("tiny-Glm4MoeForCausalLM", "tiny-Qwen3MoeForCausalLM", "tiny-NemotronHForCausalLM-nano")
+
+
+def train_param(model_id):
+    "test_train's causes, first to last: checkpoint keys renamed on save, `aux_loss_enabled`, bf16 weights"
+    causes = [SAVE_KEYS] if model_id.removesuffix("-fp32") in SAVE_RENAMED else []
+    causes.append(f"{ATTRS} `aux_loss_enabled`")
+    if not model_id.endswith("-fp32"): causes.append(BF16_OPT)
+    return pytest.param(model_id, marks=sft_nb_fails("; then ".join(causes)))
+
+
 EVAL_TYPES = ["dataset", "iterable_dataset", "dataset_dict", "iterable_dataset_dict", "dict_of_dataset",
               "dict_of_iterable_dataset"]
 
@@ -252,7 +317,7 @@ class TestSFTTrainer(TrlTestCase):
         args = TrainingArguments(output_dir=self.tmp_dir, report_to="none")
         SFTTrainer(model=self.model_id(QWEN2), args=args, train_dataset=dataset)
 
-    @pytest.mark.parametrize("model_id", TRAIN_MODELS + FP32_MODELS)
+    @pytest.mark.parametrize("model_id", [train_param(m) for m in TRAIN_MODELS + FP32_MODELS])
     def test_train(self, model_id):
         dataset = self.zen("standard_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -265,6 +330,7 @@ class TestSFTTrainer(TrlTestCase):
             assert trainer.state.log_history[-1]["aux_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     @pytest.mark.parametrize("config_name", ["standard_language_modeling", "conversational_language_modeling",
                                              "standard_prompt_completion", "conversational_prompt_completion"])
     def test_train_dataset_format(self, config_name):
@@ -285,6 +351,7 @@ class TestSFTTrainer(TrlTestCase):
                              args=SFTConfig(output_dir=self.tmp_dir, report_to="none", trust_remote_code=True))
         assert type(trainer.model).__name__ == "RemoteForCausalLM"
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_gpt_oss(self):
         dataset = self.zen("language_modeling", repo="harmony", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -315,6 +382,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_nll_loss(self):
         dataset = self.zen("standard_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, loss_type="nll", report_to="none")
@@ -336,6 +404,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_peft_trained(trainer, previous, base_param_names)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_with_formatting_func(self):
         def formatting_prompts_func(example):
             chosen, rejected = example["chosen"], example["rejected"]
@@ -460,6 +529,7 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs a GPU and liger-kernel")
     def test_predict_does_not_skip_logits_with_liger(self): pass
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_with_non_chatml_conversational_data(self):
         dataset = self.zen("conversational_language_modeling", split="train")
 
@@ -473,6 +543,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_with_pretokenized_data(self):
         model_id = self.model_id(QWEN2)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -485,6 +556,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(f"{EVAL}: the with_transform message does not name `skip_prepare_dataset`")
     def test_dataset_with_transform_requires_skip_prepare_dataset(self):
         dataset = Dataset.from_dict({"text": ["hello world"]})
 
@@ -496,12 +568,26 @@ class TestSFTTrainer(TrlTestCase):
         with pytest.raises(ValueError, match=r"Dataset\.with_transform\(\).*skip_prepare_dataset.*trainer-ready"):
             SFTTrainer(model=self.model_id(QWEN2), args=training_args, train_dataset=dataset)
 
+    @sft_nb_deviates("test_padding_free_without_packing_truncates_to_max_length")
     def test_padding_free_without_packing_and_max_length_raises(self):
         dataset = self.zen("standard_language_modeling", split="train[:2]")
         training_args = SFTConfig(output_dir=self.tmp_dir, max_length=16, padding_free=True, report_to="none")
         with pytest.raises(ValueError, match="`max_length` is not enforced"):
             SFTTrainer(model=self.model_id(QWEN2), args=training_args, train_dataset=dataset)
 
+    @sft_nb_only("padding_free without packing truncates each document to max_length, as without padding_free, "
+                 "instead of refusing the combination (TRL raises `max_length` is not enforced)")
+    def test_padding_free_without_packing_truncates_to_max_length(self):
+        dataset = self.zen("standard_language_modeling", split="train[:2]")
+        training_args = SFTConfig(output_dir=self.tmp_dir, max_length=8, padding_free=True, report_to="none")
+        trainer = SFTTrainer(model=self.model_id(QWEN2), args=training_args, train_dataset=dataset)
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        assert lengths == [8, 8]  # both zen lines are longer than 8 tokens here: each was cut to max_length
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["input_ids"].shape == (1, sum(lengths))  # one padding-free row of both documents
+        assert batch["position_ids"][0].tolist() == list(range(lengths[0])) + list(range(lengths[1]))
+
+    @sft_nb_fails(BF16_OPT)
     def test_train_with_iterable_dataset(self):
         dataset = self.zen("standard_language_modeling", split="train", streaming=True)
         training_args = SFTConfig(output_dir=self.tmp_dir, max_steps=3, report_to="none")
@@ -514,6 +600,7 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs flash-attention kernels (kernels-community/flash-attn2) on an Ampere+ GPU")
     def test_train_padding_free(self): pass
 
+    @sft_nb_fails(BF16_OPT)
     @pytest.mark.parametrize("packing_strategy", ["bfd", "wrapped"])
     @pytest.mark.filterwarnings("ignore:You are using packing")
     @pytest.mark.filterwarnings("ignore:Padding-free training is enabled")
@@ -556,6 +643,7 @@ class TestSFTTrainer(TrlTestCase):
         assert len(trainer.train_dataset["input_ids"]) == bfd_rows(trainer.train_dataset["seq_lengths"], 64)
         assert len(trainer.eval_dataset["input_ids"]) == 2
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_with_chat_template_kwargs(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -577,6 +665,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_assistant_only(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, assistant_only_loss=True, report_to="none")
@@ -651,6 +740,7 @@ class TestSFTTrainer(TrlTestCase):
             assert len(example["labels"]) == len(example["input_ids"])
         assert any(label != -100 for example in trainer.train_dataset for label in example["labels"])
 
+    @sft_nb_deviates("test_skip_prepare_dataset_with_masks_trains_on_masked_tokens")
     def test_skip_prepare_dataset_with_masks_but_no_labels_raises(self):
         dataset = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "assistant_masks": [0, 0, 1, 1]} for _ in range(2)])
         training_args = SFTConfig(output_dir=self.tmp_dir, dataset_kwargs={"skip_prepare_dataset": True},
@@ -658,6 +748,17 @@ class TestSFTTrainer(TrlTestCase):
         with pytest.raises(ValueError, match="Add a 'labels' column"):
             SFTTrainer(model=self.model_id(QWEN2), args=training_args, train_dataset=dataset)
 
+    @sft_nb_only("mask columns without labels under skip_prepare_dataset are applied by the collator (TRL refuses "
+                 "the dataset, so the user must build labels first)")
+    def test_skip_prepare_dataset_with_masks_trains_on_masked_tokens(self):
+        dataset = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "assistant_masks": [0, 0, 1, 1]} for _ in range(2)])
+        training_args = SFTConfig(output_dir=self.tmp_dir, dataset_kwargs={"skip_prepare_dataset": True},
+                                  per_device_train_batch_size=2, report_to="none")
+        trainer = SFTTrainer(model=self.model_id(QWEN2), args=training_args, train_dataset=dataset)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["labels"].tolist() == [[-100, -100, 3, 4]] * 2  # trained on the assistant tokens only
+
+    @sft_nb_fails(BF16_OPT)
     def test_train_completion_only(self):
         dataset = self.zen("conversational_prompt_completion", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, completion_only_loss=True, report_to="none")
@@ -667,6 +768,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_completion_only_harmony(self):
         dataset = self.zen("prompt_completion", repo="harmony", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, completion_only_loss=True, report_to="none")
@@ -676,6 +778,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(QWEN3_MULTI_TURN)
     def test_train_assistant_only_and_completion_only(self):
         dataset = self.zen("conversational_prompt_completion", split="train")
 
@@ -692,6 +795,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_assistant_only_iterable_dataset(self):
         dataset = self.zen("conversational_language_modeling", split="train", streaming=True)
         training_args = SFTConfig(output_dir=self.tmp_dir, assistant_only_loss=True, max_steps=3, report_to="none")
@@ -701,6 +805,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(NEOX)
     def test_train_with_set_chat_template_from_model(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         # TRL clones "Qwen/Qwen3-4B"'s template; offline, the local tiny Qwen3 (same template) is the source
@@ -711,6 +816,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(NEOX)
     def test_train_with_set_chat_template_from_path(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, chat_template_path=self.hub.template(), report_to="none")
@@ -723,6 +829,7 @@ class TestSFTTrainer(TrlTestCase):
         assert template_path.exists(), f"Chat template not found at {template_path}"
         assert template_path.read_text() == pathlib.Path(training_args.chat_template_path).read_text()
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_toolcall_data(self):
         dataset = self.zen("language_modeling", repo="toolcall", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, per_device_train_batch_size=2, max_length=512,
@@ -733,6 +840,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_toolcall_data_as_json(self):
         dataset = self.zen("language_modeling", repo="toolcall", split="train")
         dataset = dataset.map(lambda example: {"tools": json.loads(example["tools"])})
@@ -753,6 +861,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[0]["eval_loss"] is not None
 
     @pytest.mark.parametrize("eval_dataset_type", EVAL_TYPES)
+    @sft_nb_fails(f"{EVAL}: evaluate() does not prepare a raw eval dataset")
     def test_evaluate_with_eval_dataset(self, eval_dataset_type):
         train_dataset = self.zen("standard_language_modeling", split="train")
         eval_dataset = self.eval_datasets(eval_dataset_type)
@@ -792,6 +901,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-3]["eval_data1_loss"] is not None
         assert trainer.state.log_history[-2]["eval_data2_loss"] is not None
 
+    @sft_nb_fails(f"{EVAL}: a missing train_dataset is only noticed at train()")
     def test_train_dataset_required(self):
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
         with pytest.raises(ValueError, match="`train_dataset` is required"):
@@ -821,6 +931,7 @@ class TestSFTTrainer(TrlTestCase):
         trainer.train()
         assert trainer.state.log_history[-2]["eval_my_metric"] == 0.123
 
+    @sft_nb_fails(BF16_OPT)
     def test_train_with_gradient_checkpointing(self):
         dataset = self.zen("standard_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, gradient_checkpointing=True, report_to="none")
@@ -830,6 +941,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_fails(BF16_OPT)
     @pytest.mark.parametrize("use_reentrant", [True, False])
     def test_train_with_gradient_checkpointing_reentrant(self, use_reentrant):
         dataset = self.zen("standard_language_modeling", split="train")
@@ -841,6 +953,7 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
+    @sft_nb_deviates("test_tags_name_sft_nb")
     def test_tag_added(self, monkeypatch):
         monkeypatch.chdir(self.tmp_dir)  # args=None: both trainers write to "<model name>-SFT" in the working dir
         dataset = self.zen("standard_language_modeling", split="train")
@@ -848,6 +961,7 @@ class TestSFTTrainer(TrlTestCase):
         for tag in ["sft", "trl"]:
             assert tag in trainer.model.model_tags
 
+    @sft_nb_deviates("test_tags_name_sft_nb")
     def test_tag_added_peft(self, monkeypatch):
         monkeypatch.chdir(self.tmp_dir)
         dataset = self.zen("standard_language_modeling", split="train")
@@ -855,6 +969,16 @@ class TestSFTTrainer(TrlTestCase):
         for tag in ["sft", "trl"]:
             assert tag in trainer.model.model_tags
 
+    @sft_nb_only("models are tagged 'sft' and 'sft_nb', not 'trl': the Hub tag says which library trained them")
+    def test_tags_name_sft_nb(self, monkeypatch):
+        monkeypatch.chdir(self.tmp_dir)
+        dataset = self.zen("standard_language_modeling", split="train")
+        for peft_config in (None, LoraConfig()):
+            trainer = SFTTrainer(model=self.model_id(QWEN2), train_dataset=dataset, peft_config=peft_config)
+            assert {"sft", "sft_nb"} <= set(trainer.model.model_tags)
+            assert "trl" not in trainer.model.model_tags
+
+    @sft_nb_fails(IMAGES_DROPPED)
     def test_vision_dataset_with_text_model_raises(self):
         dataset = self.zen("conversational_language_modeling", repo="zen-image", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -875,6 +999,7 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs bitsandbytes 4-bit on a GPU (QLoRA); sft_nb's QLoRA runs in tools/gpu_check.sh")
     def test_peft_with_quantization(self): pass
 
+    @sft_nb_fails(f"{PROMPT_PEFT}: a PromptEncoder PeftModel passed in: `Setting requires_grad is not supported for prompt learning methods`")
     def test_prompt_tuning_peft_model(self):
         model = AutoModelForCausalLM.from_pretrained(self.model_id(QWEN2), dtype="float32")
         model = get_peft_model(model, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8))
