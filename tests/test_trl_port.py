@@ -66,6 +66,8 @@ QWEN3_MULTI_TURN = ("other: assistant-only loss on a multi-turn conversation wit
                     "DataFormatError (the template is not prefix-preserving); TRL swaps in its qwen3_training template")
 IMAGES_DROPPED = ("other: an image dataset given to a text-only model trains on the text and silently drops the "
                   "images; TRL raises a ValueError that asks for a vision-language model")
+PROMPT_PEFT_MODEL = (f"{PROMPT_PEFT}: a PromptEncoder PeftModel passed in: `Setting requires_grad is not supported "
+                     "for prompt learning methods`")
 POSITION_IDS = f"{COLLATOR}: its batch also carries `position_ids` (return_position_ids=True by default)"
 SEQ_LENGTHS_ROWS = (f"{COLLATOR}: rows with `seq_lengths` are collated as packed rows without padding_free too "
                     "(per-document position_ids, cu_seq_lens_*, max_length_*, use_cache; document starts unlabelled)")
@@ -999,7 +1001,7 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs bitsandbytes 4-bit on a GPU (QLoRA); sft_nb's QLoRA runs in tools/gpu_check.sh")
     def test_peft_with_quantization(self): pass
 
-    @sft_nb_fails(f"{PROMPT_PEFT}: a PromptEncoder PeftModel passed in: `Setting requires_grad is not supported for prompt learning methods`")
+    @sft_nb_fails(PROMPT_PEFT_MODEL)
     def test_prompt_tuning_peft_model(self):
         model = AutoModelForCausalLM.from_pretrained(self.model_id(QWEN2), dtype="float32")
         model = get_peft_model(model, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8))
