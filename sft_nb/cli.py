@@ -393,6 +393,7 @@ def reply(model, tokenizer,
           messages:list[dict], # the conversation so far, ending with a user turn
           max_new_tokens:int=128,
           temperature:float=0.0, # 0: greedy
+          min_new_tokens:int=0, # tokens to generate before an end of turn may stop it
          ) -> str:
     "The model's next assistant turn after `messages` (their plain contents, one per line, without a chat template)"
     import torch
@@ -401,7 +402,8 @@ def reply(model, tokenizer,
     enc = tokenizer(text, return_tensors='pt', add_special_tokens=not tokenizer.chat_template).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
 def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
@@ -410,6 +412,7 @@ def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
     if prompt: p.add_argument('--prompt', required=True, help="the user's message")
     p.add_argument('--system', default=None, help="a system prompt")
     p.add_argument('--max_new_tokens', '--max-new-tokens', type=int, default=128)
+    p.add_argument('--min_new_tokens', '--min-new-tokens', type=int, default=0, help="tokens before an end of turn may stop the answer")
     p.add_argument('--temperature', type=float, default=0.0, help="0: greedy decoding")
     p.add_argument('--dtype', default='auto')
     return p
@@ -425,7 +428,7 @@ def generate_command(argv:list[str]) -> str:
     a = _parse(_generation_parser('sft-nb generate', prompt=True), argv)
     with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
     msgs = ([{'role': 'system', 'content': a.system}] if a.system else []) + [{'role': 'user', 'content': a.prompt}]
-    answer = reply(model, tok, msgs, a.max_new_tokens, a.temperature)
+    answer = reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
     print(answer)
     return answer
 
@@ -439,7 +442,7 @@ def chat_command(argv:list[str], lines=None) -> list[dict]:
     for line in (sys.stdin if lines is None else lines):
         if not line.strip(): continue
         msgs.append({'role': 'user', 'content': line.strip()})
-        msgs.append({'role': 'assistant', 'content': reply(model, tok, msgs, a.max_new_tokens, a.temperature)})
+        msgs.append({'role': 'assistant', 'content': reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)})
         print(msgs[-1]['content'], flush=True)
     return msgs
 
