@@ -306,7 +306,9 @@ def launch(opts:dict, argv:list[str]) -> None:
 def train_command(argv:list[str]):
     "`sft-nb train [--config r.yaml] [--flag value ...]`: launch through accelerate if the recipe asks, else train here"
     from sft_nb.config import launch_options, parse_args
-    if '-h' in argv or '--help' in argv: print(HELP)
+    if '-h' in argv or '--help' in argv:
+        print(HELP)
+        parse_args(['--help'])  # prints every option, and exits
     with user_errors(): opts = launch_options(argv)
     if opts and not _launched(): return launch(opts, argv)
     with user_errors(): script_args, training_args, model_args, mix = parse_args(argv)
@@ -330,7 +332,9 @@ def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any forma
     from itertools import islice
     from sft_nb.data import detect_format, prepare_dataset, show_trained
     from sft_nb.packing import pack_dataset
-    head = dataset.select(range(min(sample, len(dataset)))) if isinstance(dataset, Dataset) else Dataset.from_list(list(islice(dataset, sample)))
+    if isinstance(dataset, Dataset): head = dataset.select(range(min(sample, len(dataset))))
+    else: head = Dataset.from_list(list(islice(dataset, sample)))  # a streamed dataset: its first rows
+    if len(head) == 0: raise ValueError("The dataset is empty: there is nothing to preview or train on.")
     fmt = detect_format(head.column_names, head[0], args.dataset_text_field)
     full = prepare_dataset(head, tokenizer, args, packing=True, dataset_name='preview')  # untruncated
     lengths = np.array([len(x) for x in full['input_ids']])
@@ -348,7 +352,8 @@ def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any forma
         _, st = pack_dataset(full, ml, args.packing_strategy, return_stats=True)
         lines.append(f"packing ({'on' if args.packing else 'off'}; {args.packing_strategy} into rows of {ml}): {st['documents']} rows -> "
                      f"{st['rows']} packed rows, {st['efficiency']:.1%} filled, {st['truncated_tokens']} tokens truncated.")
-    shown = prepare_dataset(head.select(range(min(n_rows, len(head)))), tokenizer, args, packing=False, dataset_name='preview')
+    first = head.select(range(min(n_rows, len(head))))
+    shown = prepare_dataset(first, tokenizer, args, packing=False, dataset_name='preview')  # as a run without packing sees them
     for i, row in enumerate(shown):
         t = show_trained(row, tokenizer)
         lines += [f"--- row {i}: {t.n_tokens} tokens, {t.n_trained} trained (in ⟦ ⟧) ---", str(t)]
@@ -385,7 +390,8 @@ def load_for_generation(path, # a full or merged model folder, or an adapter fol
     from sft_nb.models import check_model_path, load_model, load_tokenizer
     from sft_nb.adapters import load_adapter
     p = Path(check_model_path(str(path), need_config=False))
-    model = load_adapter(p, is_trainable=False, dtype=dtype) if (p/'adapter_config.json').exists() else load_model(str(p), dtype=dtype)
+    if (p/'adapter_config.json').exists(): model = load_adapter(p, is_trainable=False, dtype=dtype)
+    else: model = load_model(str(p), dtype=dtype)
     if torch.cuda.is_available() and not getattr(model, 'is_quantized', False): model = model.to('cuda')
     return model.eval(), load_tokenizer(str(p))
 
@@ -442,7 +448,8 @@ def chat_command(argv:list[str], lines=None) -> list[dict]:
     for line in (sys.stdin if lines is None else lines):
         if not line.strip(): continue
         msgs.append({'role': 'user', 'content': line.strip()})
-        msgs.append({'role': 'assistant', 'content': reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)})
+        answer = reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
+        msgs.append({'role': 'assistant', 'content': answer})
         print(msgs[-1]['content'], flush=True)
     return msgs
 
@@ -484,7 +491,8 @@ def env_report() -> str:
     import torch
     n = torch.cuda.device_count()
     gpus = ', '.join(torch.cuda.get_device_name(i) for i in range(n))
-    lines.append(f"- CUDA: {torch.version.cuda or 'none'}; GPUs: {n}{f' ({gpus})' if n else ''}; bf16: {n > 0 and torch.cuda.is_bf16_supported()}")
+    bf16 = n > 0 and torch.cuda.is_bf16_supported()
+    lines.append(f"- CUDA: {torch.version.cuda or 'none'}; GPUs: {n}{f' ({gpus})' if n else ''}; bf16: {bf16}")
     lines.append(f"- MPS: {torch.backends.mps.is_available()}; CPU cores: {os.cpu_count()}")
     from accelerate.commands.config import default_config_file
     lines.append(f"- accelerate default config: {default_config_file if Path(default_config_file).is_file() else 'none'}")
