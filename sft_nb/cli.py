@@ -304,13 +304,13 @@ def launch(opts:dict, argv:list[str]) -> None:
 
 # %% ../nbs/09_cli.ipynb #61269f64
 def train_command(argv:list[str]):
-    "`sft-nb train [--config r.yaml] [--flag value ...]`: launch through accelerate if the recipe asks, else train here"
+    "`sft-nb train [--config r.yaml] [--flag value ...]`: through `accelerate launch` if the recipe or `accelerate config` asks, else here"
     from sft_nb.config import launch_options, parse_args
     if '-h' in argv or '--help' in argv:
         print(HELP)
         parse_args(['--help'])  # prints every option, and exits
     with user_errors(): opts = launch_options(argv)
-    if opts and not _launched(): return launch(opts, argv)
+    if not _launched() and (opts or _has_default_accelerate_config()): return launch(opts, argv)
     with user_errors(): script_args, training_args, model_args, mix = parse_args(argv)
     return run_training(script_args, training_args, model_args, mix)
 

@@ -9,10 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
 FAST = ['--report_to', 'none', '--use_cpu', 'true', '--gradient_checkpointing', 'false', '--save_strategy', 'no']
 
-def start(*args, cwd, stdin=None) -> tuple:
+def start(*args, cwd, stdin=None, env=None) -> tuple:
     "Start `sft-nb args` in `cwd`; most of a short command is importing torch, on one core, so tests start several at once"
     p = subprocess.Popen([sys.executable, '-m', 'sft_nb.cli', *map(str, args)], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV)
+                         stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})})
     return p, stdin
 
 def finish(started:tuple, code:int=0) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def finish(started:tuple, code:int=0) -> subprocess.CompletedProcess:
     assert p.returncode == code, f"exit {p.returncode}\n{out[-3000:]}\n{err[-5000:]}"
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
-def sft_nb(*args, cwd, stdin=None, code=0): return finish(start(*args, cwd=cwd, stdin=stdin), code)
+def sft_nb(*args, cwd, stdin=None, code=0, env=None): return finish(start(*args, cwd=cwd, stdin=stdin, env=env), code)
 
 def error_line(r) -> str:
     "A user error: no traceback, and the message as the last line of stderr"
@@ -240,11 +240,17 @@ def test_resume_from_checkpoint_true(tmp_path, tiny):
 RECIPES = ROOT/'recipes'
 
 def test_tiny_recipe_trains(tmp_path):
-    "recipes/tiny-cpu.yaml, with the inputs its comment says to make, trains (a few steps here)"
+    """recipes/tiny-cpu.yaml, with the inputs its comment says to make, trains (a few steps here); as with `trl sft`, a default
+    config written by `accelerate config` sends the run through `accelerate launch`"""
     save_tiny(tmp_path/'tiny'/'model')
     save_tiny_dataset(tmp_path/'tiny'/'data', n=512)
-    out = sft_nb('--config', RECIPES/'tiny-cpu.yaml', '--max_steps', '3', cwd=tmp_path).stdout
-    assert '3 steps; model saved to tiny-cpu-sft' in out and (tmp_path/'tiny-cpu-sft'/'model.safetensors').exists()
+    hf_home = tmp_path/'hf_home'
+    (hf_home/'accelerate').mkdir(parents=True)
+    (hf_home/'accelerate'/'default_config.yaml').write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\nnum_machines: 1\nnum_processes: 1\nuse_cpu: true\n")
+    r = sft_nb('--config', RECIPES/'tiny-cpu.yaml', '--max_steps', '3', cwd=tmp_path, env={'HF_HOME': str(hf_home)})
+    assert '3 steps; model saved to tiny-cpu-sft' in r.stdout and (tmp_path/'tiny-cpu-sft'/'model.safetensors').exists()
+    assert 'sft-nb: accelerate launch' in r.stderr
 
 @pytest.mark.parametrize('name, launch', [('qwen2.5-0.5b-full', {}), ('llama-3.1-8b-qlora', {}),
                                           ('qwen2.5-3b-fsdp2', {'num_processes': 2, 'accelerate_config': 'fsdp2'})])
