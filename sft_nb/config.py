@@ -6,17 +6,20 @@ Docs: https://sft-nb.github.io/sft_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #583df0fa
 from __future__ import annotations
-import dataclasses, difflib, json, os, sys, warnings
+import dataclasses, difflib, json, os, re, sys, warnings
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 # %% auto #0
-__all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'closest', 'check_choice', 'bf16_supported', 'SFTConfig',
-           'ModelConfig', 'ScriptArguments', 'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe', 'parse_args']
+__all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'LAUNCH_KEYS', 'closest', 'check_choice', 'bf16_supported',
+           'SFTConfig', 'ModelConfig', 'ScriptArguments', 'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe',
+           'parse_args', 'launch_options']
 
 # %% ../nbs/00_config.ipynb #41cd85a2
 def closest(name:str, valid) -> str:
@@ -211,11 +214,19 @@ def _recipe_dataclasses(): return (ScriptArguments, SFTConfig, ModelConfig, Data
 
 def _field_names(types): return {f.name for t in types for f in dataclasses.fields(t)}
 
+def _yaml_error(path:Path, e:yaml.YAMLError) -> ValueError:
+    "A YAML syntax error as one line naming the file and the line"
+    mark = getattr(e, 'problem_mark', None)
+    where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+    return ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}).")
+
 def load_recipe(path) -> dict:
     "Read a YAML recipe into a dict, applying its `env:` block and old key names"
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"Config file {path} does not exist.")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    if path.is_dir(): raise IsADirectoryError(f"Config file {path} is a folder: give the path of a YAML file.")
+    try: cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise _yaml_error(path, e) from None
     if not isinstance(cfg, dict): raise ValueError(f"Config file {path} must hold a YAML mapping of option: value, got {type(cfg).__name__}.")
     env = cfg.pop('env', {}) or {}
     if not isinstance(env, dict): raise ValueError(f"`env` in {path} must be a mapping of VARIABLE: value.")
@@ -227,28 +238,115 @@ def _check_keys(keys, valid, where):
     for k in keys:
         if k not in valid: raise ValueError(f"Unknown option `{k}` in {where}.{closest(k, valid)}")
 
+def _flag_key(a:str) -> str|None:
+    "The field a flag sets, whichever spelling: `--num_processes`, `--num-processes`, `--num_processes=2`"
+    return a[2:].split('=', 1)[0].replace('-', '_') if a.startswith('--') else None
+
 def _unknown_flags(rest):
-    return [a.split('=')[0].lstrip('-') for a in rest if a.startswith('--')] or rest
+    return [_flag_key(a) for a in rest if a.startswith('--')] or rest
+
+def _split_config(args:list) -> tuple:
+    "The recipe path of `--config PATH` (or `--config=PATH`), and the other arguments"
+    for i, a in enumerate(args):
+        if a == '--config':
+            if i+1 >= len(args) or args[i+1].startswith('--'): raise ValueError("`--config` needs a path to a YAML file.")
+            return Path(args[i+1]), args[:i] + args[i+2:]
+        if a.startswith('--config='): return Path(a.split('=', 1)[1]), args[:i] + args[i+1:]
+    return None, list(args)
+
+def _as_type(t, x):
+    "`x` (a value YAML typed) as argparse type `t`; TypeError when it cannot be"
+    if t is str: return x  # dict and list fields take YAML's dicts and lists; they are checked by the config itself
+    if isinstance(x, str): return t(x)
+    if t is string_to_bool and not isinstance(x, bool): raise TypeError
+    if t is int and (isinstance(x, bool) or not isinstance(x, int)): raise TypeError
+    if t is float:
+        if isinstance(x, bool) or not isinstance(x, (int, float)): raise TypeError
+        return float(x)
+    return x
+
+_TYPE_NAMES = {int: 'a whole number', float: 'a number', string_to_bool: 'true or false'}
+
+def _yaml_value(parser, key:str, v, path):
+    "A recipe value converted to its field's type, or a ValueError that names the key and the file"
+    a = next((a for a in parser._actions if a.dest == key), None)
+    if a is None or v is None or a.type is None: return v
+    many = isinstance(v, list) and a.nargs == '+'
+    try: out = [_as_type(a.type, x) for x in (v if many else [v])]
+    except (TypeError, ValueError, ArgumentTypeError):
+        raise ValueError(f"`{key}` in {path} must be {_TYPE_NAMES.get(a.type, 'a text')}, got {v!r}.") from None
+    if a.choices and any(x not in a.choices for x in out):
+        raise ValueError(f"`{key}` in {path} must be one of {list(a.choices)}, got {v!r}.{closest(str(v), a.choices)}")
+    return out if many else out[0]
+
+def _cli_error(message):
+    "argparse would print 500 lines of usage and exit: one line instead, naming the flag once"
+    message = re.sub(r"argument (--[\w-]+)(/--[\w-]+)*:", r"`\1`:", message)
+    raise ValueError(f"On the command line, {message}.")
+
+def _origin(msg:str, cfg:dict, args:list, path) -> str:
+    "Where the option a config error names was set: the command line or the recipe"
+    cli = {_flag_key(a) for a in args}
+    for name in re.findall(r"`(\w+)`", msg):
+        if name in cli: return " (set on the command line)"
+        if name in cfg: return f" (set in {path})"
+    return ""
 
 def parse_args(args:list[str]|None=None, # command-line arguments; default `sys.argv[1:]`
                types=None, # dataclasses to fill; default (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
               ) -> tuple:
     "Parse `--config recipe.yaml` then command-line flags into one instance of each of `types`"
     types = types or _recipe_dataclasses()
-    args = list(sys.argv[1:] if args is None else args)
+    path, args = _split_config(list(sys.argv[1:] if args is None else args))
+    _, args = _pop_launch_flags(args)  # for the launcher (`launch_options`), not for the run
     valid = _field_names(types)
-    parser = HfArgumentParser(types)
+    parser = HfArgumentParser(types, allow_abbrev=False)  # `--model x` must not silently mean `--model_revision x`
+    parser.error = _cli_error
     cfg = {}
-    if '--config' in args:
-        i = args.index('--config')
-        if i+1 >= len(args): raise ValueError("`--config` needs a path to a YAML file.")
-        cfg = load_recipe(args[i+1])
-        del args[i:i+2]
-        _check_keys(cfg, valid, 'the config file')
-    parser.set_defaults(**{k: v for k, v in cfg.items() if k != 'datasets'})
-    *objs, rest = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if path is not None:
+        cfg = {k: v for k, v in load_recipe(path).items() if k not in LAUNCH_KEYS}
+        _check_keys(cfg, valid, f"the config file {path}")
+    parser.set_defaults(**{k: _yaml_value(parser, k, v, path) for k, v in cfg.items() if k != 'datasets'})
+    try: *objs, rest = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except ValueError as e: raise ValueError(f"{e}{_origin(str(e), cfg, args, path)}") from None
     if rest: _check_keys(_unknown_flags(rest), valid, 'the command line')
     if 'datasets' in cfg:
         for o in objs:
             if isinstance(o, DatasetMixtureConfig): o.datasets = DatasetMixtureConfig(datasets=cfg['datasets']).datasets
     return tuple(objs)
+
+# %% ../nbs/00_config.ipynb #b7c1e0a2
+LAUNCH_KEYS = {'num_processes': int, 'accelerate_config': str, 'num_machines': int, 'machine_rank': int,
+               'main_process_ip': str, 'main_process_port': int}
+
+def _pop_launch_flags(args:list) -> tuple[dict, list]:
+    "Take the launcher flags out of `args`: ({key: text}, the other arguments)"
+    found, rest, i = {}, [], 0
+    while i < len(args):
+        a, k = args[i], _flag_key(args[i])
+        if k not in LAUNCH_KEYS:
+            rest.append(a)
+            i += 1
+        elif '=' in a:
+            found[k] = a.split('=', 1)[1]
+            i += 1
+        elif i+1 >= len(args) or args[i+1].startswith('--'): raise ValueError(f"`--{k}` on the command line needs a value.")
+        else:
+            found[k] = args[i+1]
+            i += 2
+    return found, rest
+
+def _launch_value(key:str, v, where:str):
+    if LAUNCH_KEYS[key] is str: return str(v)
+    if isinstance(v, int) and not isinstance(v, bool): return v
+    if isinstance(v, str) and v.strip().isdigit(): return int(v)
+    raise ValueError(f"`{key}` {where} must be a whole number, got {v!r}.")
+
+def launch_options(args:list[str]|None=None, # command-line arguments; default `sys.argv[1:]`
+                  ) -> dict:
+    "The `accelerate launch` options of a recipe and the command line (which wins), as `{key: value}`"
+    path, rest = _split_config(list(sys.argv[1:] if args is None else args))
+    cfg = load_recipe(path) if path is not None else {}
+    out = {k: _launch_value(k, v, f"in {path}") for k, v in cfg.items() if k in LAUNCH_KEYS}
+    flags, _ = _pop_launch_flags(rest)
+    return out | {k: _launch_value(k, v, 'on the command line') for k, v in flags.items()}
