@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK', 'UsageError', 'user_errors',
+__all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK', 'UsageError', 'user_errors', 'bad_json_line',
            'load_named_dataset', 'load_mixture', 'load_data', 'train_split', 'resume_value', 'check_run_folder',
            'build_trainer', 'fit', 'train', 'run_training', 'claim_demo_dir', 'mark_demo_files', 'demo',
            'accelerate_config_path', 'launch_flags', 'launch', 'train_command', 'preview', 'preview_command',
@@ -85,14 +85,37 @@ def user_errors():
 # %% ../nbs/09_cli.ipynb #0b58593f
 _FILE_TYPES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet', '.txt': 'text', '.arrow': 'arrow'}
 
+def bad_json_line(path) -> str|None:
+    "Where a JSON or JSON-lines file stops being valid JSON ('line N, column C: what'), or None if it parses"
+    import json
+    text = Path(path).read_text(encoding='utf-8', errors='replace')
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        first = whole
+    for n, line in enumerate(text.splitlines(), 1):  # JSON lines: one document per line
+        if not line.strip(): continue
+        try: json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == 1 and first.lineno > 1:  # one multi-line document, not JSON lines
+                return f"line {first.lineno}, column {first.colno}: {first.msg}"
+            return f"line {n}, column {e.colno}: {e.msg} in {line.strip()[:60]!r}"
+    return None
+
 def load_named_dataset(name:str, config:str|None=None, streaming:bool=False, **kwargs):
     "`load_dataset` for a Hub id, a local folder, or one local data file (its type from the extension)"
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
     p = Path(name)
     if p.is_file():
         if p.suffix not in _FILE_TYPES:
             raise ValueError(f"Can't tell the format of dataset file {name!r}: use one of {sorted(_FILE_TYPES)}.")
-        return load_dataset(_FILE_TYPES[p.suffix], data_files=str(p), streaming=streaming, **kwargs)
+        try: return load_dataset(_FILE_TYPES[p.suffix], data_files=str(p), streaming=streaming, **kwargs)
+        except DatasetGenerationError as e:  # datasets' own message names neither the file nor the line
+            where = bad_json_line(p) if _FILE_TYPES[p.suffix] == 'json' else None
+            if where is None: raise
+            raise ValueError(f"Dataset file {p}, {where}. Fix or remove that line.") from e
     if not p.exists() and (p.is_absolute() or name.startswith('.') or p.suffix in _FILE_TYPES):
         raise FileNotFoundError(f"Dataset {name!r} does not exist: give an existing file or folder, or a Hub id like 'trl-lib/Capybara'.")
     return load_dataset(name, name=config, streaming=streaming, **kwargs)

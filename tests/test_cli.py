@@ -209,6 +209,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tiny):
     "Each mistake: exit 2, one line saying what and where, no traceback; `--debug` shows the traceback; `train --help` lists all"
     bad, ok, missing = tmp_path/'bad.yaml', recipe(tmp_path/'ok.yaml', tiny), tmp_path/'missing.yaml'
     bad.write_text("output_dir: o\nlearning_rate: 1e-4\nmax_steps: [3\n")
+    corrupt = tmp_path/'corrupt.jsonl'
+    corrupt.write_text('{"text": "a b"}\n{"text": "c d"\n{"text": "e f"}\n')
     typo, wrong = recipe(tmp_path/'typo.yaml', tiny, lerning_rate=1e-3), recipe(tmp_path/'wrong.yaml', tiny, max_steps='two')
     cases = [(['--config', typo], f"Unknown option `lerning_rate` in the config file {typo}. Did you mean `learning_rate`?"),
              (['--config', ok, '--lerning-rate', '1'], "Unknown option `lerning_rate` in the command line. Did you mean `learning_rate`?"),
@@ -217,7 +219,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tiny):
              (['--config', missing], f"Config file {missing} does not exist."),
              (['--config', bad], f"{bad}, line 4: not valid YAML"),
              (['--config', ok, '--dataset_train_split', 'dev'], "Split 'dev' is not in the dataset (it has ['train'])"),
-             (['--config', ok, '--accelerate_config', 'zero4'], "accelerate_config 'zero4' is neither a file nor one of sft_nb's profiles")]
+             (['--config', ok, '--accelerate_config', 'zero4'], "accelerate_config 'zero4' is neither a file nor one of sft_nb's profiles"),
+             (['--config', ok, '--dataset_name', corrupt], f"Dataset file {corrupt}, line 2, column 15: Expecting ',' delimiter")]
     runs = [start(*argv, cwd=tmp_path) for argv, _ in cases]
     debug, full_help = start('--config', missing, '--debug', cwd=tmp_path), start('train', '--help', cwd=tmp_path)
     for (argv, msg), p in zip(cases, runs): assert msg in error_line(finish(p, 2)), argv
