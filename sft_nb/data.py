@@ -914,9 +914,10 @@ def _check_images(columns, processing_class, name:str):
     "Images that a text tokenizer would drop: refused, so a vision dataset is never trained on its text alone"
     cols = [c for c in _IMAGE_COLUMNS if c in columns]
     if not cols or hasattr(processing_class, 'image_processor'): return
-    raise data_error(None, cols[0], f"images in the {name} dataset", "a processor that reads them (a vision-language model)",
-                     f"The processing class is a text tokenizer, so the images would be dropped and the model trained on the text "
-                     f"alone. Train a vision-language model, or drop the column: `dataset.remove_columns({cols})`.")
+    raise ValueError(f"Field `{cols[0]}`: the {name} dataset is vision-related (it has an `{cols[0]}` column), but the processing "
+                     "class is a text tokenizer, so the model is not a vision-language model: the images would be dropped and the "
+                     f"model trained on the text alone. Train a vision-language model, or drop the column: "
+                     f"`dataset.remove_columns({cols})`.")
 
 def _validate_once(dataset, fmt, args, vocab_size):
     key = (getattr(dataset, '_fingerprint', None), fmt, args.dataset_text_field, args.assistant_only_loss, vocab_size)

@@ -454,7 +454,7 @@ def _loads_nothing(monkeypatch):
     ([{'input_ids': [5, 6, 7], 'labels': [5, 6]}], {}, "Row 0, field `labels`: expected one value per token of `input_ids` (3)"),
     ([{'input_ids': [5, 6, 10**6], 'labels': [5, 6, 7]}], {}, "Row 0, field `input_ids`: expected token ids in [0, 384)"),
     ([{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}], 'images': ['cat.png']}], {},
-     "Field `images`: expected a processor that reads them"),
+     "Field `images`: the train dataset is vision-related"),
     ([{'conversations': [{'from': 'human', 'value': 'hi'}, {'from': 'narrator', 'value': 'x'}]}], {},
      "Row 0, field `conversations[1].from`"),
 ])
