@@ -1055,7 +1055,9 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         head = [_chatml_row(r) for r in _head(dataset, 8)]
         for i, r in enumerate(head): check_row(r, i, fmt, args.dataset_text_field, True)
-        check_markers(t, head)
+        # TRL's training variant, swapped in by `training_template`, trains what TRL trains (some also mark the empty
+        # think block a Qwen 3.5 generation prompt already holds): parity wins over this check there
+        if t.chat_template is None: check_markers(t, head)
     out = dataset.map(t, **kw)
     if isinstance(dataset, Dataset) and len(out) == 0: raise _all_dropped(dataset, t, args, dataset_name)
     if isinstance(dataset, Dataset) and len(out) < len(dataset):

@@ -128,13 +128,32 @@ def test_vendored_templates_are_trls():
     for n in paired + [f'{n}_training' for n in paired]:
         assert chat_template_file(n) == (TEMPLATES/f'{n}.jinja').read_text(encoding='utf-8'), n
 
-@pytest.mark.parametrize('name', ['qwen3', 'qwen2_5', 'llama3', 'gemma'])
-def test_swap_only_where_diff_fails(name):
-    "TRL would swap all four (none has markers); sft_nb swaps only the one whose prefixes don't nest"
-    from sft_nb.data import chat_template_file, training_template
-    tok = template_tokenizer(chat_template_file(name), *STOCK.get(name, (['<think>', '</think>'], None, '<|im_end|>')))
-    assert get_training_chat_template(tok) == chat_template_file(f'{name}_training')
-    assert training_template(tok) == (chat_template_file('qwen3_training') if name == 'qwen3' else None)
+# The stock templates whose prefixes don't nest (sft_nb's diff can't use them), through the tiny BPE: sft_nb swaps these
+# for TRL's training variant; TRL swaps all 31 (none has markers)
+SWAPPED = ['deepseek_r1_distill', 'deepseekv3', 'diffusion_gemma', 'glm4moe', 'gptoss', 'nemotron_3_5_lightning',
+           'nemotron_3_nano', 'nemotron_3_super', 'nemotron_3_ultra', 'phi3', 'phi3_5', 'qwen3', 'qwen3_5_nothink',
+           'qwen3_5_think', 'qwen3_6']
+
+def stock_tokenizer(name):
+    "The tiny BPE with a stock template and the control tokens it writes as special tokens"
+    import re
+    from sft_nb.data import chat_template_file
+    tpl = chat_template_file(name)
+    return template_tokenizer(tpl, sorted(set(re.findall(r"<\|[a-zA-Z_]+\|>|<[a-z_]+>", tpl))), None, None)
+
+def test_swap_only_where_diff_fails():
+    from sft_nb.data import chat_template_file, stock_templates, training_template
+    for name in stock_templates().values():
+        tok = stock_tokenizer(name)
+        assert get_training_chat_template(tok) == chat_template_file(f'{name}_training'), name
+        assert training_template(tok) == (chat_template_file(f'{name}_training') if name in SWAPPED else None), name
+
+@pytest.mark.parametrize('name', SWAPPED)
+def test_swapped_templates_train_what_trl_trains(name):
+    "Multi-turn conversations through a swapped stock template: input_ids and labels equal TRL's"
+    multi = Dataset.from_list([r for r in tiny_conversations(24, max_turns=3, system=False) if len(r['messages']) > 2])
+    tok = stock_tokenizer(name)
+    same(ours(multi, tok, assistant_only_loss=True), trl_prepare(multi, tok, assistant_only_loss=True))
 
 def test_bad_rows_name_row_and_field():
     tok = tiny_tokenizer()
