@@ -17,10 +17,11 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'GEN_OPEN', 'GEN_CLOSE', 'SLOT_OPEN', 'SLOT_CLOSE',
            'DataFormatError', 'data_error', 'detect_format', 'to_chatml', 'check_messages', 'check_row',
            'has_generation_markers', 'compile_marked', 'split_marked', 'Escaped', 'Slot', 'compile_stencil',
-           'conversation_shape', 'build_stencil', 'fill_stencil', 'ChatRenderer', 'diff_spans', 'fast_backend',
-           'token_spans', 'span_mask', 'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble',
-           'template_error', 'check_calls_rendered', 'Tokenize', 'validate_tokenized', 'validate_dataset',
-           'check_markers', 'make_tokenize', 'check_dataset', 'prepare_dataset', 'TrainedText', 'show_trained']
+           'conversation_shape', 'build_stencil', 'fill_stencil', 'ChatRenderer', 'diff_spans', 'chat_template_file',
+           'stock_templates', 'nests', 'training_template', 'fast_backend', 'token_spans', 'span_mask',
+           'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble', 'template_error', 'check_calls_rendered',
+           'Tokenize', 'validate_tokenized', 'validate_dataset', 'check_markers', 'make_tokenize', 'check_dataset',
+           'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04_data.ipynb #264c796b
 class DataFormatError(ValueError):
@@ -442,13 +443,15 @@ class ChatRenderer:
     "Render conversations with a tokenizer's chat template, to text and (with markers) generation spans"
     max_shapes = 4096  # stencils kept; conversations of further shapes render row by row
 
-    def __init__(self, tokenizer):
-        if getattr(tokenizer, 'chat_template', None) is None:
+    def __init__(self, tokenizer, chat_template:str|None=None):
+        if chat_template is None and getattr(tokenizer, 'chat_template', None) is None:
             raise DataFormatError("The dataset is conversational but the tokenizer has no chat template. Set one with "
                                   "`chat_template_path` (a tokenizer folder or a .jinja file) or `tokenizer.chat_template = ...`, "
                                   "or use a tokenizer of an instruct model.")
         self.tokenizer, self.special = tokenizer, dict(tokenizer.special_tokens_map)
-        self.markers = has_generation_markers(tokenizer.chat_template)
+        # a template given here wins over the tokenizer's, as `apply_chat_template(chat_template=...)`
+        self.template = chat_template
+        self.markers = has_generation_markers(chat_template or tokenizer.chat_template)
         self.stencils = {}
 
     def __getstate__(self): return {**self.__dict__, 'stencils': {}}  # worker processes and dataset fingerprints start afresh
@@ -456,7 +459,7 @@ class ChatRenderer:
     def __call__(self, messages, tools=None, kwargs=None, add_generation_prompt=False, markers=False) -> tuple[str, list]:
         "`(text, generation spans)`; the spans are empty unless `markers`"
         from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
-        template = self.tokenizer.get_chat_template(None, tools)
+        template = self.template or self.tokenizer.get_chat_template(None, tools)
         out = self._by_shape(template, messages, kwargs, add_generation_prompt) if tools is None else None
         if out is None and (text := self._marked(template, messages, tools, kwargs, add_generation_prompt)) is not None: out = split_marked(text)
         if out is None:
@@ -519,6 +522,57 @@ def diff_spans(render:ChatRenderer, # renders a conversation to text
         end = len(upto.rstrip())
         if end > len(before): spans.append((len(before), end))
     return full, spans
+
+# %% ../nbs/04_data.ipynb #cf6d670f
+from importlib import resources
+
+def chat_template_file(name:str) -> str:
+    "The text of a chat template sft_nb carries, e.g. `chat_template_file('qwen3_training')`"
+    return (resources.files('sft_nb')/'chat_templates'/f'{name}.jinja').read_text(encoding='utf-8')
+
+@functools.cache
+def stock_templates() -> dict[str, str]:
+    "`{template text: name}` of the stock templates TRL 1.16 has a `<name>_training` variant for"
+    names = [p.name.removesuffix('_training.jinja') for p in (resources.files('sft_nb')/'chat_templates').iterdir()
+             if p.name.endswith('_training.jinja')]
+    return {chat_template_file(n): n for n in sorted(names)}
+
+# %% ../nbs/04_data.ipynb #58026b64
+_CALL = [{'type': 'function', 'function': {'name': 'probe', 'arguments': {}}}]
+_PROBES = (
+    [{'role': 'user', 'content': 'q1'}, {'role': 'assistant', 'content': 'a1'},
+     {'role': 'user', 'content': 'q2'}, {'role': 'assistant', 'content': 'a2'}],
+    [{'role': 'user', 'content': 'q1'}, {'role': 'assistant', 'content': 'a1', 'reasoning_content': 'r1'},
+     {'role': 'user', 'content': 'q2'}, {'role': 'assistant', 'content': 'a2', 'reasoning_content': 'r2'}],
+    [{'role': 'user', 'content': 'q1'}, {'role': 'assistant', 'content': '', 'tool_calls': _CALL},
+     {'role': 'tool', 'name': 'probe', 'content': 't1'}, {'role': 'assistant', 'content': 'a1'},
+     {'role': 'user', 'content': 'q2'}, {'role': 'assistant', 'content': 'a2'}],
+)
+
+def nests(tokenizer) -> bool:
+    "Does the tokenizer's chat template render every probe conversation prefix by prefix (what `diff_spans` needs)?"
+    render = ChatRenderer(tokenizer)
+    for messages in _PROBES:
+        try: render(messages)
+        except Exception: continue  # the template can't render this probe at all: it says nothing about nesting
+        try: diff_spans(render, messages)
+        except DataFormatError as e:
+            if e.__cause__ is None: return False  # rendered, but an earlier turn changed once later turns followed
+    return True
+
+# %% ../nbs/04_data.ipynb #05785864
+def training_template(tokenizer) -> str|None:
+    "TRL's training variant of the tokenizer's stock chat template if that template rewrites earlier turns, else None"
+    template = getattr(tokenizer, 'chat_template', None)
+    if isinstance(template, dict): template = template.get('default')  # named variants: TRL compares the default one
+    name = stock_templates().get(template) if isinstance(template, str) else None
+    if name is None or has_generation_markers(template) or nests(tokenizer): return None
+    logger.warning(f"assistant_only_loss=True: the tokenizer's chat template is the stock `{name}` template, which renders "
+                   "earlier turns differently once later turns follow (e.g. it drops the reasoning of past turns), so the "
+                   "assistant turns can't be found by diffing rendered prefixes. The conversations are rendered with TRL's "
+                   f"`{name}_training` template instead (past turns unchanged, `{{% generation %}}` markers), as TRL does; "
+                   "the tokenizer keeps its own template. To train on another template, set it with `chat_template_path`.")
+    return chat_template_file(f'{name}_training')
 
 # %% ../nbs/04_data.ipynb #90148096
 def fast_backend(tokenizer):
@@ -676,11 +730,12 @@ class Tokenize:
     formatting_func: Callable|None = None # row -> text
     validate: bool = False # check rows here (streams, which can't be checked ahead)
     arrow: bool = True # return an Arrow table (`Dataset.map`); a dict for `IterableDataset.map`
+    chat_template: str|None = None # render conversations with this instead of the tokenizer's (see `training_template`)
 
     def __post_init__(self):
         self.backend = fast_backend(self.tokenizer)
         self.eos = self.eos_token or self.tokenizer.eos_token
-        self.render = ChatRenderer(self.tokenizer) if self.fmt.startswith('conversational') else None
+        self.render = ChatRenderer(self.tokenizer, self.chat_template) if self.fmt.startswith('conversational') else None
 
     def encode(self, texts, special): return self.backend.encode_batch(texts, add_special_tokens=special)
     def _eos(self, t): return t if t.endswith(self.eos) else t + self.eos
@@ -893,8 +948,11 @@ def make_tokenize(fmt, tokenizer, args, formatting_func=None, packing=False, col
     "The `Tokenize` for format `fmt` under the settings of `args` (an `SFTConfig`)"
     col = args.completion_only_loss
     if col is None: col = fmt in ('prompt_completion', 'conversational_prompt_completion') or 'completion_mask' in columns
+    conv_aol = args.assistant_only_loss and fmt.startswith('conversational')
+    template = training_template(tokenizer) if conv_aol else None
     return Tokenize(tokenizer, fmt, args.dataset_text_field, args.eos_token, col, args.assistant_only_loss,
-                    None if packing else args.max_length, args.truncation_mode, not packing, formatting_func)
+                    None if packing else args.max_length, args.truncation_mode, not packing, formatting_func,
+                    chat_template=template)
 
 _IMAGE_COLUMNS = ('image', 'images')
 _checked = set()  # (fingerprint, settings) of datasets whose rows passed validation: the trainer checks before loading the model
@@ -998,7 +1056,9 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         head = [_chatml_row(r) for r in _head(dataset, 8)]
         for i, r in enumerate(head): check_row(r, i, fmt, args.dataset_text_field, True)
-        check_markers(t, head)
+        # TRL's training variant, swapped in by `training_template`, trains what TRL trains (some also mark the empty
+        # think block a Qwen 3.5 generation prompt already holds): parity wins over this check there
+        if t.chat_template is None: check_markers(t, head)
     out = dataset.map(t, **kw)
     if isinstance(dataset, Dataset) and len(out) == 0: raise _all_dropped(dataset, t, args, dataset_name)
     if isinstance(dataset, Dataset) and len(out) < len(dataset):

@@ -105,11 +105,54 @@ def test_stock_template_matches_trl_training_template(name):
             if la != lb: assert la == -100 and tok.decode([t]).strip() == '', (name, tok.decode([t]))
 
 def test_qwen3_nesting_error_and_training_template():
-    tok = template_tokenizer((TEMPLATES/'qwen3.jinja').read_text(), ['<think>', '</think>'], None, '<|im_end|>')
+    qwen3 = (TEMPLATES/'qwen3.jinja').read_text()
     multi = Dataset.from_list([r for r in tiny_conversations(40, max_turns=3, system=False) if len(r['messages']) > 2])
-    with pytest.raises(DataFormatError, match="qwen3_training.jinja"): ours(multi, tok, assistant_only_loss=True)
+    # stock Qwen 3 doesn't nest: like TRL, sft_nb renders with TRL's qwen3_training template and trains what TRL does
+    tok = template_tokenizer(qwen3, ['<think>', '</think>'], None, '<|im_end|>')
+    for kind in ('conversational', 'conversational_prompt_completion'):
+        ds = multi if kind == 'conversational' else tiny_dataset(kind, n=24)
+        same(ours(ds, tok, assistant_only_loss=True), trl_prepare(ds, tok, assistant_only_loss=True))
+    assert tok.chat_template == qwen3  # TRL leaves the tokenizer's template alone too
+    # an unrecognised template that doesn't nest keeps the error, which names the fix
+    odd = template_tokenizer(qwen3 + '{# a copy #}', ['<think>', '</think>'], None, '<|im_end|>')
+    with pytest.raises(DataFormatError, match="qwen3_training.jinja"): ours(multi, odd, assistant_only_loss=True)
+    # with the training template set by hand: markers and prefix diff agree (prepare_dataset checks it), and TRL agrees
     tok.chat_template = (TEMPLATES/'qwen3_training.jinja').read_text()
-    # markers and prefix diff agree on TRL's training template (prepare_dataset checks it), and TRL agrees with us
+    same(ours(multi, tok, assistant_only_loss=True), trl_prepare(multi, tok, assistant_only_loss=True))
+
+def test_vendored_templates_are_trls():
+    "sft_nb ships every pair TRL 1.16 swaps (stock template and its training variant), byte for byte"
+    from sft_nb.data import chat_template_file, stock_templates
+    paired = sorted(p.name.removesuffix('_training.jinja') for p in TEMPLATES.glob('*_training.jinja'))
+    assert sorted(stock_templates().values()) == paired and len(paired) == 31
+    for n in paired + [f'{n}_training' for n in paired]:
+        assert chat_template_file(n) == (TEMPLATES/f'{n}.jinja').read_text(encoding='utf-8'), n
+
+# The stock templates whose prefixes don't nest (sft_nb's diff can't use them), through the tiny BPE: sft_nb swaps these
+# for TRL's training variant; TRL swaps all 31 (none has markers)
+SWAPPED = ['deepseek_r1_distill', 'deepseekv3', 'diffusion_gemma', 'glm4moe', 'gptoss', 'nemotron_3_5_lightning',
+           'nemotron_3_nano', 'nemotron_3_super', 'nemotron_3_ultra', 'phi3', 'phi3_5', 'qwen3', 'qwen3_5_nothink',
+           'qwen3_5_think', 'qwen3_6']
+
+def stock_tokenizer(name):
+    "The tiny BPE with a stock template and the control tokens it writes as special tokens"
+    import re
+    from sft_nb.data import chat_template_file
+    tpl = chat_template_file(name)
+    return template_tokenizer(tpl, sorted(set(re.findall(r"<\|[a-zA-Z_]+\|>|<[a-z_]+>", tpl))), None, None)
+
+def test_swap_only_where_diff_fails():
+    from sft_nb.data import chat_template_file, stock_templates, training_template
+    for name in stock_templates().values():
+        tok = stock_tokenizer(name)
+        assert get_training_chat_template(tok) == chat_template_file(f'{name}_training'), name
+        assert training_template(tok) == (chat_template_file(f'{name}_training') if name in SWAPPED else None), name
+
+@pytest.mark.parametrize('name', SWAPPED)
+def test_swapped_templates_train_what_trl_trains(name):
+    "Multi-turn conversations through a swapped stock template: input_ids and labels equal TRL's"
+    multi = Dataset.from_list([r for r in tiny_conversations(24, max_turns=3, system=False) if len(r['messages']) > 2])
+    tok = stock_tokenizer(name)
     same(ours(multi, tok, assistant_only_loss=True), trl_prepare(multi, tok, assistant_only_loss=True))
 
 def test_bad_rows_name_row_and_field():
