@@ -144,7 +144,7 @@ def master_weight(optimizer:torch.optim.Optimizer, p:torch.Tensor) -> torch.Tens
     st = opt.state.get(p, {})
     if 'master' in st: return st['master'].clone()
     if 'compensation' in st: return p.detach().float() + st['compensation'].float()
-    return p.detach().float()
+    return p.detach().to(torch.float32, copy=True)  # a copy even of float32 weights: a value, not a view
 
 # %% ../nbs/06a_optim.ipynb #7b57bbe0
 ADAMW_OPTIMS = ('adamw_torch', 'adamw_torch_fused')
