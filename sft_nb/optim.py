@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from transformers import Trainer
 
 # %% auto #0
-__all__ = ['HALF', 'ADAMW_UPDATES', 'ADAMW_OPTIMS', 'kahan_store_', 'stochastic_round', 'adamw_math_', 'AdamW', 'master_weight',
+__all__ = ['HALF', 'ADAMW_UPDATES', 'ADAMW_OPTIMS', 'kahan_store_', 'stochastic_round_', 'adamw_math_', 'AdamW', 'master_weight',
            'optimizer_cls_and_kwargs']
 
 # %% ../nbs/06a_optim.ipynb #c892bec1
@@ -26,29 +26,33 @@ def kahan_store_(p:torch.Tensor, # half-precision weights: overwritten with `w` 
                 ):
     "Store float32 `w` as `p + comp`: the half-precision weight and its rounding error (Kahan's compensation)"
     p.copy_(w)
-    comp.copy_(w.sub_(p.float()))  # exact in float32; rounded to `comp`'s dtype it keeps 8 more bits
+    comp.copy_(w.sub_(p))  # exact in float32; rounded to `comp`'s dtype it keeps 8 more bits
 
 # %% ../nbs/06a_optim.ipynb #6e93fb1b
-def stochastic_round(x:torch.Tensor, # float32
-                     generator:torch.Generator|None=None, # the noise's generator (seeded for reproducible runs)
-                    ) -> torch.Tensor:
-    "`x` in bfloat16, rounded up with probability equal to its distance from the value below (unbiased)"
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+def stochastic_round_(x:torch.Tensor, # float32: overwritten with bfloat16 values, so `.bfloat16()` is exact
+                      generator:torch.Generator|None=None, # the noise's generator (seeded for reproducible runs)
+                      noise:torch.Tensor|None=None, # int32 scratch of `x`'s size, to allocate nothing
+                     ) -> torch.Tensor:
+    "Round `x` to bfloat16 values, up with probability equal to its distance from the value below (unbiased)"
+    noise = (torch.empty_like(x, dtype=torch.int32) if noise is None else noise).random_(0, 1 << 16, generator=generator)
     # floats are sign-magnitude, so adding to the low bits and masking them off rounds either sign
-    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    x.view(torch.int32).add_(noise).bitwise_and_(-65536)
+    return x
 
 # %% ../nbs/06a_optim.ipynb #b51d13f3
 def adamw_math_(w:torch.Tensor, # float32 weights, updated in place
                 g:torch.Tensor, # float32 gradient
                 m:torch.Tensor, # float32 first moment (running mean of g), updated in place
                 v:torch.Tensor, # float32 second moment (running mean of g**2), updated in place
-                step:int, lr:float, betas=(0.9, 0.999), eps:float=1e-8, weight_decay:float=0.0):
+                step:int, lr:float, betas=(0.9, 0.999), eps:float=1e-8, weight_decay:float=0.0,
+                denom:torch.Tensor|None=None, # float32 scratch of `w`'s size, to allocate nothing
+               ):
     "One AdamW step on float32 tensors, as `torch.optim.AdamW` computes it"
     b1, b2 = betas
-    w.mul_(1 - lr * weight_decay)
+    if weight_decay: w.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
+    denom = torch.sqrt(v, out=denom).div_(math.sqrt(1 - b2 ** step)).add_(eps)
     w.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
 
 # %% ../nbs/06a_optim.ipynb #aee8812a
@@ -65,7 +69,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"`updates` must be one of {ADAMW_UPDATES}, got {updates!r}.")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.updates, self.seed, self.chunk_elements = updates, seed, chunk_elements
-        self._generators = {}
+        self._generators, self._scratch = {}, {}
 
 # %% ../nbs/06a_optim.ipynb #0f35b50d
 def _exp_avg_dtype(p:torch.Tensor, updates:str) -> torch.dtype:
@@ -97,16 +101,27 @@ def _update(self:AdamW, p:torch.Tensor, group:dict, index:int):
     tensors = [p, p.grad, st['exp_avg'], st['exp_avg_sq']] + ([extra] if extra is not None else [])
     sr = self.updates == 'stochastic' and p.dtype == torch.bfloat16
     gen = self._generator(p.device, hyper['step'], index) if sr else None
+    bufs = self._buffers(p.device, min(p.numel(), self.chunk_elements))
     for pc, gc, m, v, *e in zip(*(t.view(-1).split(self.chunk_elements) for t in tensors)):
+        w, g, m32, denom = (b[:pc.numel()] for b in bufs)
         if 'master' in st: w = e[0]
-        elif 'compensation' in st: w = pc.float().add_(e[0])
-        else: w = pc.float()  # float32 weights: the weights themselves, updated in place
-        m32 = m.float()
-        adamw_math_(w, gc.float(), m32, v, **hyper)
+        elif pc.dtype == torch.float32: w = pc  # updated in place
+        else: w.copy_(pc)
+        if 'compensation' in st: w.add_(e[0])
+        g = gc if gc.dtype == torch.float32 else g.copy_(gc)
+        m32 = m if m.dtype == torch.float32 else m32.copy_(m)
+        adamw_math_(w, g, m32, v, denom=denom, **hyper)
         if m32 is not m: m.copy_(m32)
         if 'compensation' in st: kahan_store_(pc, e[0], w)
-        elif sr: pc.copy_(stochastic_round(w, gen))
+        elif sr: pc.copy_(stochastic_round_(w, gen, noise=denom.view(torch.int32)))
         elif w is not pc: pc.copy_(w)
+
+@patch
+def _buffers(self:AdamW, device:torch.device, n:int) -> torch.Tensor:
+    "Four float32 rows of at least `n` elements on `device`, kept between steps"
+    buf = self._scratch.get(device)
+    if buf is None or buf.shape[1] < n: buf = self._scratch[device] = torch.empty(4, n, device=device)
+    return buf
 
 @patch
 def _generator(self:AdamW, device:torch.device, step:int, index:int) -> torch.Generator:
