@@ -17,9 +17,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 # %% auto #0
-__all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'LAUNCH_KEYS', 'closest', 'check_choice', 'bf16_supported',
-           'SFTConfig', 'ModelConfig', 'ScriptArguments', 'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe',
-           'parse_args', 'launch_options']
+__all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'HALF_PRECISION_UPDATES', 'LAUNCH_KEYS', 'closest',
+           'check_choice', 'bf16_supported', 'SFTConfig', 'ModelConfig', 'ScriptArguments', 'DatasetConfig',
+           'DatasetMixtureConfig', 'load_recipe', 'parse_args', 'launch_options']
 
 # %% ../nbs/00_config.ipynb #41cd85a2
 def closest(name:str, valid) -> str:
@@ -51,6 +51,7 @@ def bf16_supported() -> bool:
 LOSS_TYPES = {'nll', 'dft'}
 PACKING_STRATEGIES = {'bfd', 'bfd_split', 'wrapped'}
 TRUNCATION_MODES = {'keep_start', 'keep_end'}
+HALF_PRECISION_UPDATES = {'kahan', 'stochastic', 'master', 'naive'}
 _ALIASES = {'chunked_nll': 'nll', 'bfd-requeue': 'bfd_split'}
 
 @dataclass
@@ -90,6 +91,8 @@ class SFTConfig(TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in `output_dir` instead of refusing to mix runs."})
     save_merged_model: bool = field(default=False, metadata={"help": "With adapters, also save the merged full model in `<output_dir>/merged`."})
     max_shard_size: str = field(default="5GB", metadata={"help": "Shard saved weights above this size (an index file lists the shards)."})
+    # Optimizer (sft_nb.optim): not in TRL, which trains float32 weights
+    half_precision_updates: str = field(default="kahan", metadata={"help": "How full fine-tuning's AdamW updates bfloat16/float16 weights: kahan (compensated: every step kept, 2 extra bytes a weight), stochastic (rounding), master (float32 copies) or naive (rounded to nearest: small steps are lost)."})
 
     def __post_init__(self):
         if self.bf16 is None: self.bf16 = not self.fp16 and not self.use_cpu and bf16_supported()
@@ -113,6 +116,7 @@ class SFTConfig(TrainingArguments):
         check_choice('loss_type', self.loss_type, LOSS_TYPES)
         check_choice('packing_strategy', self.packing_strategy, PACKING_STRATEGIES)
         check_choice('truncation_mode', self.truncation_mode, TRUNCATION_MODES)
+        check_choice('half_precision_updates', self.half_precision_updates, HALF_PRECISION_UPDATES)
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"`max_length` must be a positive number of tokens or None (no truncation), got {self.max_length}.")
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:

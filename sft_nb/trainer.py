@@ -323,6 +323,13 @@ def log(self:SFTTrainer, logs:dict, start_time=None):
         self._last_log = (now, n)
     return super(SFTTrainer, self).log(logs, start_time)
 
+# %% ../nbs/08_trainer.ipynb #b7f16a0c
+from .optim import optimizer_cls_and_kwargs
+# Full fine-tuning of bfloat16 / float16 weights gets sft_nb.optim's AdamW (Kahan-compensated by default): with torch's,
+# most steps at lr 2e-5 round away. Static as in Trainer; an optimizer passed to the trainer, `optimizer_cls_and_kwargs`,
+# another `optim` or `half_precision_updates='naive'` are kept as given.
+SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)
+
 # %% ../nbs/08_trainer.ipynb #f8a9b0c1
 @patch
 def evaluate(self:SFTTrainer,
