@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #583df0fa
 from __future__ import annotations
-import dataclasses, difflib, json, os, re, sys, warnings
+import dataclasses, difflib, functools, importlib.util, json, os, re, sys, warnings
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +125,11 @@ class SFTConfig(TrainingArguments):
         if isinstance(p, str) and p != "auto":
             self.pad_to_multiple_of = p = None if p.lower() in ("none", "null") else int(p)
         if isinstance(p, int) and p < 1: raise ValueError(f"`pad_to_multiple_of` must be >= 1, None or 'auto', got {p}.")
+        if self.use_liger_kernel and importlib.util.find_spec('liger_kernel') is None:
+            raise ValueError("`use_liger_kernel=True` needs the `liger-kernel` package (CUDA GPUs; `pip install liger-kernel`), "
+                             "which is not installed. sft_nb's loss already computes the LM head in chunks on the labelled tokens "
+                             "only, which is what Liger's fused cross-entropy saves; set use_liger_kernel=False to train without "
+                             "Liger's other kernels.")
         if self.activation_offloading:
             warnings.warn("`activation_offloading` (TRL's offloading of every activation to the CPU) is not implemented in sft_nb and is "
                           "ignored. With `activation_checkpointing`, `activation_checkpointing_kwargs={'offload': True}` keeps the "
@@ -139,10 +144,27 @@ class SFTConfig(TrainingArguments):
         if self.padding_free and not getattr(data_collator, 'padding_free', False):
             raise ValueError(f"`padding_free=True` needs a collator that flattens batches, but `{type(data_collator).__name__}` "
                              "does not. Drop `data_collator` (sft_nb builds one) or set `padding_free=False`.")
-        if self.packing and not getattr(data_collator, 'return_position_ids', False):
+        keeps_documents_apart = ('return_position_ids', 'block_diagonal', 'padding_free')
+        if self.packing and not any(getattr(data_collator, a, False) for a in keeps_documents_apart):
             raise ValueError(f"`packing=True` needs a collator that returns per-document `position_ids`, but "
                              f"`{type(data_collator).__name__}` does not, so packed documents would attend to each other. "
                              "Drop `data_collator` (sft_nb builds one) or set `packing=False`.")
+
+# %% ../nbs/00_config.ipynb #42c3facd
+_RENAMED = {'max_seq_length': "`max_length` (renamed in TRL)",
+            'warmup_ratio': "`warmup_steps`: transformers 5 reads a value below 1 as a fraction of the run",
+            'evaluation_strategy': "`eval_strategy` (renamed in transformers)",
+            'dataset_batch_size': "nothing: TRL dropped it (rows are tokenized in `datasets`' batches)"}
+
+_dataclass_init = SFTConfig.__init__
+
+def _init_naming_renames(self, *args, **kwargs):
+    "The dataclass `__init__`, after refusing old spellings with the new one"
+    for k in kwargs.keys() & _RENAMED.keys():
+        raise TypeError(f"SFTConfig({k}=...): `{k}` is now {_RENAMED[k]}.")
+    _dataclass_init(self, *args, **kwargs)
+
+SFTConfig.__init__ = functools.wraps(_dataclass_init)(_init_naming_renames)
 
 # %% ../nbs/00_config.ipynb #68dab5ac
 @dataclass
