@@ -34,11 +34,6 @@ QWEN2 = "tiny-Qwen2ForCausalLM-2.5"
 QWEN3 = "tiny-Qwen3ForCausalLM"
 
 
-def sft_nb_fails(reason):
-    "Expected failure of sft_nb (strict): the reason names the cause"
-    return pytest.mark.xfail(IMPL == "sft_nb", strict=True, reason=reason)
-
-
 def trl_fails(reason):
     "Expected failure of TRL 1.16 itself on this CPU (strict)"
     return pytest.mark.xfail(IMPL == "trl", strict=True, reason=reason)
@@ -54,22 +49,6 @@ def sft_nb_deviates(test_name):
     return pytest.mark.skipif(IMPL == "sft_nb", reason=f"deliberate sft_nb deviation, see {test_name}")
 
 
-BF16_OPT = "issue14-1: bf16 full fine-tuning leaves weights unchanged (bf16 weights updated in place)"
-SAVE_KEYS = "issue14-2: save verification reports tensors 'not in the checkpoint' (transformers 5 renames keys on save)"
-ATTRS = "issue14-3: missing public trainer attribute"
-COLLATOR = "issue14-4: collator is not TRL's"
-EVAL = "issue14-5: evaluate() / datasets handling"
-PROMPT_PEFT = "issue14-6: prompt-learning PEFT configs fail"
-NEOX = (f"{SAVE_KEYS}: GPT-NeoX saves lm_head as embed_out; behind it issue14-1: the float16 checkpoint trains "
-        "in float16 and its layernorm weights stay unchanged")
-IMAGES_DROPPED = ("other: an image dataset given to a text-only model trains on the text and silently drops the "
-                  "images; TRL raises a ValueError that asks for a vision-language model")
-PROMPT_PEFT_MODEL = (f"{PROMPT_PEFT}: a PromptEncoder PeftModel passed in: `Setting requires_grad is not supported "
-                     "for prompt learning methods`")
-POSITION_IDS = f"{COLLATOR}: its batch also carries `position_ids` (return_position_ids=True by default)"
-SEQ_LENGTHS_ROWS = (f"{COLLATOR}: rows with `seq_lengths` are collated as packed rows without padding_free too "
-                    "(per-document position_ids, cu_seq_lens_*, max_length_*, use_cache; document starts unlabelled)")
-STATIC_HELPER = f"{COLLATOR}: no static `get_position_ids_from_packed_seq_lengths`"
 # TRL's tests (newer than 1.16) expect a padding-free batch of input_ids/position_ids/labels only; TRL 1.16, and
 # sft_nb with it, also return cu_seq_lens_q/k, max_length_q/k and seq_idx for the varlen kernels
 # (test_padding_free_batches_equal_trl_1_16 checks sft_nb's batch equals TRL 1.16's on these four cases)
@@ -110,10 +89,20 @@ class TrlTestCase:
 def snapshot(trainer): return {n: p.clone() for n, p in trainer.model.named_parameters()}
 
 
+def trained_value(trainer, param):
+    """What training left in `param`. For sft_nb's bf16 weights that is the weight plus its Kahan compensation
+    (`sft_nb.optim.master_weight`): a step smaller than half a bf16 step is kept there until the sum crosses one, so
+    TRL's check reads the value the optimizer trained, not its rounding (TRL trains float32 copies instead)"""
+    if IMPL != "sft_nb" or param.dtype == torch.float32: return param
+    from sft_nb.optim import master_weight
+    return master_weight(trainer.optimizer, param)
+
+
 def assert_all_changed(trainer, previous, keep=lambda n: False):
     "TRL's check: every parameter changed (those `keep` selects must be unchanged)"
     for n, param in previous.items():
-        new_param = trainer.model.get_parameter(n)
+        new_param = trained_value(trainer, trainer.model.get_parameter(n))
+        param = param.to(new_param.dtype)
         if keep(n): assert torch.equal(param, new_param), f"Parameter {n} has changed."
         else: assert not torch.equal(param, new_param), f"Parameter {n} has not changed."
 
@@ -134,7 +123,6 @@ class TestDFTLoss:
 
 
 class TestDataCollatorForLanguageModeling:
-    @sft_nb_fails(POSITION_IDS)
     def test_basic_padding(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -144,7 +132,6 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
-    @sft_nb_fails(POSITION_IDS)
     def test_without_labels(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         result = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
@@ -153,7 +140,6 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
-    @sft_nb_fails(POSITION_IDS)
     def test_provided_labels_not_reconstructed_from_masks(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         examples = [
@@ -197,7 +183,6 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["position_ids"], torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[-100, 2, 3, -100, 5, 6, -100, 8, 9, 10, -100]]))
 
-    @sft_nb_fails(POSITION_IDS)
     def test_pad_to_multiple_of(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=4)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -217,7 +202,6 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["position_ids"], torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[-100, 2, 3, -100, 5, -100, -100, -100]]))
 
-    @sft_nb_fails(SEQ_LENGTHS_ROWS)
     def test_custom_position_ids_but_no_padding_free(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         examples = [
@@ -230,7 +214,6 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
-    @sft_nb_fails(POSITION_IDS)
     def test_single_example(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=0)
         result = collator([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}])
@@ -239,7 +222,6 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1, 1]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3, 4]]))
 
-    @sft_nb_fails(POSITION_IDS)
     def test_different_pad_token_id(self):
         collator = DataCollatorForLanguageModeling(pad_token_id=999)
         examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
@@ -249,19 +231,16 @@ class TestDataCollatorForLanguageModeling:
         torch.testing.assert_close(result["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]]))
         torch.testing.assert_close(result["labels"], torch.tensor([[1, 2, 3], [4, 5, -100]]))
 
-    @sft_nb_fails(STATIC_HELPER)
     def test_single_example_single_doc(self):
         result = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[5]])
         assert len(result) == 1
         assert torch.equal(result[0], torch.arange(5))
 
-    @sft_nb_fails(STATIC_HELPER)
     def test_single_example_multiple_docs(self):
         result = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[3, 2]])
         assert len(result) == 1
         assert torch.equal(result[0], torch.tensor([0, 1, 2, 0, 1]))
 
-    @sft_nb_fails(STATIC_HELPER)
     def test_multiple_examples(self):
         result = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[2, 2], [3]])
         assert len(result) == 2
@@ -296,15 +275,6 @@ TRAIN_MODELS = [
     "tiny-Lfm2ForCausalLM-2.5",
 ]
 FP32_MODELS = [m + "-fp32" for m in TRAIN_MODELS]
-SAVE_RENAMED = ("tiny-Glm4MoeForCausalLM", "tiny-Qwen3MoeForCausalLM", "tiny-NemotronHForCausalLM-nano")
-
-
-def train_param(model_id):
-    "test_train's causes, first to last: checkpoint keys renamed on save, `aux_loss_enabled`, bf16 weights"
-    causes = [SAVE_KEYS] if model_id.removesuffix("-fp32") in SAVE_RENAMED else []
-    causes.append(f"{ATTRS} `aux_loss_enabled`")
-    if not model_id.endswith("-fp32"): causes.append(BF16_OPT)
-    return pytest.param(model_id, marks=sft_nb_fails("; then ".join(causes)))
 
 
 EVAL_TYPES = ["dataset", "iterable_dataset", "dataset_dict", "iterable_dataset_dict", "dict_of_dataset",
@@ -317,7 +287,7 @@ class TestSFTTrainer(TrlTestCase):
         args = TrainingArguments(output_dir=self.tmp_dir, report_to="none")
         SFTTrainer(model=self.model_id(QWEN2), args=args, train_dataset=dataset)
 
-    @pytest.mark.parametrize("model_id", [train_param(m) for m in TRAIN_MODELS + FP32_MODELS])
+    @pytest.mark.parametrize("model_id", TRAIN_MODELS + FP32_MODELS)
     def test_train(self, model_id):
         dataset = self.zen("standard_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -330,7 +300,6 @@ class TestSFTTrainer(TrlTestCase):
             assert trainer.state.log_history[-1]["aux_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     @pytest.mark.parametrize("config_name", ["standard_language_modeling", "conversational_language_modeling",
                                              "standard_prompt_completion", "conversational_prompt_completion"])
     def test_train_dataset_format(self, config_name):
@@ -351,7 +320,6 @@ class TestSFTTrainer(TrlTestCase):
                              args=SFTConfig(output_dir=self.tmp_dir, report_to="none", trust_remote_code=True))
         assert type(trainer.model).__name__ == "RemoteForCausalLM"
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_gpt_oss(self):
         dataset = self.zen("language_modeling", repo="harmony", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -382,7 +350,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_nll_loss(self):
         dataset = self.zen("standard_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, loss_type="nll", report_to="none")
@@ -404,7 +371,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_peft_trained(trainer, previous, base_param_names)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_with_formatting_func(self):
         def formatting_prompts_func(example):
             chosen, rejected = example["chosen"], example["rejected"]
@@ -529,7 +495,6 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs a GPU and liger-kernel")
     def test_predict_does_not_skip_logits_with_liger(self): pass
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_with_non_chatml_conversational_data(self):
         dataset = self.zen("conversational_language_modeling", split="train")
 
@@ -543,7 +508,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_with_pretokenized_data(self):
         model_id = self.model_id(QWEN2)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -556,7 +520,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(f"{EVAL}: the with_transform message does not name `skip_prepare_dataset`")
     def test_dataset_with_transform_requires_skip_prepare_dataset(self):
         dataset = Dataset.from_dict({"text": ["hello world"]})
 
@@ -587,7 +550,6 @@ class TestSFTTrainer(TrlTestCase):
         assert batch["input_ids"].shape == (1, sum(lengths))  # one padding-free row of both documents
         assert batch["position_ids"][0].tolist() == list(range(lengths[0])) + list(range(lengths[1]))
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_with_iterable_dataset(self):
         dataset = self.zen("standard_language_modeling", split="train", streaming=True)
         training_args = SFTConfig(output_dir=self.tmp_dir, max_steps=3, report_to="none")
@@ -600,7 +562,6 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs flash-attention kernels (kernels-community/flash-attn2) on an Ampere+ GPU")
     def test_train_padding_free(self): pass
 
-    @sft_nb_fails(BF16_OPT)
     @pytest.mark.parametrize("packing_strategy", ["bfd", "wrapped"])
     @pytest.mark.filterwarnings("ignore:You are using packing")
     @pytest.mark.filterwarnings("ignore:Padding-free training is enabled")
@@ -643,7 +604,6 @@ class TestSFTTrainer(TrlTestCase):
         assert len(trainer.train_dataset["input_ids"]) == bfd_rows(trainer.train_dataset["seq_lengths"], 64)
         assert len(trainer.eval_dataset["input_ids"]) == 2
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_with_chat_template_kwargs(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -665,7 +625,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_assistant_only(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, assistant_only_loss=True, report_to="none")
@@ -758,7 +717,6 @@ class TestSFTTrainer(TrlTestCase):
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["labels"].tolist() == [[-100, -100, 3, 4]] * 2  # trained on the assistant tokens only
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_completion_only(self):
         dataset = self.zen("conversational_prompt_completion", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, completion_only_loss=True, report_to="none")
@@ -768,7 +726,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_completion_only_harmony(self):
         dataset = self.zen("prompt_completion", repo="harmony", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, completion_only_loss=True, report_to="none")
@@ -778,7 +735,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)  # the data now prepares as in TRL (qwen3_training swapped in); with -fp32 it passes
     def test_train_assistant_only_and_completion_only(self):
         dataset = self.zen("conversational_prompt_completion", split="train")
 
@@ -795,7 +751,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_assistant_only_iterable_dataset(self):
         dataset = self.zen("conversational_language_modeling", split="train", streaming=True)
         training_args = SFTConfig(output_dir=self.tmp_dir, assistant_only_loss=True, max_steps=3, report_to="none")
@@ -805,7 +760,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(NEOX)
     def test_train_with_set_chat_template_from_model(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         # TRL clones "Qwen/Qwen3-4B"'s template; offline, the local tiny Qwen3 (same template) is the source
@@ -816,7 +770,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(NEOX)
     def test_train_with_set_chat_template_from_path(self):
         dataset = self.zen("conversational_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, chat_template_path=self.hub.template(), report_to="none")
@@ -829,7 +782,6 @@ class TestSFTTrainer(TrlTestCase):
         assert template_path.exists(), f"Chat template not found at {template_path}"
         assert template_path.read_text() == pathlib.Path(training_args.chat_template_path).read_text()
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_toolcall_data(self):
         dataset = self.zen("language_modeling", repo="toolcall", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, per_device_train_batch_size=2, max_length=512,
@@ -840,7 +792,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_toolcall_data_as_json(self):
         dataset = self.zen("language_modeling", repo="toolcall", split="train")
         dataset = dataset.map(lambda example: {"tools": json.loads(example["tools"])})
@@ -861,7 +812,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[0]["eval_loss"] is not None
 
     @pytest.mark.parametrize("eval_dataset_type", EVAL_TYPES)
-    @sft_nb_fails(f"{EVAL}: evaluate() does not prepare a raw eval dataset")
     def test_evaluate_with_eval_dataset(self, eval_dataset_type):
         train_dataset = self.zen("standard_language_modeling", split="train")
         eval_dataset = self.eval_datasets(eval_dataset_type)
@@ -901,7 +851,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-3]["eval_data1_loss"] is not None
         assert trainer.state.log_history[-2]["eval_data2_loss"] is not None
 
-    @sft_nb_fails(f"{EVAL}: a missing train_dataset is only noticed at train()")
     def test_train_dataset_required(self):
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
         with pytest.raises(ValueError, match="`train_dataset` is required"):
@@ -931,7 +880,6 @@ class TestSFTTrainer(TrlTestCase):
         trainer.train()
         assert trainer.state.log_history[-2]["eval_my_metric"] == 0.123
 
-    @sft_nb_fails(BF16_OPT)
     def test_train_with_gradient_checkpointing(self):
         dataset = self.zen("standard_language_modeling", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, gradient_checkpointing=True, report_to="none")
@@ -941,7 +889,6 @@ class TestSFTTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous)
 
-    @sft_nb_fails(BF16_OPT)
     @pytest.mark.parametrize("use_reentrant", [True, False])
     def test_train_with_gradient_checkpointing_reentrant(self, use_reentrant):
         dataset = self.zen("standard_language_modeling", split="train")
@@ -978,7 +925,6 @@ class TestSFTTrainer(TrlTestCase):
             assert {"sft", "sft_nb"} <= set(trainer.model.model_tags)
             assert "trl" not in trainer.model.model_tags
 
-    @sft_nb_fails(IMAGES_DROPPED)
     def test_vision_dataset_with_text_model_raises(self):
         dataset = self.zen("conversational_language_modeling", repo="zen-image", split="train")
         training_args = SFTConfig(output_dir=self.tmp_dir, report_to="none")
@@ -999,7 +945,6 @@ class TestSFTTrainer(TrlTestCase):
     @pytest.mark.skip(reason="needs bitsandbytes 4-bit on a GPU (QLoRA); sft_nb's QLoRA runs in tools/gpu_check.sh")
     def test_peft_with_quantization(self): pass
 
-    @sft_nb_fails(PROMPT_PEFT_MODEL)
     def test_prompt_tuning_peft_model(self):
         model = AutoModelForCausalLM.from_pretrained(self.model_id(QWEN2), dtype="float32")
         model = get_peft_model(model, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8))
