@@ -1,21 +1,34 @@
-__version__ = "0.0.1"
-"Supervised fine-tuning of causal language models: a literate, drop-in TRL `SFTTrainer`."
+"""Supervised fine-tuning of causal language models: a literate, drop-in TRL `SFTTrainer`.
 
-# Public names load on first use, so `import sft_nb` stays cheap (no torch/transformers import).
-_LAZY = {
-    'SFTConfig': 'config', 'ModelConfig': 'config', 'ScriptArguments': 'config', 'DatasetMixtureConfig': 'config',
-    'DatasetConfig': 'config', 'parse_args': 'config',
-    'load_model': 'models', 'load_tokenizer': 'models', 'prepare_tokenizer': 'models', 'get_quantization_config': 'models',
-    'clone_chat_template': 'models',
-    'get_peft_config': 'adapters', 'apply_peft': 'adapters', 'merge_adapters': 'adapters', 'load_adapter': 'adapters',
-    'prepare_dataset': 'data', 'show_trained': 'data',
-    'pack_dataset': 'packing', 'DataCollatorForLanguageModeling': 'packing',
-    'sft_loss': 'loss',
-    'save_model': 'save', 'verify_saved': 'save', 'model_card': 'save', 'write_model_card': 'save', 'push_to_hub': 'save',
-    'PushError': 'save', 'CrashSafeSaveMixin': 'save',
-    'SFTLossMixin': 'loss', 'TokenCounter': 'loss', 'DataFormatError': 'data',
-    'SFTTrainer': 'trainer',
-}
+`from sft_nb import SFTConfig, SFTTrainer` works like `from trl import SFTConfig, SFTTrainer`. Every public name the
+library's notebooks export is importable from here; `sft_nb.tiny` (test fixtures) and `sft_nb.cli` (the `sft-nb`
+command) are imported by their module name.
+"""
+__version__ = "0.0.1"
+
+# The names are read from nbdev's generated index, not kept by hand, and each module loads on first use, so
+# `import sft_nb` stays cheap (no torch or transformers import).
+_NOT_REEXPORTED = ('tiny', 'cli')
+
+
+def _public_names() -> dict:
+    "Map each public name the notebooks export to its module, from nbdev's `_modidx` (a literal dict)"
+    from ._modidx import d
+    names = {}
+    for module, symbols in d['syms'].items():
+        short = module.split('.', 1)[1]
+        if short in _NOT_REEXPORTED:
+            continue
+        for symbol in symbols:
+            name = symbol[len(module) + 1:]
+            if '.' not in name and not name.startswith('_'):
+                names.setdefault(name, short)
+    return names
+
+
+_LAZY = _public_names()
+__all__ = sorted(_LAZY)
+
 
 def __getattr__(name):
     if name in _LAZY:
@@ -23,5 +36,6 @@ def __getattr__(name):
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-def __dir__(): return sorted(list(globals()) + list(_LAZY))
-__all__ = list(_LAZY)
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
