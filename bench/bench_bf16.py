@@ -30,7 +30,8 @@ Run: `PYTHONPATH=. python bench/bench_bf16.py` (about 25 minutes on 2 busy cores
 """
 import json, os, subprocess, sys, tempfile
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', WANDB_DISABLED='true')
-import warnings; warnings.filterwarnings('ignore')
+import warnings
+warnings.filterwarnings('ignore')
 
 STEPS, HIDDEN, LAYERS, VOCAB = 8, 512, 8, 32000
 RUNS = ('trl', 'kahan', 'master', 'stochastic', 'naive')
@@ -136,7 +137,9 @@ def step_times(path, n=5):
     return out
 
 if __name__ == '__main__':
-    if len(sys.argv) > 2: _child(sys.argv[1], sys.argv[2]); sys.exit()
+    if len(sys.argv) > 2:
+        _child(sys.argv[1], sys.argv[2])
+        sys.exit()
     with tempfile.TemporaryDirectory() as d:
         save_model(d)
         report(run_all(d))

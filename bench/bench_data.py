@@ -41,7 +41,9 @@ def ours_prepare(ds, tok, max_length, num_proc):
     return prepare_dataset(ds, tok, args)
 
 def timed(f, *a):
-    t = time.perf_counter(); out = f(*a); return out, time.perf_counter() - t
+    t = time.perf_counter()
+    out = f(*a)
+    return out, time.perf_counter() - t
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
@@ -50,7 +52,8 @@ if __name__ == '__main__':
     ap.add_argument('--num_proc', type=int, default=None)
     ap.add_argument('--repeat', type=int, default=2, help="interleaved runs of each; the best time counts (shared machines are noisy)")
     a = ap.parse_args()
-    datasets.disable_caching(); datasets.disable_progress_bars()
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
     tok, ds = tiny_tokenizer(CHATML_GENERATION_TEMPLATE), conversations(a.n)
     # first, while the Rust tokenizer may still use every core (after a fork, `tokenizers` turns its threads off)
     from sft_nb.data import ChatRenderer, fast_backend
@@ -59,8 +62,10 @@ if __name__ == '__main__':
     _, t_encode = timed(backend.encode_batch, texts, False)
     t_ours = t_trl = float('inf')
     for _ in range(a.repeat):
-        ours, t = timed(ours_prepare, ds, tok, a.max_length, a.num_proc); t_ours = min(t_ours, t)
-        trl, t = timed(trl_prepare, ds, tok, a.max_length, a.num_proc); t_trl = min(t_trl, t)
+        ours, t = timed(ours_prepare, ds, tok, a.max_length, a.num_proc)
+        t_ours = min(t_ours, t)
+        trl, t = timed(trl_prepare, ds, tok, a.max_length, a.num_proc)
+        t_trl = min(t_trl, t)
     same = ours['input_ids'][:] == trl['input_ids'][:] and ours['labels'][:] == trl['labels'][:]
     n_trunc = sum(len(x) == a.max_length for x in ours['input_ids'])
     print(f"{a.n} conversations, assistant_only_loss, max_length={a.max_length} ({n_trunc} rows truncated), num_proc={a.num_proc}")

@@ -9,7 +9,8 @@ Run: `PYTHONPATH=. python bench/bench_loss.py` (a few minutes on 2 cores).
 """
 import json, os, statistics, subprocess, sys, time
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', WANDB_DISABLED='true')
-import warnings; warnings.filterwarnings('ignore')
+import warnings
+warnings.filterwarnings('ignore')
 
 VOCAB, HIDDEN, LAYERS, SEQ, STEPS, ROUNDS = 151936, 256, 2, 2048, 4, 2
 
@@ -24,7 +25,8 @@ def _chat_row(rng, seq, vocab):
     while len(ids) < seq:
         p, a = rng.randint(60, 240), rng.randint(40, 200)
         turn = [rng.randrange(vocab) for _ in range(p + a)]
-        ids += turn; labels += [-100] * p + turn[p:]
+        ids += turn
+        labels += [-100] * p + turn[p:]
     return {'input_ids': ids[:seq], 'labels': labels[:seq]}
 
 def _args(cls, out, **kw):
@@ -62,7 +64,8 @@ def loss_curve():
         for kind in ('trl', 'ours'):
             t = _trainer(kind, tiny_model(tokenizer=tok), ds, tok, f"{d}/{kind}", per_device_train_batch_size=4,
                          max_steps=10, learning_rate=3e-3)
-            t.train(); curves[kind] = _losses(t)
+            t.train()
+            curves[kind] = _losses(t)
     return max(abs(a - b) / abs(b) for a, b in zip(curves['ours'], curves['trl'])), curves
 
 def _child(kind):
@@ -105,10 +108,13 @@ def speed_memory():
     return res
 
 if __name__ == '__main__':
-    if len(sys.argv) > 1: _child(sys.argv[1]); sys.exit()
+    if len(sys.argv) > 1:
+        _child(sys.argv[1])
+        sys.exit()
     rel, curves = loss_curve()
     print(f"loss curve, 10 steps, tiny model: max relative difference to TRL = {rel:.2e} (target <= 1e-4)")
-    print("  TRL   ", ' '.join(f"{x:.4f}" for x in curves['trl'])); print("  sft_nb", ' '.join(f"{x:.4f}" for x in curves['ours']))
+    print("  TRL   ", ' '.join(f"{x:.4f}" for x in curves['trl']))
+    print("  sft_nb", ' '.join(f"{x:.4f}" for x in curves['ours']))
     res = speed_memory()
     print(f"\nvocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, seq {SEQ}, batch 1, assistant-only "
           f"({res['ours']['labelled']:.0%} of tokens labelled), {STEPS} steps, step time = median after the first, best of {ROUNDS} rounds")

@@ -39,7 +39,9 @@ def bench_quality(n=200_000, max_len=MAX_LEN):
     for strategy in ('bfd', 'bfd_split'):
         res = {}
         for name, fn in (('sft_nb', pack_dataset), ('trl', trl_pack_dataset)):
-            t0 = time.time(); packed = fn(ds, max_len, strategy); secs = time.time() - t0
+            t0 = time.time()
+            packed = fn(ds, max_len, strategy)
+            secs = time.time() - t0
             rows, eff = quality(packed, max_len)
             trunc = int(lens.sum() - eff * rows * max_len + 0.5)
             res[name] = (rows, eff, trunc, secs)
@@ -68,8 +70,11 @@ class Run:
         b = self.batches[i]
         t0 = time.perf_counter()
         self.model(**{**b, 'use_cache': False}).loss.backward()
-        self.opt.step(); self.opt.zero_grad()
-        if timed: self.secs += time.perf_counter() - t0; self.tokens += int((b['input_ids'] != self.pad_id).sum())
+        self.opt.step()
+        self.opt.zero_grad()
+        if timed:
+            self.secs += time.perf_counter() - t0
+            self.tokens += int((b['input_ids'] != self.pad_id).sum())
 
     @property
     def tokens_per_s(self): return self.tokens / self.secs

@@ -16,8 +16,11 @@ def run(rank, kind, port):
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     model = tiny_model(tokenizer=tok, tie_word_embeddings=False)
-    ref = tiny_model(tokenizer=tok, tie_word_embeddings=False); ref.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 300, (2, 16)); labels = ids.clone(); labels[:, :5] = -100
+    ref = tiny_model(tokenizer=tok, tie_word_embeddings=False)
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 300, (2, 16))
+    labels = ids.clone()
+    labels[:, :5] = -100
     batch = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids))
     if kind == 'fsdp1':
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -28,8 +31,10 @@ def run(rank, kind, port):
         for layer in model.model.layers: fully_shard(layer)
         fully_shard(model)
     blocker = fused_head_blocker(model)
-    loss, _ = sft_loss(model, batch); loss.backward()
-    ref_loss, _ = sft_loss(ref, batch); ref_loss.backward()
+    loss, _ = sft_loss(model, batch)
+    loss.backward()
+    ref_loss, _ = sft_loss(ref, batch)
+    ref_loss.backward()
     grad_ok = None
     if kind == 'fsdp2':
         g = model.lm_head.weight.grad

@@ -22,19 +22,26 @@ def lz4_block(src: bytes, out: bytearray):
     "Decode one LZ4 block onto `out` (matches may reach into earlier blocks of the frame)"
     i, n = 0, len(src)
     while i < n:
-        tok = src[i]; i += 1
+        tok = src[i]
+        i += 1
         lit = tok >> 4
         if lit == 15:
             while True:
-                b = src[i]; i += 1; lit += b
+                b = src[i]
+                i += 1
+                lit += b
                 if b != 255: break
-        out += src[i:i+lit]; i += lit
+        out += src[i:i+lit]
+        i += lit
         if i >= n: break
-        off = src[i] | src[i+1] << 8; i += 2
+        off = src[i] | src[i+1] << 8
+        i += 2
         ml = tok & 15
         if ml == 15:
             while True:
-                b = src[i]; i += 1; ml += b
+                b = src[i]
+                i += 1
+                ml += b
                 if b != 255: break
         ml += 4
         start = len(out) - off
@@ -46,9 +53,11 @@ def lz4_frame(data: bytes) -> bytes:
     assert data[:4] == b'\x04\x22\x4d\x18', 'not an LZ4 frame'
     flg, i, out = data[4], 7 + (8 if data[4] & 0x08 else 0) + (4 if data[4] & 0x01 else 0), bytearray()
     while True:
-        size = int.from_bytes(data[i:i+4], 'little'); i += 4
+        size = int.from_bytes(data[i:i+4], 'little')
+        i += 4
         if size == 0: return bytes(out)
-        blk = data[i:i+(size & 0x7fffffff)]; i += size & 0x7fffffff
+        blk = data[i:i+(size & 0x7fffffff)]
+        i += size & 0x7fffffff
         if size & 0x80000000: out += blk
         else: lz4_block(blk, out)
         if flg & 0x10: i += 4
@@ -58,7 +67,8 @@ def bg4_join(data: bytes) -> bytes:
     n, out, pos = len(data), bytearray(len(data)), 0
     for j in range(4):
         size = (n - j + 3) // 4
-        out[j::4] = data[pos:pos+size]; pos += size
+        out[j::4] = data[pos:pos+size]
+        pos += size
     return bytes(out)
 
 def xorb_chunks(xorb: bytes, n: int) -> list[bytes]:
@@ -66,7 +76,8 @@ def xorb_chunks(xorb: bytes, n: int) -> list[bytes]:
     chunks, i = [], 0
     for _ in range(n):
         clen, scheme, ulen = int.from_bytes(xorb[i+1:i+4], 'little'), xorb[i+4], int.from_bytes(xorb[i+5:i+8], 'little')
-        data = xorb[i+8:i+8+clen]; i += 8 + clen
+        data = xorb[i+8:i+8+clen]
+        i += 8 + clen
         raw = data if scheme == 0 else lz4_frame(data) if scheme == 1 else bg4_join(lz4_frame(data)) if scheme == 2 else None
         if raw is None or len(raw) != ulen: raise ValueError(f'cannot decode xorb chunk (scheme {scheme})')
         chunks.append(raw)
@@ -186,7 +197,9 @@ def _handler(state: HubState, base_url):
             rev = 'main' if rev in (None, 'main') else rev
             for b, shas in r.commits.items():
                 if rev in shas: rev = b
-            if rev not in r.branches: self._error(404, f'Revision {rev} not found', 'RevisionNotFound'); return None, None
+            if rev not in r.branches:
+                self._error(404, f'Revision {rev} not found', 'RevisionNotFound')
+                return None, None
             return r.branches[rev], r.commits[rev][-1]
 
         def model_info(self, repo_id, rev=None):
@@ -353,7 +366,8 @@ class HubServer:
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown(); self.httpd.server_close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
     def files(self, repo_id, branch='main'): return self.state.repos[repo_id].branches[branch]
 

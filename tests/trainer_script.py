@@ -11,10 +11,18 @@ from sft_nb import SFTConfig, SFTTrainer
 from sft_nb.tiny import tiny_dataset
 
 p = argparse.ArgumentParser()
-p.add_argument('out'); p.add_argument('--max_steps', type=int, default=12); p.add_argument('--kill_at', type=int, default=0)
-p.add_argument('--signal_at', type=int, default=0); p.add_argument('--signal', default='TERM'); p.add_argument('--resume', action='store_true'); p.add_argument('--record', default='')
-p.add_argument('--per_device', type=int, default=8); p.add_argument('--ga', type=int, default=1); p.add_argument('--save_steps', type=int, default=4)
-p.add_argument('--save_strategy', default='steps'); p.add_argument('--data', default='')
+p.add_argument('out')
+p.add_argument('--max_steps', type=int, default=12)
+p.add_argument('--kill_at', type=int, default=0)
+p.add_argument('--signal_at', type=int, default=0)
+p.add_argument('--signal', default='TERM')
+p.add_argument('--resume', action='store_true')
+p.add_argument('--record', default='')
+p.add_argument('--per_device', type=int, default=8)
+p.add_argument('--ga', type=int, default=1)
+p.add_argument('--save_steps', type=int, default=4)
+p.add_argument('--save_strategy', default='steps')
+p.add_argument('--data', default='')
 a = p.parse_args()
 torch.set_num_threads(1)
 

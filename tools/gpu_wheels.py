@@ -60,7 +60,8 @@ def main():
     p.add_argument('--dest', default=str(ROOT/'.whl'))
     a = p.parse_args()
     dest = Path(a.dest)
-    shutil.rmtree(dest, ignore_errors=True); dest.mkdir(parents=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
     abi = 'cp' + a.python.replace('.', '')
     plat = [x for t in ('manylinux_2_28_x86_64', 'manylinux_2_24_x86_64', 'manylinux_2_17_x86_64', 'manylinux2014_x86_64', 'any')
             for x in ('--platform', t)]
