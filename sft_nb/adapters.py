@@ -63,7 +63,7 @@ def trainable_report(model) -> str:
     return (f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable: {100*trainable/max(total, 1):.4f}%")
 
-# %% ../nbs/03_adapters.ipynb #3b21dddc
+# %% ../nbs/03_adapters.ipynb #3d4f0520
 def _as_lora_config(peft_config):
     if isinstance(peft_config, dict): return LoraConfig(**peft_config)
     if not isinstance(peft_config, PeftConfig):
@@ -75,6 +75,7 @@ def _module_name(model, module) -> str:
     "The last part of `module`'s name in `model`"
     return next(n for n, m in model.named_modules() if m is module).split('.')[-1]
 
+# %% ../nbs/03_adapters.ipynb #30215e48
 def _train_new_tokens(model, cfg, new_ids:list[int]):
     "Make the rows of tokens added to the tokenizer trainable (and saved) in `cfg`"
     indices = cfg.trainable_token_indices
@@ -142,7 +143,7 @@ def apply_peft(model, # a transformers model, or a `PeftModel`
     else: model.enable_input_require_grads()
     return model
 
-# %% ../nbs/03_adapters.ipynb #5c52e2bd
+# %% ../nbs/03_adapters.ipynb #d13ed331
 def _adapter_state(path:Path) -> dict:
     if (path/'adapter_model.safetensors').exists():
         from safetensors.torch import load_file
@@ -152,6 +153,7 @@ def _adapter_state(path:Path) -> dict:
     raise FileNotFoundError(f"{path} has adapter_config.json but no adapter_model.safetensors: the "
                             "adapter was not saved completely.")
 
+# %% ../nbs/03_adapters.ipynb #d68e8221
 def _adapter_mismatch(model, key:str, t:torch.Tensor) -> str|None:
     "What in `model` doesn't fit the adapter tensor `key`, or None"
     name = key.removeprefix('base_model.model.')
@@ -180,7 +182,7 @@ def check_adapter_matches(model, # the base model (not yet wrapped)
                              f"on {trained_on or 'an unnamed model'!r}; the model is {model_name!r}. "
                              "Load the base model the adapter was trained on.")
 
-# %% ../nbs/03_adapters.ipynb #9881714c
+# %% ../nbs/03_adapters.ipynb #819b50df
 def _adapter_base(path:Path) -> str:
     name = json.loads((path/'adapter_config.json').read_text()).get('base_model_name_or_path')
     if not name:
@@ -193,6 +195,7 @@ def _adapter_base(path:Path) -> str:
                                 "model as `model=`, or set base_model_name_or_path to its folder or Hub "
                                 "id.") from None
 
+# %% ../nbs/03_adapters.ipynb #8c079b94
 @delegates(load_model, keep=True)
 def load_adapter(adapter_path, # folder written by `PeftModel.save_pretrained`
                  model=None, # base model; default: the adapter's `base_model_name_or_path`
@@ -234,7 +237,7 @@ def _unquantized_copy(peft_model, dtype):
     if unexpected: raise RuntimeError(f"Adapter weights did not fit the reloaded base: {unexpected[:3]}")
     return fresh
 
-# %% ../nbs/03_adapters.ipynb #7da49e44
+# %% ../nbs/03_adapters.ipynb #c60204e9
 def merged_copy(model, # a `PeftModel`
                 dtype='auto', # dtype of the base reloaded for a quantized model
                ):
@@ -243,6 +246,7 @@ def merged_copy(model, # a `PeftModel`
         return _unquantized_copy(model, dtype).merge_and_unload()
     return copy.deepcopy(model).merge_and_unload()
 
+# %% ../nbs/03_adapters.ipynb #776e034a
 def merge_adapters(model_or_path, # a `PeftModel`, or an adapter folder
                    output_dir=None, # save the merged model (and `tokenizer`) here
                    dtype='auto', # dtype of the base reloaded for a quantized model or a folder

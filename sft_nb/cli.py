@@ -143,7 +143,7 @@ def load_named_dataset(name:str, # Hub id, local folder or data file
                                 "or a Hub id like 'trl-lib/Capybara'.")
     return load_dataset(name, name=config, streaming=streaming, **kwargs)
 
-# %% ../nbs/09_cli.ipynb #dd546ec8
+# %% ../nbs/09_cli.ipynb #0aef2a2a
 def load_mixture(mix):
     "Load and concatenate the datasets of a recipe's `datasets:` list, with their columns and fractions"
     from datasets import DatasetDict, concatenate_datasets
@@ -158,6 +158,7 @@ def load_mixture(mix):
     if mix.test_split_size: return ds.train_test_split(test_size=mix.test_split_size, seed=0)
     return DatasetDict(train=ds)
 
+# %% ../nbs/09_cli.ipynb #3ee9715b
 def load_data(script_args, mix):
     "The recipe's dataset: its `datasets:` mixture, else `dataset_name`"
     if mix.datasets: return load_mixture(mix)
@@ -217,7 +218,7 @@ def build_trainer(script_args, training_args, model_args, mix, dataset=None):
     if script_args.dataset_name: trainer.card_info['dataset_name'] = script_args.dataset_name
     return trainer
 
-# %% ../nbs/09_cli.ipynb #b6b69e25
+# %% ../nbs/09_cli.ipynb #8df46eef
 def fit(trainer, script_args=None):
     "Train, save the model to `output_dir`, push it if asked: `train` after `build_trainer`"
     args = trainer.args
@@ -236,11 +237,13 @@ def train(script_args, # `ScriptArguments`: the dataset
     "Train as `trl sft` does: load data, build `SFTTrainer`, train, save, push"
     return fit(build_trainer(script_args, training_args, model_args, mix, dataset), script_args)
 
+# %% ../nbs/09_cli.ipynb #72cf1363
 def _summary(trainer) -> str:
     losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
     trained = f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over " if losses else "trained "
     return f"{trained}{trainer.state.global_step} steps; model saved to {trainer.args.output_dir}"
 
+# %% ../nbs/09_cli.ipynb #d7a71979
 def run_training(script_args, training_args, model_args, mix, dataset=None):
     "`train` for the command line: mistakes before training are `UsageError`s; a summary at the end"
     with user_errors():
@@ -268,7 +271,7 @@ def _remove(p:Path) -> None:
     if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
     elif p.exists() or p.is_symlink(): p.unlink()
 
-# %% ../nbs/09_cli.ipynb #0aead6f7
+# %% ../nbs/09_cli.ipynb #f7c29ea5
 def claim_demo_dir(out:Path) -> set[str]:
     "Make `out` the demo's folder: new, empty, or a previous demo's (whose own files, only, go)"
     out = Path(out)
@@ -284,6 +287,7 @@ def claim_demo_dir(out:Path) -> set[str]:
     (out/DEMO_MARK).write_text(json.dumps({'written': []}))
     return {p.name for p in out.iterdir()}
 
+# %% ../nbs/09_cli.ipynb #e8e05ce2
 def mark_demo_files(out:Path, before:set[str]) -> None:
     "List in the marker everything in `out` that was not there when the demo claimed it"
     written = sorted({p.name for p in Path(out).iterdir()} - before - {DEMO_MARK})
@@ -314,13 +318,14 @@ def demo(argv:list[str]) -> object:
         return run_training(script_args, training_args, model_args, mix, conversations)
     finally: mark_demo_files(out, before)
 
-# %% ../nbs/09_cli.ipynb #2870a868
+# %% ../nbs/09_cli.ipynb #3b425ea9
 _LAUNCHED = 'SFT_NB_LAUNCHED'  # set for the processes `accelerate launch` starts: they train, not launch
 
 def _launched() -> bool:
     "Is this a process of a launch (ours, or `accelerate launch` / `torchrun` started by hand)?"
     return bool(os.environ.get(_LAUNCHED)) or 'LOCAL_RANK' in os.environ
 
+# %% ../nbs/09_cli.ipynb #8c8797c7
 def accelerate_config_path(name:str) -> Path:
     "A config file for `accelerate launch`: `name` if it is a file, else sft_nb's profile of that name"
     from importlib.resources import files
@@ -337,7 +342,7 @@ def _has_default_accelerate_config() -> bool:
     from accelerate.commands.config import default_config_file
     return Path(default_config_file).is_file()
 
-# %% ../nbs/09_cli.ipynb #4ddf168b
+# %% ../nbs/09_cli.ipynb #b2c7a821
 def launch_flags(opts:dict) -> list[str]:
     "The `accelerate launch` flags for a recipe's launcher options (`sft_nb.config.launch_options`)"
     flags = []
@@ -350,6 +355,7 @@ def launch_flags(opts:dict) -> list[str]:
         flags.append('--multi_gpu')  # else accelerate starts one process on a machine without GPUs
     return flags
 
+# %% ../nbs/09_cli.ipynb #e45317bc
 def _failed_status(e:Exception) -> int|None:
     "The exit status of the processes a launch started, if `e` says they failed"
     import subprocess
@@ -358,6 +364,7 @@ def _failed_status(e:Exception) -> int|None:
     if failures: return next(iter(failures.values())).exitcode
     return None
 
+# %% ../nbs/09_cli.ipynb #50fcf4cd
 def launch(opts:dict, argv:list[str]) -> None:
     "Start `sft-nb train argv` through `accelerate launch` with the launcher options `opts`"
     with user_errors(): flags = launch_flags(opts)
@@ -469,7 +476,7 @@ def preview_command(argv:list[str]) -> str:
     print(report)
     return report
 
-# %% ../nbs/09_cli.ipynb #0b7572d4
+# %% ../nbs/09_cli.ipynb #7eaeef3f
 def load_for_generation(path, # a full or merged model folder, or an adapter folder
                         dtype:str='auto', # dtype to load the weights in
                        ) -> tuple:
@@ -484,6 +491,7 @@ def load_for_generation(path, # a full or merged model folder, or an adapter fol
         model = model.to('cuda')
     return model.eval(), load_tokenizer(str(p))
 
+# %% ../nbs/09_cli.ipynb #dfe9c3e7
 def reply(model, tokenizer,
           messages:list[dict], # the conversation so far, ending with a user turn
           max_new_tokens:int=128,
@@ -505,7 +513,7 @@ def reply(model, tokenizer,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
-# %% ../nbs/09_cli.ipynb #de689c8e
+# %% ../nbs/09_cli.ipynb #74ec2c6a
 def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=COMMANDS[prog.split()[-1]])
     p.add_argument('path', help="a full or merged model folder, or an adapter folder")
@@ -524,6 +532,7 @@ def _parse(parser:argparse.ArgumentParser, argv:list) -> argparse.Namespace:
     parser.error = error
     return parser.parse_args(argv)
 
+# %% ../nbs/09_cli.ipynb #d56bd1e8
 def generate_command(argv:list[str]) -> str:
     "`sft-nb generate PATH --prompt TEXT`: print the model's answer"
     a = _parse(_generation_parser('sft-nb generate', prompt=True), argv)
@@ -534,6 +543,7 @@ def generate_command(argv:list[str]) -> str:
     print(answer)
     return answer
 
+# %% ../nbs/09_cli.ipynb #12aa1ddb
 def chat_command(argv:list[str], lines=None) -> list[dict]:
     "`sft-nb chat PATH`: one user turn per line of stdin (or `lines`), each answered; the conversation"
     a = _parse(_generation_parser('sft-nb chat', prompt=False), argv)
@@ -574,7 +584,7 @@ def merge_command(argv:list[str]) -> Path:
     print(f"merged {adapter} into its base ({merged.config.name_or_path}); saved to {out}")
     return out
 
-# %% ../nbs/09_cli.ipynb #d83cb92c
+# %% ../nbs/09_cli.ipynb #f3a89854
 _ENV_PACKAGES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate', 'tokenizers',
                  'safetensors', 'huggingface_hub', 'bitsandbytes', 'deepspeed', 'flash_attn',
                  'liger_kernel', 'kernels')
@@ -590,6 +600,7 @@ def _device_lines() -> list[str]:
             f"- MPS: {torch.backends.mps.is_available()}; CPU cores: {os.cpu_count()}",
             f"- accelerate default config: {accelerate_config}"]
 
+# %% ../nbs/09_cli.ipynb #dd1f8d0b
 def env_report() -> str:
     "Versions, devices and settings that matter for a bug report, as lines to paste"
     import platform
@@ -605,6 +616,7 @@ def env_report() -> str:
     lines += [f"- {var}={os.environ[var]}" for var in settings if var in os.environ]
     return '\n'.join(lines)
 
+# %% ../nbs/09_cli.ipynb #735f34ab
 def env_command(argv:list[str]) -> str:
     "`sft-nb env`: print `env_report`"
     _parse(argparse.ArgumentParser(prog='sft-nb env', description=COMMANDS['env']), argv)
@@ -612,7 +624,7 @@ def env_command(argv:list[str]) -> str:
     print(report)
     return report
 
-# %% ../nbs/09_cli.ipynb #4b0380cc
+# %% ../nbs/09_cli.ipynb #1be283e8
 _RUNNERS = {'train': train_command, 'demo': demo, 'preview': preview_command, 'chat': chat_command,
             'generate': generate_command, 'merge': merge_command, 'env': env_command}
 
@@ -624,6 +636,7 @@ def main(argv:list[str]|None=None):
         return None
     return _RUNNERS[cmd](rest)
 
+# %% ../nbs/09_cli.ipynb #d4c5c82d
 def cli() -> int:
     "The `sft-nb` console script: status 0 when done; 2, with one line on stderr, for a user's mistake"
     argv = sys.argv[1:]

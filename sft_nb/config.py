@@ -121,7 +121,7 @@ class SFTConfig(TrainingArguments):
         "(compensated: every step kept, 2 extra bytes a weight), stochastic (rounding), master "
         "(float32 copies) or naive (rounded to nearest: small steps are lost).")
 
-# %% ../nbs/00_config.ipynb #8a3f61fe
+# %% ../nbs/00_config.ipynb #57cfef04
 @patch
 def __post_init__(self:SFTConfig):
     if self.bf16 is None: self.bf16 = not self.fp16 and not self.use_cpu and bf16_supported()
@@ -136,6 +136,7 @@ def __post_init__(self:SFTConfig):
         self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
     if self.eval_packing is None: self.eval_packing = self.packing
 
+# %% ../nbs/00_config.ipynb #8a1a5fc0
 _CHECKPOINTING_NAMES = (('gradient_checkpointing', 'activation_checkpointing'),
                         ('gradient_checkpointing_kwargs', 'activation_checkpointing_kwargs'))
 
@@ -146,7 +147,7 @@ def _resolve_checkpointing_names(self:SFTConfig):
         if getattr(self, new) is None: setattr(self, new, getattr(self, old))
     if self.activation_checkpointing is None: self.activation_checkpointing = True
 
-# %% ../nbs/00_config.ipynb #fb6c0620
+# %% ../nbs/00_config.ipynb #cc27dbb7
 _NO_LIGER = ("`use_liger_kernel=True` needs the `liger-kernel` package (CUDA GPUs; `pip install "
              "liger-kernel`), which is not installed. sft_nb's loss already computes the LM head in "
              "chunks on the labelled tokens only, which is what Liger's fused cross-entropy saves; "
@@ -156,6 +157,7 @@ _NO_OFFLOADING = ("`activation_offloading` (TRL's offloading of every activation
                   "`activation_checkpointing_kwargs={'offload': True}` keeps the checkpointed "
                   "activations in host memory instead.")
 
+# %% ../nbs/00_config.ipynb #1b73baf3
 @patch
 def _check_sft_fields(self:SFTConfig):
     check_choice('loss_type', self.loss_type, LOSS_TYPES)
@@ -257,7 +259,7 @@ class ModelConfig:
         if self.lora_r < 1: raise ValueError(f"`lora_r` must be >= 1, got {self.lora_r}.")
         if self.lora_target_modules == ['all-linear']: self.lora_target_modules = 'all-linear'
 
-# %% ../nbs/00_config.ipynb #34a75c55
+# %% ../nbs/00_config.ipynb #c72ae33e
 @dataclass
 class ScriptArguments:
     "Which dataset `sft-nb` trains on: the fields of TRL's `ScriptArguments`"
@@ -269,6 +271,7 @@ class ScriptArguments:
     dataset_streaming: bool = _field(False, "Stream the dataset instead of downloading it whole.")
     ignore_bias_buffers: bool = _field(False, "Ignore boolean bias buffers under DDP.")
 
+# %% ../nbs/00_config.ipynb #d774ebc7
 @dataclass
 class DatasetConfig:
     "One dataset of a mixture: the arguments of `datasets.load_dataset`"
@@ -292,7 +295,7 @@ class DatasetMixtureConfig:
         self.datasets = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d)
                          for d in self.datasets]
 
-# %% ../nbs/00_config.ipynb #aa7bfdef
+# %% ../nbs/00_config.ipynb #5f1e606d
 _KEY_ALIASES = {'torch_dtype': 'dtype'}
 
 def _recipe_dataclasses(): return (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
@@ -305,6 +308,7 @@ def _yaml_error(path:Path, e:yaml.YAMLError) -> ValueError:
     where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
     return ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}).")
 
+# %% ../nbs/00_config.ipynb #884ffceb
 def load_recipe(path) -> dict:
     "Read a YAML recipe into a dict, applying its `env:` block and old key names"
     path = Path(path)
@@ -344,7 +348,7 @@ def _split_config(args:list) -> tuple:
         if a.startswith('--config='): return Path(a.split('=', 1)[1]), args[:i] + args[i+1:]
     return None, list(args)
 
-# %% ../nbs/00_config.ipynb #df1fe1c4
+# %% ../nbs/00_config.ipynb #b9d3182c
 def _as_type(t, x):
     "`x` (a value YAML typed) as argparse type `t`; TypeError when it cannot be"
     if t is str: return x  # dict and list fields take YAML's dicts and lists; the config checks
@@ -356,6 +360,7 @@ def _as_type(t, x):
         return float(x)
     return x
 
+# %% ../nbs/00_config.ipynb #8f1c3c7c
 _TYPE_NAMES = {int: 'a whole number', float: 'a number', string_to_bool: 'true or false'}
 
 def _yaml_value(parser, key:str, v, path):
@@ -414,7 +419,7 @@ def parse_args(args:list[str]|None=None, # command-line arguments; default `sys.
                 o.datasets = DatasetMixtureConfig(datasets=recipe['datasets']).datasets
     return tuple(objs)
 
-# %% ../nbs/00_config.ipynb #11c9b7dd
+# %% ../nbs/00_config.ipynb #7a799bb5
 LAUNCH_KEYS = {'num_processes': int, 'accelerate_config': str, 'num_machines': int,
                'machine_rank': int, 'main_process_ip': str, 'main_process_port': int}
 
@@ -436,6 +441,7 @@ def _pop_launch_flags(args:list) -> tuple[dict, list]:
             i += 2
     return found, rest
 
+# %% ../nbs/00_config.ipynb #6aeaaaa4
 def _launch_value(key:str, v, where:str):
     if LAUNCH_KEYS[key] is str: return str(v)
     if isinstance(v, int) and not isinstance(v, bool): return v

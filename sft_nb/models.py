@@ -110,7 +110,7 @@ def config_dtype(config) -> torch.dtype:
     if isinstance(dtype, str): dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
-# %% ../nbs/02_models.ipynb #39977cee
+# %% ../nbs/02_models.ipynb #d029ad00
 def _vlm_class_names() -> set[str]:
     from transformers.models.auto import modeling_auto
     vlm_names = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -126,6 +126,7 @@ def is_vlm(config) -> bool:
     causal_lm_types = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     return hasattr(config, 'vision_config') and config.model_type not in causal_lm_types
 
+# %% ../nbs/02_models.ipynb #704f96f5
 def model_class(config):
     "The class whose `from_pretrained` loads `config`: its architecture, else the auto class it declares"
     arch = (getattr(config, 'architectures', None) or [None])[0]
@@ -183,7 +184,7 @@ def keep_bnb_layout(model) -> int:
     for m in layers: m.support_avx512bf16_for_cpu = False
     return len(layers)
 
-# %% ../nbs/02_models.ipynb #1acf9124
+# %% ../nbs/02_models.ipynb #c0661619
 def packing_problems(model) -> list[str]:
     "Reasons packed documents would attend to each other in `model`, empty when packing is safe"
     import inspect
@@ -197,6 +198,7 @@ def packing_problems(model) -> list[str]:
                         "can't be kept apart; set packing=False")
     return problems
 
+# %% ../nbs/02_models.ipynb #42d90668
 _warned = set()
 def warn_packing(model) -> list[str]:
     "Log each packing problem of `model` once per model class; returns the problems"
@@ -236,7 +238,7 @@ def model_init_kwargs(args:SFTConfig|None=None, # model_init_kwargs, trust_remot
     kw['dtype'] = resolve_dtype(kw.get('dtype'))
     return {k: v for k, v in kw.items() if v is not None}
 
-# %% ../nbs/02_models.ipynb #30521d4d
+# %% ../nbs/02_models.ipynb #6b2ce077
 _SPREAD_MAPS = ('auto', 'balanced', 'balanced_low_0', 'sequential')
 
 def _target_device(kw:dict, args:SFTConfig|None) -> torch.device:
@@ -249,6 +251,7 @@ def _target_device(kw:dict, args:SFTConfig|None) -> torch.device:
     if torch.cuda.is_available(): return torch.device('cuda')
     return torch.device('mps') if torch.backends.mps.is_available() else torch.device('cpu')
 
+# %% ../nbs/02_models.ipynb #9ce89c2a
 def _placement(kw:dict, config, args:SFTConfig|None) -> dict:
     "`kw` with a `device_map` for quantized weights, which bitsandbytes places while loading"
     in_config = getattr(config, 'quantization_config', None)
@@ -258,7 +261,7 @@ def _placement(kw:dict, config, args:SFTConfig|None) -> dict:
     from accelerate import PartialState
     return {**kw, 'device_map': {'': PartialState().local_process_index}}
 
-# %% ../nbs/02_models.ipynb #3e7d68de
+# %% ../nbs/02_models.ipynb #6ab4f6c1
 def _load_config(name:str, kw:dict):
     try: return AutoConfig.from_pretrained(name, revision=kw.get('revision'),
                                            trust_remote_code=kw.get('trust_remote_code', False))
@@ -269,6 +272,7 @@ def _load_config(name:str, kw:dict):
                       f"Hub{searched} did not provide it. Check the id and revision, log in for gated "
                       f"models, or pass a local folder.\n{e}") from None
 
+# %% ../nbs/02_models.ipynb #80306b77
 @delegates(PreTrainedModel.from_pretrained, keep=True)
 def load_model(model_name_or_path, # Hub id or local folder
                args:SFTConfig|None=None, # model_init_kwargs, trust_remote_code, packing
@@ -362,7 +366,7 @@ CHATML_GENERATION_TEMPLATE = """{%- if tools %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
 
-# %% ../nbs/02_models.ipynb #6247080c
+# %% ../nbs/02_models.ipynb #bd1731e6
 def _add_special(tok, tokens) -> None:
     from tokenizers import AddedToken
     missing = [t for t in tokens if t not in tok.get_vocab()]
@@ -377,6 +381,7 @@ def add_chatml_template(tokenizer, model=None) -> list[int]:
     if tokenizer is not tok: tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
     return sync_model_with_tokenizer(model, tokenizer) if model is not None else []
 
+# %% ../nbs/02_models.ipynb #f6cc2bc6
 def clone_chat_template(tokenizer, # tokenizer (or processor) to update
                         source, # tokenizer, tokenizer folder or Hub id to copy from
                         model=None, # resized to fit new tokens when given
@@ -401,7 +406,7 @@ def _read_template(path:str) -> str:
                                 "tokenizer folder.")
     return p.read_text(encoding='utf-8')
 
-# %% ../nbs/02_models.ipynb #e99597d5
+# %% ../nbs/02_models.ipynb #d717796f
 def _set_eos(tok, eos:str):
     if eos not in tok.get_vocab():
         raise ValueError(f"eos_token {eos!r} is not in the tokenizer's vocabulary, so the model could "
@@ -409,6 +414,7 @@ def _set_eos(tok, eos:str):
                          "or add it first with tokenizer.add_special_tokens.")
     tok.eos_token = eos
 
+# %% ../nbs/02_models.ipynb #4210cb3c
 def _set_pad(tok, pad:str|None):
     if pad is not None:
         if pad not in tok.get_vocab():

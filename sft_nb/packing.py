@@ -126,7 +126,7 @@ def _blocks(n:np.ndarray, size:int=1<<22) -> list[np.ndarray]:
     cuts = np.searchsorted(np.cumsum(n), np.arange(size, n.sum(), size))
     return np.split(np.arange(len(n)), cuts)
 
-# %% ../nbs/05_packing.ipynb #e669c494
+# %% ../nbs/05_packing.ipynb #ddbab647
 def _chunk_values(chunk:pa.ListArray, name:str, first_row:int) -> tuple[np.ndarray, np.ndarray]:
     "A chunk's tokens (zero-copy where possible) and where each of its rows starts in them"
     values = chunk.flatten()
@@ -137,6 +137,7 @@ def _chunk_values(chunk:pa.ListArray, name:str, first_row:int) -> tuple[np.ndarr
     starts = chunk.offsets.to_numpy() - chunk.offsets[0].as_py()
     return values.to_numpy(zero_copy_only=False), starts
 
+# %% ../nbs/05_packing.ipynb #70191eab
 def _gather(col:pa.ChunkedArray, name:str, doc, off, n) -> pa.Array:
     "Tokens of fragments `(doc, off, n)` laid end to end"
     out = np.empty(int(n.sum()), dtype=col.type.value_type.to_pandas_dtype())
@@ -219,7 +220,7 @@ def pack_table(table:pa.Table, # token columns only: `input_ids`, `labels`, ...
         return _pack_wrapped(table, cols, lengths, seq_length)
     return _pack_bfd(table, cols, lengths, seq_length, split=strategy == 'bfd_split')
 
-# %% ../nbs/05_packing.ipynb #e392d617
+# %% ../nbs/05_packing.ipynb #5964e6ea
 def _pack_iterable(dataset:IterableDataset, seq_length, strategy, map_kwargs) -> IterableDataset:
     # datasets has no public way to read an iterable dataset's format, to give it back after packing
     fmt = dataset._formatting.format_type if dataset._formatting else None
@@ -227,6 +228,7 @@ def _pack_iterable(dataset:IterableDataset, seq_length, strategy, map_kwargs) ->
     packed = dataset.with_format('arrow').map(pack, batched=True, **(map_kwargs or {}))
     return packed.with_format(fmt)
 
+# %% ../nbs/05_packing.ipynb #31541a36
 def _packed_dataset(dataset:Dataset, table:pa.Table, seq_length, strategy) -> Dataset:
     "`table` as a dataset with `dataset`'s split and format, fingerprinted from `dataset`'s"
     # datasets has no public accessor for the fingerprint, which the packed dataset's must derive
@@ -240,6 +242,7 @@ def _packed_dataset(dataset:Dataset, table:pa.Table, seq_length, strategy) -> Da
     if columns is not None and strategy != 'wrapped': columns = columns + ['seq_lengths']
     return out.with_format(fmt['type'], columns=columns, **fmt['format_kwargs'])
 
+# %% ../nbs/05_packing.ipynb #9795cdaf
 def pack_dataset(dataset, # a `Dataset`, `IterableDataset` or a dict of them, of token columns
                  seq_length:int, # row length, usually `max_length`
                  strategy:str='bfd', # 'bfd', 'bfd_split' or 'wrapped'
@@ -279,7 +282,7 @@ def example_labels(ex:dict, # a row: `input_ids`, maybe `labels`, `completion_ma
     if ex.get('assistant_masks') is not None: labels[np.asarray(ex['assistant_masks']) == 0] = -100
     return labels
 
-# %% ../nbs/05_packing.ipynb #308bf8df
+# %% ../nbs/05_packing.ipynb #06684879
 def _doc_lengths(examples) -> list[np.ndarray]:
     "Document lengths of each row, checked against its tokens"
     out = []
@@ -296,6 +299,7 @@ def _doc_lengths(examples) -> list[np.ndarray]:
 def _round_up(n:int, multiple:int|None) -> int:
     return -(-n // multiple) * multiple if multiple else n
 
+# %% ../nbs/05_packing.ipynb #9096b02b
 def _cu_seq_lens(position_ids:torch.Tensor) -> dict:
     "Varlen kwargs for flash attention: document boundaries in the flattened batch"
     flat = position_ids.reshape(-1)
@@ -336,13 +340,14 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
         flat = position_ids_from_lengths([n for sl in batch_seq_lengths for n in sl])
         return list(torch.from_numpy(flat).split(rows))
 
-# %% ../nbs/05_packing.ipynb #23c9915d
+# %% ../nbs/05_packing.ipynb #82eada77
 def _pad_rows(rows:list[np.ndarray], width:int, value:int) -> torch.Tensor:
     "`(B, width)` tensor with each row written left-aligned over `value`"
     out = np.full((len(rows), width), value, dtype=np.int64)
     for i, r in enumerate(rows): out[i, :len(r)] = r
     return torch.from_numpy(out)
 
+# %% ../nbs/05_packing.ipynb #8049568d
 @patch
 def _rows(self:DataCollatorForLanguageModeling, ids, labels, docs, packed:bool) -> dict:
     "Rows stay rows: `(B, T)`; packed ones get per-document positions and no `attention_mask`"

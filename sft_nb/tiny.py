@@ -64,7 +64,7 @@ CHATML_GENERATION_TEMPLATE = (_CHATML.replace('{%- GEN_START %}', '{%- generatio
                               .replace('{%- GEN_END %}', '{%- endgeneration %}'))
 CHATML_TEMPLATE = _CHATML.replace('{%- GEN_START %}\n', '').replace('{%- GEN_END %}\n', '')
 
-# %% ../nbs/01_tiny.ipynb #ba973f84
+# %% ../nbs/01_tiny.ipynb #3b5f9b6e
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 def _corpus(n=400):
@@ -73,6 +73,7 @@ def _corpus(n=400):
              "The quick brown fox jumps over the lazy dog.", "0123456789", "+-*/=?!.,:;()[]{}"]
     return [f"{p} {a}" for p, a in tiny_pairs(n, seed=1)] + SYSTEM_PROMPTS + extra
 
+# %% ../nbs/01_tiny.ipynb #52f428d7
 def tiny_tokenizer(chat_template:str|None=CHATML_GENERATION_TEMPLATE, # None for a base-model tokenizer
                    vocab_size:int=384, # BPE vocabulary size, special tokens included
                   ):
@@ -124,7 +125,7 @@ def tiny_model(arch:str='llama', # 'llama' or 'qwen2'
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
 
-# %% ../nbs/01_tiny.ipynb #5adc26f5
+# %% ../nbs/01_tiny.ipynb #577df275
 def tiny_conversations(n:int=64, seed:int=0, system:bool=True, max_turns:int=3) -> list[dict]:
     "Rows of `{'messages': [...]}`: multi-turn chats, some with a system prompt"
     rng, pairs = random.Random(seed), iter(tiny_pairs(n*max_turns, seed))
@@ -138,6 +139,7 @@ def tiny_conversations(n:int=64, seed:int=0, system:bool=True, max_turns:int=3) 
         rows.append({'messages': msgs})
     return rows
 
+# %% ../nbs/01_tiny.ipynb #2a326069
 def tiny_dataset(kind:str='conversational', # conversational, [conversational_]prompt_completion or text
                  n:int=64, # number of rows
                  seed:int=0, # data seed
@@ -157,7 +159,7 @@ def tiny_dataset(kind:str='conversational', # conversational, [conversational_]p
                          "conversational_prompt_completion or text.")
     return Dataset.from_list(rows)
 
-# %% ../nbs/01_tiny.ipynb #256dc940
+# %% ../nbs/01_tiny.ipynb #0e08072e
 def save_tiny(path, # folder to write model + tokenizer to
               arch:str='llama', seed:int=0,
               chat_template:str|None=CHATML_GENERATION_TEMPLATE, # None: a base model without a chat template
@@ -170,6 +172,7 @@ def save_tiny(path, # folder to write model + tokenizer to
     tok.save_pretrained(path)
     return path
 
+# %% ../nbs/01_tiny.ipynb #df3bdd9a
 def save_tiny_dataset(path, kind:str='conversational', n:int=64, seed:int=0, eval_n:int=0) -> Path:
     "Write `train.jsonl` (and `test.jsonl` if `eval_n`) under `path`, for `load_dataset(str(path))`"
     path = Path(path)

@@ -68,7 +68,8 @@ def _eval_pass(model):
 def _qlora_pair(path, quant_type, nested, device='cpu', **lora_kw):
     q = _q4(path, device, bnb_4bit_quant_type=quant_type, use_bnb_nested_quant=nested)
     ref = _dequantized_twin(q, path).to(device)
-    torch.manual_seed(0); q = apply_peft(q, _lora(**lora_kw))
+    torch.manual_seed(0)
+    q = apply_peft(q, _lora(**lora_kw))
     ref = apply_peft(ref, _lora(**lora_kw))
     set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
     return q, ref
@@ -136,11 +137,15 @@ def test_8bit_lora_trains(tiny_path, device):
     m = load_model(tiny_path, model_args=ModelConfig(load_in_8bit=True), **_on(device))
     q_proj = m.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == 'Linear8bitLt' and q_proj.weight.device.type == device
-    torch.manual_seed(0); m = apply_peft(m, LoraConfig(r=4, target_modules='all-linear'))
+    torch.manual_seed(0)
+    m = apply_peft(m, LoraConfig(r=4, target_modules='all-linear'))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     losses, x = [], X.to(device)
     for _ in range(8):
-        loss = m(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad()
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
 
@@ -157,7 +162,9 @@ def test_get_peft_config_matches_trl_but_defaults_to_all_linear():
 
 def _train_step(model, ids, lr=0.5):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
 
 
 @pytest.mark.parametrize('tied', [True, False])
@@ -178,7 +185,8 @@ def test_added_tokens_train_save_reload_and_merge(tiny_path, tmp_path, tied):
     torch.testing.assert_close(emb_after[1], emb_before[1])  # old rows did not
     model.eval()
     with torch.no_grad(): want = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path/'ad'); tok.save_pretrained(tmp_path/'ad')
+    model.save_pretrained(tmp_path/'ad')
+    tok.save_pretrained(tmp_path/'ad')
     loaded = load_adapter(tmp_path/'ad').eval()
     with torch.no_grad(): torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     merged = merge_adapters(tmp_path/'ad', tmp_path/'merged', tokenizer=tok)
@@ -207,7 +215,8 @@ def test_qlora_on_cuda_bf16_grads_match_dequantized_reference(tiny_path):
     q = _q4(tiny_path, 'cuda', dtype='bfloat16')
     assert q.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
     ref = _dequantized_twin(q, tiny_path).to('cuda', torch.bfloat16)
-    torch.manual_seed(0); q = apply_peft(q, _lora())
+    torch.manual_seed(0)
+    q = apply_peft(q, _lora())
     ref = apply_peft(ref, _lora())
     set_peft_model_state_dict(ref, get_peft_model_state_dict(q))
     want = _grads(ref)

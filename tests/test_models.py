@@ -50,7 +50,9 @@ def test_quantized_models_go_where_training_runs(tiny_path, tmp_path, monkeypatc
     cpu_run, seen = SFTConfig('out', use_cpu=True), []
     class Recorder:
         @staticmethod
-        def from_pretrained(name, **kw): seen.append(kw.get('device_map')); return tiny_model()
+        def from_pretrained(name, **kw):
+            seen.append(kw.get('device_map'))
+            return tiny_model()
     class Rank1:
         local_process_index = 1
     import accelerate
@@ -79,7 +81,8 @@ def test_trust_remote_code(tmp_path):
     cfg.update(model_type='tinyx', architectures=['TinyXForCausalLM'],
                auto_map={'AutoConfig': 'configuration_tinyx.TinyXConfig', 'AutoModelForCausalLM': 'modeling_tinyx.TinyXForCausalLM'})
     (path/'config.json').write_text(json.dumps(cfg))
-    (path/'configuration_tinyx.py').write_text(REMOTE_CONFIG); (path/'modeling_tinyx.py').write_text(REMOTE_MODEL)
+    (path/'configuration_tinyx.py').write_text(REMOTE_CONFIG)
+    (path/'modeling_tinyx.py').write_text(REMOTE_MODEL)
     with pytest.raises(ValueError, match='trust_remote_code=True'): load_model(path)
     args = SFTConfig('out', trust_remote_code=True)
     model = load_model(path, args)

@@ -170,7 +170,8 @@ def test_sft_trainer_packed_loss_equals_documents_alone(tmp_path, impl):
                 labels = b['labels'][r, s + 1:e]
                 if (labels != -100).any():
                     logits = t.model(input_ids=b['input_ids'][r:r + 1, s:e]).logits[0, :-1]
-                    total += F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum'); n += int((labels != -100).sum())
+                    total += F.cross_entropy(logits, labels, ignore_index=-100, reduction='sum')
+                    n += int((labels != -100).sum())
     torch.testing.assert_close(packed, total / n, rtol=1e-5, atol=1e-6)
 
 
