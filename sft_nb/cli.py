@@ -1,4 +1,4 @@
-"""`sft-nb`: train from a YAML recipe plus command-line overrides, like `trl sft`; preview the data, chat with, merge and launch models; `sft-nb` alone trains a tiny demo on CPU.
+"""`sft-nb`: train from a YAML recipe plus flags, like `trl sft`; preview data, chat, merge, launch; or a tiny demo
 
 Docs: https://sft-nb.github.io/sft_nb/cli.html.md"""
 
@@ -18,19 +18,25 @@ __all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK',
            'load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'env_report',
            'env_command', 'main', 'cli']
 
-# %% ../nbs/09_cli.ipynb #0eb07f58
+# %% ../nbs/09_cli.ipynb #207f5b9b
 COMMANDS = {
-    'train': "train from a recipe and flags (the default: `sft-nb --config r.yaml` is `sft-nb train --config r.yaml`)",
-    'demo': "train the tiny built-in model on CPU for a minute, into a folder of its own (`sft-nb` alone)",
-    'preview': "show prepared rows with trained tokens marked, token counts, truncation and packing; loads no weights",
-    'chat': "chat with a saved model (full, merged or adapter folder), one line of stdin per turn: `sft-nb chat PATH`",
+    'train': ("train from a recipe and flags (the default: `sft-nb --config r.yaml` is "
+              "`sft-nb train --config r.yaml`)"),
+    'demo': ("train the tiny built-in model on CPU for a minute, into a folder of its own "
+             "(`sft-nb` alone)"),
+    'preview': ("show prepared rows with trained tokens marked, token counts, truncation and packing; "
+                "loads no weights"),
+    'chat': ("chat with a saved model (full, merged or adapter folder), one line of stdin per turn: "
+             "`sft-nb chat PATH`"),
     'generate': "answer one prompt: `sft-nb generate PATH --prompt 'What is 2 + 3?'`",
-    'merge': "merge a LoRA adapter into its base and save the full model: `sft-nb merge ADAPTER OUT`",
+    'merge': ("merge a LoRA adapter into its base and save the full model: "
+              "`sft-nb merge ADAPTER OUT`"),
     'env': "print versions and devices, for bug reports",
 }
 
 ACCELERATE_PROFILES = ('zero1', 'zero2', 'zero3', 'fsdp1', 'fsdp2', 'multi_gpu', 'single_gpu')
 
+# %% ../nbs/09_cli.ipynb #567abbcd
 HELP = f"""usage: sft-nb [COMMAND] [--config RECIPE.yaml] [--OPTION VALUE ...]
 
   --config PATH   a YAML recipe; `trl sft` recipes load unchanged, and flags override its values
@@ -58,36 +64,40 @@ examples:
   sft-nb chat sft_nb_demo
 """
 
+# %% ../nbs/09_cli.ipynb #8bcb4bd2
 class UsageError(Exception):
-    "A mistake in what the user typed or pointed to: `sft-nb` prints it on one line and exits with status 2"
+    "A mistake in what the user typed or pointed to: `sft-nb` says it on one line and exits with 2"
 
 def _command(argv:list) -> tuple[str, list]:
-    "The sub-command and its arguments: nothing at all is the demo, flags without a command are `train`"
+    "The sub-command and its arguments: nothing is the demo, flags without a command are `train`"
     if not argv: return 'demo', []
     if argv[0] in COMMANDS: return argv[0], argv[1:]
     if argv[0] in ('-h', '--help', 'help'): return 'help', argv[1:]
     if argv[0].startswith('-'): return 'train', argv
-    hint = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-    hint = f" Did you mean `{hint[0]}`?" if hint else ""
-    if argv[0].endswith(('.yaml', '.yml')): hint = f" To train from a recipe: `sft-nb --config {argv[0]}`."
-    raise UsageError(f"Unknown command {argv[0]!r}.{hint} Commands: {', '.join(COMMANDS)} (`sft-nb --help`).")
+    matches = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+    hint = f" Did you mean `{matches[0]}`?" if matches else ""
+    if argv[0].endswith(('.yaml', '.yml')):
+        hint = f" To train from a recipe: `sft-nb --config {argv[0]}`."
+    raise UsageError(f"Unknown command {argv[0]!r}.{hint} Commands: {', '.join(COMMANDS)} "
+                     "(`sft-nb --help`).")
 
-# %% ../nbs/09_cli.ipynb #e9f2446c
-_USER_ERRORS = (ValueError, OSError, ImportError)  # bad values; missing, unreadable or occupied files; packages to install
+# %% ../nbs/09_cli.ipynb #cfc5b40a
+# bad values; missing or occupied files; packages to install
+_USER_ERRORS = (ValueError, OSError, ImportError)
 
 @contextmanager
 def user_errors():
-    "Turn what a user can fix (bad values, missing files, missing packages) into a one-line `UsageError`"
+    "Turn what a user can fix (bad values, missing files or packages) into a one-line `UsageError`"
     try: yield
     except UsageError: raise
     except _USER_ERRORS as e: raise UsageError(' '.join(str(e).split())) from e
 
-# %% ../nbs/09_cli.ipynb #0b58593f
-_FILE_TYPES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet', '.txt': 'text', '.arrow': 'arrow'}
+# %% ../nbs/09_cli.ipynb #a64e53da
+_FILE_TYPES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet',
+               '.txt': 'text', '.arrow': 'arrow'}
 
 def bad_json_line(path) -> str|None:
-    "Where a JSON or JSON-lines file stops being valid JSON ('line N, column C: what'), or None if it parses"
-    import json
+    "Where a JSON or JSON-lines file stops being valid JSON ('line N, column C: what'), else None"
     text = Path(path).read_text(encoding='utf-8', errors='replace')
     try:
         json.loads(text)
@@ -103,29 +113,44 @@ def bad_json_line(path) -> str|None:
             return f"line {n}, column {e.colno}: {e.msg} in {line.strip()[:60]!r}"
     return None
 
-def load_named_dataset(name:str, config:str|None=None, streaming:bool=False, **kwargs):
-    "`load_dataset` for a Hub id, a local folder, or one local data file (its type from the extension)"
+# %% ../nbs/09_cli.ipynb #4cbeb2b3
+def _load_file(name:str, streaming:bool, **kwargs):
+    "`load_dataset` on one data file, its type from the extension; a bad JSON line is named"
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
     p = Path(name)
-    if p.is_file():
-        if p.suffix not in _FILE_TYPES:
-            raise ValueError(f"Can't tell the format of dataset file {name!r}: use one of {sorted(_FILE_TYPES)}.")
-        try: return load_dataset(_FILE_TYPES[p.suffix], data_files=str(p), streaming=streaming, **kwargs)
-        except DatasetGenerationError as e:  # datasets' own message names neither the file nor the line
-            where = bad_json_line(p) if _FILE_TYPES[p.suffix] == 'json' else None
-            if where is None: raise
-            raise ValueError(f"Dataset file {p}, {where}. Fix or remove that line.") from e
+    if p.suffix not in _FILE_TYPES:
+        raise ValueError(f"Can't tell the format of dataset file {name!r}: use one of "
+                         f"{sorted(_FILE_TYPES)}.")
+    file_type = _FILE_TYPES[p.suffix]
+    try: return load_dataset(file_type, data_files=str(p), streaming=streaming, **kwargs)
+    except DatasetGenerationError as e:  # datasets' own message names neither the file nor the line
+        where = bad_json_line(p) if file_type == 'json' else None
+        if where is None: raise
+        raise ValueError(f"Dataset file {p}, {where}. Fix or remove that line.") from e
+
+def load_named_dataset(name:str, # Hub id, local folder or data file
+                       config:str|None=None, # the dataset's configuration name
+                       streaming:bool=False, # stream instead of downloading it whole
+                       **kwargs, # passed to `datasets.load_dataset`
+                      ):
+    "`load_dataset` for a Hub id, a local folder, or one data file (its type from the extension)"
+    from datasets import load_dataset
+    p = Path(name)
+    if p.is_file(): return _load_file(name, streaming, **kwargs)
     if not p.exists() and (p.is_absolute() or name.startswith('.') or p.suffix in _FILE_TYPES):
-        raise FileNotFoundError(f"Dataset {name!r} does not exist: give an existing file or folder, or a Hub id like 'trl-lib/Capybara'.")
+        raise FileNotFoundError(f"Dataset {name!r} does not exist: give an existing file or folder, "
+                                "or a Hub id like 'trl-lib/Capybara'.")
     return load_dataset(name, name=config, streaming=streaming, **kwargs)
 
+# %% ../nbs/09_cli.ipynb #0aef2a2a
 def load_mixture(mix):
-    "Load and concatenate the datasets of a recipe's `datasets:` list (a `DatasetMixtureConfig`), keeping the listed columns and fractions"
+    "Load and concatenate the datasets of a recipe's `datasets:` list, with their columns and fractions"
     from datasets import DatasetDict, concatenate_datasets
     parts = []
     for d in mix.datasets:
-        ds = load_named_dataset(d.path, d.name, mix.streaming, data_dir=d.data_dir, data_files=d.data_files, split=d.split)
+        ds = load_named_dataset(d.path, d.name, mix.streaming, data_dir=d.data_dir,
+                                data_files=d.data_files, split=d.split)
         if d.columns: ds = ds.select_columns(d.columns)
         if d.fraction is not None: ds = ds.select(range(int(len(ds) * d.fraction)))
         parts.append(ds)
@@ -133,69 +158,74 @@ def load_mixture(mix):
     if mix.test_split_size: return ds.train_test_split(test_size=mix.test_split_size, seed=0)
     return DatasetDict(train=ds)
 
+# %% ../nbs/09_cli.ipynb #3ee9715b
 def load_data(script_args, mix):
     "The recipe's dataset: its `datasets:` mixture, else `dataset_name`"
     if mix.datasets: return load_mixture(mix)
-    if script_args.dataset_name: return load_named_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
-    raise ValueError("No dataset: pass `--dataset_name` (a Hub id, folder or data file) or list `datasets:` in the recipe. "
-                     "To try sft_nb on its tiny built-in model and data, run `sft-nb demo`.")
+    if script_args.dataset_name:
+        return load_named_dataset(script_args.dataset_name, script_args.dataset_config,
+                                  script_args.dataset_streaming)
+    raise ValueError("No dataset: pass `--dataset_name` (a Hub id, folder or data file) or list "
+                     "`datasets:` in the recipe. To try sft_nb on its tiny built-in model and data, run "
+                     "`sft-nb demo`.")
 
 def train_split(dataset, script_args):
     "The split to train on, or an error listing the splits there are"
     split = script_args.dataset_train_split
     if split not in dataset:
-        raise ValueError(f"Split {split!r} is not in the dataset (it has {list(dataset)}): set `--dataset_train_split`.")
+        raise ValueError(f"Split {split!r} is not in the dataset (it has {list(dataset)}): set "
+                         "`--dataset_train_split`.")
     return dataset[split]
 
-# %% ../nbs/09_cli.ipynb #a50c5952
+# %% ../nbs/09_cli.ipynb #4040ff48
 def resume_value(v):
-    "`resume_from_checkpoint` as `Trainer.train` takes it: True (the last checkpoint) for 'true', None for 'false', else a path"
+    "`resume_from_checkpoint` as `Trainer.train` takes it: True (the last checkpoint), None or a path"
     if isinstance(v, str) and v.strip().lower() in ('true', 'yes', '1'): return True
     if isinstance(v, str) and v.strip().lower() in ('false', 'no', '0', 'none', ''): return None
     return v or None
 
 def check_run_folder(args) -> None:
-    "Before loading anything: `output_dir` holds no other run (see `sft_nb.save.check_output_dir`) and a resume has a checkpoint"
+    "Before loading anything: `output_dir` holds no other run, and a resume has a checkpoint"
     from sft_nb.save import check_output_dir
     from transformers.trainer_utils import get_last_checkpoint
     out, resume = Path(args.output_dir), resume_value(args.resume_from_checkpoint)
     if resume is True and (not out.is_dir() or get_last_checkpoint(str(out)) is None):
-        raise FileNotFoundError(f"resume_from_checkpoint is true but {out} holds no checkpoint-N folder to resume from.")
+        raise FileNotFoundError(f"resume_from_checkpoint is true but {out} holds no checkpoint-N "
+                                "folder to resume from.")
     if isinstance(resume, str) and not Path(resume).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: checkpoint folder {resume} does not exist.")
+        raise FileNotFoundError(f"resume_from_checkpoint: checkpoint folder {resume} does not "
+                                "exist.")
     if not args.overwrite_output_dir: check_output_dir(out, resume)
 
-def _model_init_kwargs(training_args, model_args):
-    "The model options of a recipe, as `from_pretrained` keyword arguments (explicit `model_init_kwargs` win)"
-    from sft_nb.models import get_quantization_config
-    kw = dict(revision=model_args.model_revision, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
-    q = get_quantization_config(model_args)
-    if q is not None: kw['quantization_config'] = q
-    return {**{k: v for k, v in kw.items() if v is not None}, **(training_args.model_init_kwargs or {})}
-
+# %% ../nbs/09_cli.ipynb #88f82c12
 def build_trainer(script_args, training_args, model_args, mix, dataset=None):
-    "Everything `train` does before the first step: check, load the data and the model, prepare the data"
-    from sft_nb.trainer import SFTTrainer
+    "Everything `train` does before the first step: check, load the data and model, prepare the data"
     from sft_nb.adapters import get_peft_config
+    from sft_nb.models import model_init_kwargs
+    from sft_nb.trainer import SFTTrainer
     if model_args.model_name_or_path is None:
-        raise ValueError("No model: pass `--model_name_or_path` (a Hub id or a local folder), or set it in the recipe. "
-                         "To try sft_nb on its tiny built-in model, run `sft-nb demo`.")
+        raise ValueError("No model: pass `--model_name_or_path` (a Hub id or a local folder), or set "
+                         "it in the recipe. To try sft_nb on its tiny built-in model, run `sft-nb demo`.")
     if dataset is None: dataset = load_data(script_args, mix)
-    train_ds = train_split(dataset, script_args)
+    train_dataset = train_split(dataset, script_args)
     check_run_folder(training_args)
-    training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
-    eval_ds = dataset.get(script_args.dataset_test_split) if training_args.eval_strategy != 'no' else None
-    trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=train_ds,
-                         eval_dataset=eval_ds, peft_config=get_peft_config(model_args))
+    training_args.model_init_kwargs = model_init_kwargs(training_args, model_args)
+    evaluating = training_args.eval_strategy != 'no'
+    eval_dataset = dataset.get(script_args.dataset_test_split) if evaluating else None
+    trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         peft_config=get_peft_config(model_args))
     if script_args.dataset_name: trainer.card_info['dataset_name'] = script_args.dataset_name
     return trainer
 
+# %% ../nbs/09_cli.ipynb #8df46eef
 def fit(trainer, script_args=None):
-    "Train, save the model to `output_dir`, push it if asked: the part of `train` after `build_trainer`"
+    "Train, save the model to `output_dir`, push it if asked: `train` after `build_trainer`"
     args = trainer.args
     trainer.train(resume_from_checkpoint=resume_value(args.resume_from_checkpoint))
     trainer.save_model(args.output_dir)
-    if args.push_to_hub: trainer.push_to_hub(dataset_name=getattr(script_args, 'dataset_name', None))
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=getattr(script_args, 'dataset_name', None))
     return trainer
 
 def train(script_args, # `ScriptArguments`: the dataset
@@ -207,102 +237,125 @@ def train(script_args, # `ScriptArguments`: the dataset
     "Train as `trl sft` does: load data, build `SFTTrainer`, train, save, push"
     return fit(build_trainer(script_args, training_args, model_args, mix, dataset), script_args)
 
+# %% ../nbs/09_cli.ipynb #72cf1363
 def _summary(trainer) -> str:
     losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
     trained = f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over " if losses else "trained "
     return f"{trained}{trainer.state.global_step} steps; model saved to {trainer.args.output_dir}"
 
+# %% ../nbs/09_cli.ipynb #d7a71979
 def run_training(script_args, training_args, model_args, mix, dataset=None):
-    "`train` for the command line: mistakes found before training are `UsageError`s; prints a summary on the main process"
-    with user_errors(): trainer = build_trainer(script_args, training_args, model_args, mix, dataset)
+    "`train` for the command line: mistakes before training are `UsageError`s; a summary at the end"
+    with user_errors():
+        trainer = build_trainer(script_args, training_args, model_args, mix, dataset)
     fit(trainer, script_args)
     if trainer.is_world_process_zero(): print(_summary(trainer))
     return trainer
 
-# %% ../nbs/09_cli.ipynb #a768c146
-DEMO_FLAGS = ['--output_dir', 'sft_nb_demo', '--learning_rate', '3e-3', '--max_steps', '60', '--per_device_train_batch_size', '16',
-              '--logging_steps', '10', '--gradient_checkpointing', 'false', '--report_to', 'none', '--save_strategy', 'no',
-              '--assistant_only_loss', 'true', '--lr_scheduler_type', 'constant', '--max_length', '256', '--use_cpu', 'true']
+# %% ../nbs/09_cli.ipynb #1aae1cdb
+DEMO_FLAGS = ['--output_dir', 'sft_nb_demo', '--learning_rate', '3e-3', '--max_steps', '60',
+              '--per_device_train_batch_size', '16', '--logging_steps', '10',
+              '--gradient_checkpointing', 'false', '--report_to', 'none', '--save_strategy', 'no',
+              '--assistant_only_loss', 'true', '--lr_scheduler_type', 'constant', '--max_length', '256',
+              '--use_cpu', 'true']
 DEMO_MARK = '.sft_nb_demo.json'
 
 def _demo_written(out:Path) -> list[str]:
     "What a previous demo wrote in `out`, as its marker lists it (names directly inside `out` only)"
     names = json.loads((out/DEMO_MARK).read_text()).get('written', [])
-    return [n for n in names if isinstance(n, str) and n not in ('', '.', '..') and Path(n).name == n]
+    return [n for n in names
+            if isinstance(n, str) and n not in ('', '.', '..') and Path(n).name == n]
 
 def _remove(p:Path) -> None:
     import shutil
     if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
     elif p.exists() or p.is_symlink(): p.unlink()
 
+# %% ../nbs/09_cli.ipynb #f7c29ea5
 def claim_demo_dir(out:Path) -> set[str]:
-    "Make `out` the demo's folder: new, empty, or a previous demo's (whose own files, and only those, are removed)"
+    "Make `out` the demo's folder: new, empty, or a previous demo's (whose own files, only, go)"
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise FileExistsError(f"{out} is a file: give the demo another --output_dir.")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: give the demo another --output_dir.")
     if out.is_dir() and any(out.iterdir()):
         if not (out/DEMO_MARK).is_file():
-            raise FileExistsError(f"{out} is not empty and was not made by `sft-nb demo`, which writes only into a new or empty "
-                                  "folder, or its own: give it another --output_dir.")
+            raise FileExistsError(f"{out} is not empty and was not made by `sft-nb demo`, which writes "
+                                  "only into a new or empty folder, or its own: give it another "
+                                  "--output_dir.")
         for name in _demo_written(out): _remove(out/name)
     out.mkdir(parents=True, exist_ok=True)
     (out/DEMO_MARK).write_text(json.dumps({'written': []}))
     return {p.name for p in out.iterdir()}
 
+# %% ../nbs/09_cli.ipynb #e8e05ce2
 def mark_demo_files(out:Path, before:set[str]) -> None:
     "List in the marker everything in `out` that was not there when the demo claimed it"
     written = sorted({p.name for p in Path(out).iterdir()} - before - {DEMO_MARK})
     (Path(out)/DEMO_MARK).write_text(json.dumps({'written': written}, indent=1))
 
+# %% ../nbs/09_cli.ipynb #68aa4cf0
 def demo(argv:list[str]) -> object:
-    "`sft-nb demo [--flag value ...]`: train the tiny model on tiny conversations, on CPU, into a folder of its own"
+    "`sft-nb demo [--flag value ...]`: train the tiny model on tiny conversations, on CPU"
     from sft_nb.config import launch_options, parse_args
     with user_errors():
-        if launch_options(argv): raise ValueError("The demo runs one process on CPU: drop the launcher options (num_processes, ...).")
+        if launch_options(argv):
+            raise ValueError("The demo runs one process on CPU: drop the launcher options "
+                             "(num_processes, ...).")
         script_args, training_args, model_args, mix = parse_args(DEMO_FLAGS + argv)
         if model_args.model_name_or_path or script_args.dataset_name or mix.datasets:
-            raise ValueError("`sft-nb demo` trains the tiny built-in model on its own data. To train your model or dataset, "
-                             "run `sft-nb train ...` (or `sft-nb --config recipe.yaml`).")
+            raise ValueError("`sft-nb demo` trains the tiny built-in model on its own data. To train "
+                             "your model or dataset, run `sft-nb train ...` (or `sft-nb --config "
+                             "recipe.yaml`).")
         out = Path(training_args.output_dir)
         before = claim_demo_dir(out)
     from datasets import DatasetDict
     from sft_nb.tiny import save_tiny, tiny_dataset
     try:
         model_args.model_name_or_path = str(save_tiny(out/'tiny-model'))
-        print(f"sft-nb demo: training the tiny model ({model_args.model_name_or_path}) on tiny conversations, CPU.")
-        return run_training(script_args, training_args, model_args, mix, DatasetDict(train=tiny_dataset('conversational', n=512)))
+        print(f"sft-nb demo: training the tiny model ({model_args.model_name_or_path}) on tiny "
+              "conversations, CPU.")
+        conversations = DatasetDict(train=tiny_dataset('conversational', n=512))
+        return run_training(script_args, training_args, model_args, mix, conversations)
     finally: mark_demo_files(out, before)
 
-# %% ../nbs/09_cli.ipynb #2fa4be50
-_LAUNCHED = 'SFT_NB_LAUNCHED'  # set for the processes `accelerate launch` starts, so that they train instead of launching again
+# %% ../nbs/09_cli.ipynb #3b425ea9
+_LAUNCHED = 'SFT_NB_LAUNCHED'  # set for the processes `accelerate launch` starts: they train, not launch
 
 def _launched() -> bool:
-    "Is this one of the processes of a launch (ours, or `accelerate launch` / `torchrun` started by hand)?"
+    "Is this a process of a launch (ours, or `accelerate launch` / `torchrun` started by hand)?"
     return bool(os.environ.get(_LAUNCHED)) or 'LOCAL_RANK' in os.environ
 
+# %% ../nbs/09_cli.ipynb #8c8797c7
 def accelerate_config_path(name:str) -> Path:
-    "A config file for `accelerate launch`: `name` itself if it is a file, else the sft_nb profile of that name"
+    "A config file for `accelerate launch`: `name` if it is a file, else sft_nb's profile of that name"
     from importlib.resources import files
     if Path(name).is_file(): return Path(name)
-    if name in ACCELERATE_PROFILES: return Path(str(files('sft_nb').joinpath('accelerate_configs', f'{name}.yaml')))
-    hint = difflib.get_close_matches(name, ACCELERATE_PROFILES, n=1)
-    raise FileNotFoundError(f"accelerate_config {name!r} is neither a file nor one of sft_nb's profiles ({', '.join(ACCELERATE_PROFILES)})."
-                            + (f" Did you mean `{hint[0]}`?" if hint else ""))
+    if name in ACCELERATE_PROFILES:
+        return Path(str(files('sft_nb').joinpath('accelerate_configs', f'{name}.yaml')))
+    matches = difflib.get_close_matches(name, ACCELERATE_PROFILES, n=1)
+    hint = f" Did you mean `{matches[0]}`?" if matches else ""
+    raise FileNotFoundError(f"accelerate_config {name!r} is neither a file nor one of sft_nb's "
+                            f"profiles ({', '.join(ACCELERATE_PROFILES)}).{hint}")
 
 def _has_default_accelerate_config() -> bool:
-    "Has the user run `accelerate config`? Then its file decides the kind of run, as it does for `trl sft`"
+    "Has the user run `accelerate config`? Then its file decides the kind of run, as for `trl sft`"
     from accelerate.commands.config import default_config_file
     return Path(default_config_file).is_file()
 
+# %% ../nbs/09_cli.ipynb #b2c7a821
 def launch_flags(opts:dict) -> list[str]:
-    "The `accelerate launch` flags for the launcher options of a recipe (`sft_nb.config.launch_options`)"
+    "The `accelerate launch` flags for a recipe's launcher options (`sft_nb.config.launch_options`)"
     flags = []
-    if 'accelerate_config' in opts: flags += ['--config_file', str(accelerate_config_path(opts['accelerate_config']))]
+    if 'accelerate_config' in opts:
+        flags += ['--config_file', str(accelerate_config_path(opts['accelerate_config']))]
     for k in ('num_processes', 'num_machines', 'machine_rank', 'main_process_ip', 'main_process_port'):
         if k in opts: flags += [f'--{k}', str(opts[k])]
-    if opts.get('num_processes', 1) > 1 and 'accelerate_config' not in opts and not _has_default_accelerate_config():
+    configured = 'accelerate_config' in opts or _has_default_accelerate_config()
+    if opts.get('num_processes', 1) > 1 and not configured:
         flags.append('--multi_gpu')  # else accelerate starts one process on a machine without GPUs
     return flags
 
+# %% ../nbs/09_cli.ipynb #e45317bc
 def _failed_status(e:Exception) -> int|None:
     "The exit status of the processes a launch started, if `e` says they failed"
     import subprocess
@@ -311,6 +364,7 @@ def _failed_status(e:Exception) -> int|None:
     if failures: return next(iter(failures.values())).exitcode
     return None
 
+# %% ../nbs/09_cli.ipynb #50fcf4cd
 def launch(opts:dict, argv:list[str]) -> None:
     "Start `sft-nb train argv` through `accelerate launch` with the launcher options `opts`"
     with user_errors(): flags = launch_flags(opts)
@@ -322,12 +376,13 @@ def launch(opts:dict, argv:list[str]) -> None:
     except Exception as e:
         status = _failed_status(e)
         if status is None: raise
-        print(f"sft-nb: a training process exited with status {status}; its message is above.", file=sys.stderr)
+        print(f"sft-nb: a training process exited with status {status}; its message is above.",
+              file=sys.stderr)
         raise SystemExit(status) from None
 
-# %% ../nbs/09_cli.ipynb #61269f64
+# %% ../nbs/09_cli.ipynb #d0c3e84b
 def train_command(argv:list[str]):
-    "`sft-nb train [--config r.yaml] [--flag value ...]`: through `accelerate launch` if the recipe or `accelerate config` asks, else here"
+    "`sft-nb train [--config r.yaml] [--flag value ...]`: through `accelerate launch` if asked"
     from sft_nb.config import launch_options, parse_args
     if '-h' in argv or '--help' in argv:
         print(HELP)
@@ -337,58 +392,74 @@ def train_command(argv:list[str]):
     with user_errors(): script_args, training_args, model_args, mix = parse_args(argv)
     return run_training(script_args, training_args, model_args, mix)
 
-# %% ../nbs/09_cli.ipynb #c80ce892
+# %% ../nbs/09_cli.ipynb #9ca014d9
 def _trained_cut(labels:list, keep:int, mode:str) -> int:
     "Trained tokens that truncation to `keep` tokens removes"
     cut = labels[keep:] if mode == 'keep_start' else labels[:len(labels) - keep]
     return sum(y != -100 for y in cut)
 
+def _truncation_and_packing(full, lengths, trained, args) -> list[str]:
+    "What `max_length` would cut from the prepared rows `full`, and how packing would fill rows"
+    from sft_nb.packing import pack_dataset
+    limit = args.max_length
+    if limit is None: return ["truncation: none (max_length is None)."]
+    long = lengths > limit
+    mode = args.truncation_mode
+    cut = [_trained_cut(ys, limit, mode) for ys, n in zip(full['labels'], lengths) if n > limit]
+    emptied = sum(c == t for c, t in zip(cut, trained[long]))
+    _, stats = pack_dataset(full, limit, args.packing_strategy, return_stats=True)
+    packing = 'on' if args.packing else 'off'
+    cut_tokens = int((lengths[long] - limit).sum())
+    return [f"truncation to max_length={limit} ({mode}): {long.sum()} of {len(lengths)} rows are "
+            f"longer; {cut_tokens} tokens cut, {sum(cut)} of them trained; {emptied} rows keep no "
+            "trained token.",
+            f"packing ({packing}; {args.packing_strategy} into rows of {limit}): {stats['documents']} "
+            f"rows -> {stats['rows']} packed rows, {stats['efficiency']:.1%} filled, "
+            f"{stats['truncated_tokens']} tokens truncated."]
+
+# %% ../nbs/09_cli.ipynb #aa3f381d
 def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any format sft_nb trains on
-            tokenizer, # the prepared tokenizer (chat template, eos, pad), as `SFTTrainer` would use it
+            tokenizer, # the prepared tokenizer (chat template, eos, pad), as `SFTTrainer` uses it
             args, # the `SFTConfig` of the run
             n_rows:int=3, # rows shown with their trained tokens marked
             sample:int=1000, # rows the figures are computed over
            ) -> str:
-    "A report on how `dataset` will be prepared: a few rows with trained tokens marked, token counts, truncation, packing"
+    "How `dataset` will be prepared: rows with trained tokens marked, counts, truncation, packing"
     import numpy as np
     from datasets import Dataset
     from itertools import islice
     from sft_nb.data import detect_format, prepare_dataset, show_trained
-    from sft_nb.packing import pack_dataset
     if isinstance(dataset, Dataset): head = dataset.select(range(min(sample, len(dataset))))
-    else: head = Dataset.from_list(list(islice(dataset, sample)))  # a streamed dataset: its first rows
-    if len(head) == 0: raise ValueError("The dataset is empty: there is nothing to preview or train on.")
+    else: head = Dataset.from_list(list(islice(dataset, sample)))  # a streamed dataset's first rows
+    if len(head) == 0:
+        raise ValueError("The dataset is empty: there is nothing to preview or train on.")
     fmt = detect_format(head.column_names, head[0], args.dataset_text_field)
-    full = prepare_dataset(head, tokenizer, args, packing=True, dataset_name='preview')  # untruncated
+    # packing=True: untruncated
+    full = prepare_dataset(head, tokenizer, args, packing=True, dataset_name='preview')
     lengths = np.array([len(x) for x in full['input_ids']])
     trained = np.array([sum(y != -100 for y in ys) for ys in full['labels']])
-    lines = [f"{len(head)} rows previewed ({fmt} format); tokens per row: min {lengths.min()}, median {int(np.median(lengths))}, "
-             f"max {lengths.max()}; trained tokens: {trained.sum()} of {lengths.sum()} ({trained.sum() / lengths.sum():.1%})."]
-    ml = args.max_length
-    if ml is None: lines.append("truncation: none (max_length is None).")
-    else:
-        long = lengths > ml
-        cut = [_trained_cut(ys, ml, args.truncation_mode) for ys, n in zip(full['labels'], lengths) if n > ml]
-        emptied = sum(c == t for c, t in zip(cut, trained[long]))
-        lines.append(f"truncation to max_length={ml} ({args.truncation_mode}): {long.sum()} of {len(lengths)} rows are longer; "
-                     f"{int((lengths[long] - ml).sum())} tokens cut, {sum(cut)} of them trained; {emptied} rows keep no trained token.")
-        _, st = pack_dataset(full, ml, args.packing_strategy, return_stats=True)
-        lines.append(f"packing ({'on' if args.packing else 'off'}; {args.packing_strategy} into rows of {ml}): {st['documents']} rows -> "
-                     f"{st['rows']} packed rows, {st['efficiency']:.1%} filled, {st['truncated_tokens']} tokens truncated.")
+    lines = [f"{len(head)} rows previewed ({fmt} format); tokens per row: min {lengths.min()}, "
+             f"median {int(np.median(lengths))}, max {lengths.max()}; trained tokens: "
+             f"{trained.sum()} of {lengths.sum()} ({trained.sum() / lengths.sum():.1%})."]
+    lines += _truncation_and_packing(full, lengths, trained, args)
     first = head.select(range(min(n_rows, len(head))))
-    shown = prepare_dataset(first, tokenizer, args, packing=False, dataset_name='preview')  # as a run without packing sees them
+    shown = prepare_dataset(first, tokenizer, args, packing=False, dataset_name='preview')
     for i, row in enumerate(shown):
         t = show_trained(row, tokenizer)
         lines += [f"--- row {i}: {t.n_tokens} tokens, {t.n_trained} trained (in ⟦ ⟧) ---", str(t)]
     return '\n'.join(lines)
 
+# %% ../nbs/09_cli.ipynb #15a54855
+_PREVIEW_USAGE = ("usage: sft-nb preview --config RECIPE.yaml [--rows 3] [--sample 1000] "
+                  "[--OPTION VALUE ...]")
+
 def preview_command(argv:list[str]) -> str:
-    "`sft-nb preview --config r.yaml [--rows N] [--sample N]`: see `preview`; loads no model weights"
+    "`sft-nb preview --config r.yaml [--rows N] [--sample N]`: see `preview`; loads no weights"
     p = argparse.ArgumentParser(prog='sft-nb preview', add_help=False)
     p.add_argument('--rows', type=int, default=3)
     p.add_argument('--sample', type=int, default=1000)
     if '-h' in argv or '--help' in argv:
-        print("usage: sft-nb preview --config RECIPE.yaml [--rows 3] [--sample 1000] [--OPTION VALUE ...]\n\n" + COMMANDS['preview'])
+        print(f"{_PREVIEW_USAGE}\n\n{COMMANDS['preview']}")
         return None
     ours, rest = p.parse_known_args(argv)
     from sft_nb.config import parse_args
@@ -396,7 +467,8 @@ def preview_command(argv:list[str]) -> str:
     from sft_nb.trainer import needs_chat_template
     with user_errors():
         script_args, training_args, model_args, mix = parse_args(rest)
-        if model_args.model_name_or_path is None: raise ValueError("No model: pass `--model_name_or_path` or a recipe that sets it.")
+        if model_args.model_name_or_path is None:
+            raise ValueError("No model: pass `--model_name_or_path` or a recipe that sets it.")
         ds = train_split(load_data(script_args, mix), script_args)
         tok = load_tokenizer(model_args.model_name_or_path, training_args, model_args)
         tok = prepare_tokenizer(tok, None, training_args, needs_chat_template(ds, training_args))
@@ -404,7 +476,7 @@ def preview_command(argv:list[str]) -> str:
     print(report)
     return report
 
-# %% ../nbs/09_cli.ipynb #57dad891
+# %% ../nbs/09_cli.ipynb #7eaeef3f
 def load_for_generation(path, # a full or merged model folder, or an adapter folder
                         dtype:str='auto', # dtype to load the weights in
                        ) -> tuple:
@@ -415,33 +487,41 @@ def load_for_generation(path, # a full or merged model folder, or an adapter fol
     p = Path(check_model_path(str(path), need_config=False))
     if (p/'adapter_config.json').exists(): model = load_adapter(p, is_trainable=False, dtype=dtype)
     else: model = load_model(str(p), dtype=dtype)
-    if torch.cuda.is_available() and not getattr(model, 'is_quantized', False): model = model.to('cuda')
+    if torch.cuda.is_available() and not getattr(model, 'is_quantized', False):
+        model = model.to('cuda')
     return model.eval(), load_tokenizer(str(p))
 
+# %% ../nbs/09_cli.ipynb #dfe9c3e7
 def reply(model, tokenizer,
           messages:list[dict], # the conversation so far, ending with a user turn
           max_new_tokens:int=128,
           temperature:float=0.0, # 0: greedy
           min_new_tokens:int=0, # tokens to generate before an end of turn may stop it
          ) -> str:
-    "The model's next assistant turn after `messages` (their plain contents, one per line, without a chat template)"
+    "The model's next assistant turn after `messages` (no chat template: their contents, one a line)"
     import torch
-    if tokenizer.chat_template: text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else: text = '\n'.join(m['content'] for m in messages)
-    enc = tokenizer(text, return_tensors='pt', add_special_tokens=not tokenizer.chat_template).to(model.device)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    # a chat template writes the special tokens itself
+    enc = tokenizer(text, return_tensors='pt', add_special_tokens=not tokenizer.chat_template)
+    enc = enc.to(model.device)
+    if temperature > 0: sampling = dict(do_sample=True, temperature=temperature)
+    else: sampling = dict(do_sample=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
+# %% ../nbs/09_cli.ipynb #74ec2c6a
 def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=COMMANDS[prog.split()[-1]])
     p.add_argument('path', help="a full or merged model folder, or an adapter folder")
     if prompt: p.add_argument('--prompt', required=True, help="the user's message")
     p.add_argument('--system', default=None, help="a system prompt")
     p.add_argument('--max_new_tokens', '--max-new-tokens', type=int, default=128)
-    p.add_argument('--min_new_tokens', '--min-new-tokens', type=int, default=0, help="tokens before an end of turn may stop the answer")
+    p.add_argument('--min_new_tokens', '--min-new-tokens', type=int, default=0,
+                   help="tokens before an end of turn may stop the answer")
     p.add_argument('--temperature', type=float, default=0.0, help="0: greedy decoding")
     p.add_argument('--dtype', default='auto')
     return p
@@ -452,21 +532,25 @@ def _parse(parser:argparse.ArgumentParser, argv:list) -> argparse.Namespace:
     parser.error = error
     return parser.parse_args(argv)
 
+# %% ../nbs/09_cli.ipynb #d56bd1e8
 def generate_command(argv:list[str]) -> str:
     "`sft-nb generate PATH --prompt TEXT`: print the model's answer"
     a = _parse(_generation_parser('sft-nb generate', prompt=True), argv)
     with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
-    msgs = ([{'role': 'system', 'content': a.system}] if a.system else []) + [{'role': 'user', 'content': a.prompt}]
+    system = [{'role': 'system', 'content': a.system}] if a.system else []
+    msgs = system + [{'role': 'user', 'content': a.prompt}]
     answer = reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
     print(answer)
     return answer
 
+# %% ../nbs/09_cli.ipynb #12aa1ddb
 def chat_command(argv:list[str], lines=None) -> list[dict]:
-    "`sft-nb chat PATH`: one user turn per line of stdin (or of `lines`), each answered in turn; returns the conversation"
+    "`sft-nb chat PATH`: one user turn per line of stdin (or `lines`), each answered; the conversation"
     a = _parse(_generation_parser('sft-nb chat', prompt=False), argv)
     with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
     interactive = lines is None and sys.stdin.isatty()
-    if interactive: print(f"Chatting with {a.path}: type a message, Ctrl-D to end.", file=sys.stderr)
+    if interactive:
+        print(f"Chatting with {a.path}: type a message, Ctrl-D to end.", file=sys.stderr)
     msgs = [{'role': 'system', 'content': a.system}] if a.system else []
     for line in (sys.stdin if lines is None else lines):
         if not line.strip(): continue
@@ -476,11 +560,11 @@ def chat_command(argv:list[str], lines=None) -> list[dict]:
         print(msgs[-1]['content'], flush=True)
     return msgs
 
-# %% ../nbs/09_cli.ipynb #998fd61f
+# %% ../nbs/09_cli.ipynb #66fbb86b
 def merge_command(argv:list[str]) -> Path:
-    "`sft-nb merge ADAPTER OUT`: the adapter merged into its base, saved as a full model in the new folder OUT"
+    "`sft-nb merge ADAPTER OUT`: the adapter merged into its base, saved in the new folder OUT"
     p = argparse.ArgumentParser(prog='sft-nb merge', description=COMMANDS['merge'])
-    p.add_argument('adapter', help="a folder holding adapter_config.json (as `save_model` writes it)")
+    p.add_argument('adapter', help="a folder holding adapter_config.json (as `save_model` writes)")
     p.add_argument('out', help="a new (or empty) folder for the merged model")
     p.add_argument('--dtype', default='auto', help="dtype of the base loaded for merging")
     a = _parse(p, argv)
@@ -490,39 +574,49 @@ def merge_command(argv:list[str]) -> Path:
     from sft_nb.save import save_model
     with user_errors():
         if not (adapter/'adapter_config.json').is_file():
-            raise FileNotFoundError(f"{adapter} holds no adapter_config.json, so it is not an adapter folder (a full model needs no merge).")
+            raise FileNotFoundError(f"{adapter} holds no adapter_config.json, so it is not an adapter "
+                                    "folder (a full model needs no merge).")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"{out} already exists and is not empty: merge writes a new folder, give it another OUT.")
+            raise FileExistsError(f"{out} already exists and is not empty: merge writes a new folder, "
+                                  "give it another OUT.")
         merged = merge_adapters(adapter, dtype=a.dtype)
         save_model(merged, out, processing_class=load_tokenizer(str(adapter)))
-    print(f"merged {adapter} into its base ({merged.config._name_or_path}); saved to {out}")
+    print(f"merged {adapter} into its base ({merged.config.name_or_path}); saved to {out}")
     return out
 
-# %% ../nbs/09_cli.ipynb #9bf6bfe0
-_ENV_PACKAGES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate', 'tokenizers', 'safetensors',
-                 'huggingface_hub', 'bitsandbytes', 'deepspeed', 'flash_attn', 'liger_kernel', 'kernels')
+# %% ../nbs/09_cli.ipynb #f3a89854
+_ENV_PACKAGES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate', 'tokenizers',
+                 'safetensors', 'huggingface_hub', 'bitsandbytes', 'deepspeed', 'flash_attn',
+                 'liger_kernel', 'kernels')
 
+def _device_lines() -> list[str]:
+    import torch
+    from accelerate.commands.config import default_config_file
+    n = torch.cuda.device_count()
+    gpus = f" ({', '.join(torch.cuda.get_device_name(i) for i in range(n))})" if n else ''
+    bf16 = n > 0 and torch.cuda.is_bf16_supported()
+    accelerate_config = default_config_file if Path(default_config_file).is_file() else 'none'
+    return [f"- CUDA: {torch.version.cuda or 'none'}; GPUs: {n}{gpus}; bf16: {bf16}",
+            f"- MPS: {torch.backends.mps.is_available()}; CPU cores: {os.cpu_count()}",
+            f"- accelerate default config: {accelerate_config}"]
+
+# %% ../nbs/09_cli.ipynb #dd1f8d0b
 def env_report() -> str:
     "Versions, devices and settings that matter for a bug report, as lines to paste"
     import platform
     from importlib.metadata import PackageNotFoundError, version
     from sft_nb import __version__
-    lines = [f"- sft_nb: {__version__}", f"- Python: {platform.python_version()}", f"- Platform: {platform.platform()}"]
+    lines = [f"- sft_nb: {__version__}", f"- Python: {platform.python_version()}",
+             f"- Platform: {platform.platform()}"]
     for pkg in _ENV_PACKAGES:
         try: lines.append(f"- {pkg}: {version(pkg)}")
         except PackageNotFoundError: lines.append(f"- {pkg}: not installed")
-    import torch
-    n = torch.cuda.device_count()
-    gpus = ', '.join(torch.cuda.get_device_name(i) for i in range(n))
-    bf16 = n > 0 and torch.cuda.is_bf16_supported()
-    lines.append(f"- CUDA: {torch.version.cuda or 'none'}; GPUs: {n}{f' ({gpus})' if n else ''}; bf16: {bf16}")
-    lines.append(f"- MPS: {torch.backends.mps.is_available()}; CPU cores: {os.cpu_count()}")
-    from accelerate.commands.config import default_config_file
-    lines.append(f"- accelerate default config: {default_config_file if Path(default_config_file).is_file() else 'none'}")
-    for var in ('CUDA_VISIBLE_DEVICES', 'HF_HUB_OFFLINE', 'HF_HOME'):
-        if var in os.environ: lines.append(f"- {var}={os.environ[var]}")
+    lines += _device_lines()
+    settings = ('CUDA_VISIBLE_DEVICES', 'HF_HUB_OFFLINE', 'HF_HOME')
+    lines += [f"- {var}={os.environ[var]}" for var in settings if var in os.environ]
     return '\n'.join(lines)
 
+# %% ../nbs/09_cli.ipynb #735f34ab
 def env_command(argv:list[str]) -> str:
     "`sft-nb env`: print `env_report`"
     _parse(argparse.ArgumentParser(prog='sft-nb env', description=COMMANDS['env']), argv)
@@ -530,7 +624,7 @@ def env_command(argv:list[str]) -> str:
     print(report)
     return report
 
-# %% ../nbs/09_cli.ipynb #ece41b77
+# %% ../nbs/09_cli.ipynb #1be283e8
 _RUNNERS = {'train': train_command, 'demo': demo, 'preview': preview_command, 'chat': chat_command,
             'generate': generate_command, 'merge': merge_command, 'env': env_command}
 
@@ -542,8 +636,9 @@ def main(argv:list[str]|None=None):
         return None
     return _RUNNERS[cmd](rest)
 
+# %% ../nbs/09_cli.ipynb #d4c5c82d
 def cli() -> int:
-    "The `sft-nb` console script: status 0 when done; 2, with one line on stderr, for a mistake the user can fix"
+    "The `sft-nb` console script: status 0 when done; 2, with one line on stderr, for a user's mistake"
     argv = sys.argv[1:]
     debug = '--debug' in argv
     try: main([a for a in argv if a != '--debug'])
@@ -551,7 +646,8 @@ def cli() -> int:
         if debug: raise
         print(f"sft-nb: error: {e}", file=sys.stderr)
         return 2
-    return 0  # not `main`'s result: the script's wrapper exits with what we return, and a trainer would be status 1
+    # not `main`'s result: the script's wrapper exits with what we return, and a trainer would be 1
+    return 0
 
 # %% ../nbs/09_cli.ipynb #c3c2cb44
 if __name__ == '__main__': sys.exit(cli())

@@ -1,4 +1,4 @@
-"""A real fast tokenizer, a 2-layer causal LM and learnable datasets in every format, built locally in milliseconds: the fixtures of every notebook and the demo default.
+"""Fixtures built locally in milliseconds: a real tokenizer, a 2-layer LM and learnable datasets
 
 Docs: https://sft-nb.github.io/sft_nb/tiny.html.md"""
 
@@ -13,8 +13,9 @@ from pathlib import Path
 __all__ = ['SYSTEM_PROMPTS', 'CHATML_GENERATION_TEMPLATE', 'CHATML_TEMPLATE', 'SPECIAL_TOKENS', 'tiny_pairs', 'tiny_tokenizer',
            'tiny_config', 'tiny_model', 'tiny_conversations', 'tiny_dataset', 'save_tiny', 'save_tiny_dataset']
 
-# %% ../nbs/01_tiny.ipynb #a32e035d
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a calculator. Answer with a number.", "Answer briefly."]
+# %% ../nbs/01_tiny.ipynb #4d5885ce
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a calculator. Answer with a number.",
+                  "Answer briefly."]
 
 def _arith(rng):
     a, b = rng.randint(0, 20), rng.randint(0, 20)
@@ -32,7 +33,7 @@ def tiny_pairs(n:int, # number of (prompt, answer) pairs
     rng = random.Random(seed)
     return [(_arith if rng.random() < 0.5 else _reverse)(rng) for _ in range(n)]
 
-# %% ../nbs/01_tiny.ipynb #89a57ab8
+# %% ../nbs/01_tiny.ipynb #0806ce19
 _CHATML = """{%- if tools %}
 {{- '<|im_start|>system\\n' }}
 {%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n' }}{%- endif %}
@@ -47,7 +48,9 @@ _CHATML = """{%- if tools %}
 {{- '<|im_start|>assistant\\n' }}
 {%- GEN_START %}
 {%- if message.content %}{{- message.content }}{%- endif %}
-{%- for tc in message.tool_calls or [] %}{{- '<tool_call>' + ((tc.function or tc) | tojson) + '</tool_call>' }}{%- endfor %}
+{%- for tc in message.tool_calls or [] %}
+{{- '<tool_call>' + ((tc.function or tc) | tojson) + '</tool_call>' }}
+{%- endfor %}
 {{- '<|im_end|>' }}
 {%- GEN_END %}
 {{- '\\n' }}
@@ -57,28 +60,31 @@ _CHATML = """{%- if tools %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
 
-CHATML_GENERATION_TEMPLATE = _CHATML.replace('{%- GEN_START %}', '{%- generation %}').replace('{%- GEN_END %}', '{%- endgeneration %}')
+CHATML_GENERATION_TEMPLATE = (_CHATML.replace('{%- GEN_START %}', '{%- generation %}')
+                              .replace('{%- GEN_END %}', '{%- endgeneration %}'))
 CHATML_TEMPLATE = _CHATML.replace('{%- GEN_START %}\n', '').replace('{%- GEN_END %}\n', '')
 
-# %% ../nbs/01_tiny.ipynb #139195fe
+# %% ../nbs/01_tiny.ipynb #3b5f9b6e
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 def _corpus(n=400):
-    extra = ["system", "user", "assistant", "tool", "# Tools", "<tool_call>", "</tool_call>", '{"name": "add", "arguments": {"a": 1, "b": 2}}',
+    extra = ["system", "user", "assistant", "tool", "# Tools", "<tool_call>", "</tool_call>",
+             '{"name": "add", "arguments": {"a": 1, "b": 2}}',
              "The quick brown fox jumps over the lazy dog.", "0123456789", "+-*/=?!.,:;()[]{}"]
     return [f"{p} {a}" for p, a in tiny_pairs(n, seed=1)] + SYSTEM_PROMPTS + extra
 
-def tiny_tokenizer(chat_template:str|None=CHATML_GENERATION_TEMPLATE, # Jinja chat template; None for a base-model tokenizer
+# %% ../nbs/01_tiny.ipynb #52f428d7
+def tiny_tokenizer(chat_template:str|None=CHATML_GENERATION_TEMPLATE, # None for a base-model tokenizer
                    vocab_size:int=384, # BPE vocabulary size, special tokens included
                   ):
-    "A real `PreTrainedTokenizerFast`: byte-level BPE with eos `<|im_end|>`, pad `<|pad|>` and a ChatML chat template"
+    "A real `PreTrainedTokenizerFast`: byte-level BPE, eos `<|im_end|>`, pad `<|pad|>`, a ChatML template"
     from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|pad|>", unk_token=None, model_max_length=2048)
@@ -86,7 +92,7 @@ def tiny_tokenizer(chat_template:str|None=CHATML_GENERATION_TEMPLATE, # Jinja ch
     if chat_template is not None: fast.chat_template = chat_template
     return fast
 
-# %% ../nbs/01_tiny.ipynb #ea9b43a9
+# %% ../nbs/01_tiny.ipynb #9faedd21
 def tiny_config(arch:str='llama', # 'llama' or 'qwen2'
                 vocab_size:int=384, # size of the tokenizer's vocabulary
                 hidden_size:int=64, num_layers:int=2, num_heads:int=4, num_kv_heads:int=2,
@@ -96,11 +102,12 @@ def tiny_config(arch:str='llama', # 'llama' or 'qwen2'
     "A transformers config for a tiny decoder-only model"
     from transformers import LlamaConfig, Qwen2Config
     cls = {'llama': LlamaConfig, 'qwen2': Qwen2Config}[arch]
-    return cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size*2, num_hidden_layers=num_layers,
-               num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
-               tie_word_embeddings=tie_word_embeddings, eos_token_id=2, pad_token_id=3, bos_token_id=None,
-               use_cache=False, **kwargs)
+    return cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size*2,
+               num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+               max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
+               eos_token_id=2, pad_token_id=3, bos_token_id=None, use_cache=False, **kwargs)
 
+# %% ../nbs/01_tiny.ipynb #2b41ae2c
 def tiny_model(arch:str='llama', # 'llama' or 'qwen2'
                seed:int=0, # initialisation seed
                tokenizer=None, # the model's vocabulary and special ids follow this tokenizer
@@ -114,26 +121,29 @@ def tiny_model(arch:str='llama', # 'llama' or 'qwen2'
     cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     return model
 
-# %% ../nbs/01_tiny.ipynb #111ed9d5
+# %% ../nbs/01_tiny.ipynb #577df275
 def tiny_conversations(n:int=64, seed:int=0, system:bool=True, max_turns:int=3) -> list[dict]:
     "Rows of `{'messages': [...]}`: multi-turn chats, some with a system prompt"
     rng, pairs = random.Random(seed), iter(tiny_pairs(n*max_turns, seed))
     rows = []
     for i in range(n):
-        msgs = [{'role':'system', 'content':SYSTEM_PROMPTS[i % len(SYSTEM_PROMPTS)]}] if system and i % 3 == 0 else []
+        with_system = system and i % 3 == 0
+        msgs = [{'role':'system', 'content':SYSTEM_PROMPTS[i % len(SYSTEM_PROMPTS)]}] if with_system else []
         for _ in range(rng.randint(1, max_turns)):
             p, a = next(pairs)
             msgs += [{'role':'user', 'content':p}, {'role':'assistant', 'content':a}]
         rows.append({'messages': msgs})
     return rows
 
-def tiny_dataset(kind:str='conversational', # conversational, prompt_completion, conversational_prompt_completion or text
+# %% ../nbs/01_tiny.ipynb #2a326069
+def tiny_dataset(kind:str='conversational', # conversational, [conversational_]prompt_completion or text
                  n:int=64, # number of rows
                  seed:int=0, # data seed
-                 eos:str='<|im_end|>', # appended to `text` rows so plain-text training learns to stop
+                 eos:str='<|im_end|>', # appended to `text` rows, so that plain-text training learns to stop
                 ):
     "A deterministic `datasets.Dataset` in the format `kind`"
     from datasets import Dataset
@@ -141,27 +151,32 @@ def tiny_dataset(kind:str='conversational', # conversational, prompt_completion,
     pairs = tiny_pairs(n, seed)
     if kind == 'prompt_completion': rows = [{'prompt': f"{p} ", 'completion': a} for p, a in pairs]
     elif kind == 'conversational_prompt_completion':
-        rows = [{'prompt': [{'role':'user', 'content':p}], 'completion': [{'role':'assistant', 'content':a}]} for p, a in pairs]
+        rows = [{'prompt': [{'role':'user', 'content':p}], 'completion': [{'role':'assistant', 'content':a}]}
+                for p, a in pairs]
     elif kind == 'text': rows = [{'text': f"{p} {a}{eos}"} for p, a in pairs]
-    else: raise ValueError(f"Unknown dataset kind {kind!r}: use conversational, prompt_completion, conversational_prompt_completion or text.")
+    else:
+        raise ValueError(f"Unknown dataset kind {kind!r}: use conversational, prompt_completion, "
+                         "conversational_prompt_completion or text.")
     return Dataset.from_list(rows)
 
-# %% ../nbs/01_tiny.ipynb #bfde10f3
+# %% ../nbs/01_tiny.ipynb #0e08072e
 def save_tiny(path, # folder to write model + tokenizer to
               arch:str='llama', seed:int=0,
               chat_template:str|None=CHATML_GENERATION_TEMPLATE, # None: a base model without a chat template
               **kwargs, # passed to `tiny_config`
              ) -> Path:
-    "Save a tiny model and its tokenizer to `path`, loadable with `AutoModelForCausalLM.from_pretrained(path)`"
+    "Save a tiny model and its tokenizer to `path`, for `AutoModelForCausalLM.from_pretrained(path)`"
     path = Path(path)
     tok = tiny_tokenizer(chat_template)
     tiny_model(arch, seed, tokenizer=tok, **kwargs).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
+# %% ../nbs/01_tiny.ipynb #df3bdd9a
 def save_tiny_dataset(path, kind:str='conversational', n:int=64, seed:int=0, eval_n:int=0) -> Path:
-    "Write `train.jsonl` (and `test.jsonl` if `eval_n`) under `path`, loadable with `load_dataset(str(path))`"
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    "Write `train.jsonl` (and `test.jsonl` if `eval_n`) under `path`, for `load_dataset(str(path))`"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     splits = {'train': tiny_dataset(kind, n, seed)}
     if eval_n: splits['test'] = tiny_dataset(kind, eval_n, seed+1000)
     for name, ds in splits.items():
