@@ -156,11 +156,13 @@ def test_sentinel_spans_equal_transformers_tracker(name):
               'parameters': {'type': 'object', 'properties': {'a': {'type': 'number'}, 'b': {'type': 'number'}}}}}]
     n_spans = 0
     for row in tiny_conversations(12, max_turns=3, system=True):
-        parts = [{**m, 'content': [{'type': 'text', 'text': m['content']}]} for m in row['messages']]  # as VLM templates want
+        # content parts, as VLM templates want them
+        parts = [{**m, 'content': [{'type': 'text', 'text': m['content']}]} for m in row['messages']]
         for t, msgs in [(None, row['messages']), (tools, row['messages']), (None, parts)]:
             compiled = _compile_jinja_template(tok.get_chat_template(None, t))
             try: want = _render_with_assistant_indices(compiled, msgs, t, None, False, **tok.special_tokens_map)
-            except Exception: continue  # a template that rejects this conversation (e.g. needs images) rejects it both ways
+            # a template that rejects this conversation (e.g. needs images) rejects it both ways
+            except Exception: continue
             for render in (ChatRenderer(tok), StencilRenderer(tok)):
                 assert render(msgs, t, markers=True) == want
             n_spans += len(want[1])
@@ -185,7 +187,7 @@ STENCILLED = {'llama3.jinja', 'llama3_1.jinja', 'llama3_2.jinja', 'qwen2_5.jinja
 
 @pytest.mark.parametrize('name', sorted(p.name for p in TEMPLATES.glob('*.jinja')))
 def test_stencils_equal_row_by_row_rendering(name):
-    "Every template TRL ships, on conversations with awkward texts: rendering by shape gives transformers' text and spans"
+    "Every template TRL ships, on conversations with awkward texts: stencils give transformers' text and spans"
     from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
     tok = tiny_tokenizer((TEMPLATES/name).read_text())
     tok.bos_token = '<|endoftext|>'  # Llama 3's template writes one
