@@ -1,4 +1,4 @@
-"""The README.md a save writes: what the model is, how it was trained, how to load it, with its loss curve.
+"""The README.md of every save: what the model is, how it was trained, how to load it.
 
 Docs: https://sft-nb.github.io/sft_nb/card.html.md"""
 
@@ -61,6 +61,7 @@ _HPARAMS = ['learning_rate', 'num_train_epochs', 'max_steps', 'per_device_train_
 # peft's field names, as a recipe sets them
 _LORA_NAMES = {'r': 'lora_r', 'lora_alpha': 'lora_alpha', 'lora_dropout': 'lora_dropout'}
 
+# %% ../nbs/06b_card.ipynb #0cb1d86e
 def _hyperparameters(args, peft_config) -> dict:
     "Key settings for the card; never a token or another secret"
     hp = {k: getattr(args, k, None) for k in _HPARAMS} if args is not None else {}
@@ -74,7 +75,7 @@ def _hyperparameters(args, peft_config) -> dict:
         if targets: hp['lora_target_modules'] = targets
     return {k: (v.value if hasattr(v, 'value') else v) for k, v in hp.items()}
 
-# %% ../nbs/06b_card.ipynb #e50abb69
+# %% ../nbs/06b_card.ipynb #75c54fed
 def _final_losses(log_history:list[dict]) -> dict:
     "The last train and eval losses and the run's mean, to four significant digits"
     out = {}
@@ -85,6 +86,7 @@ def _final_losses(log_history:list[dict]) -> dict:
         if r.get('num_input_tokens_seen'): out['tokens seen'] = r['num_input_tokens_seen']
     return out
 
+# %% ../nbs/06b_card.ipynb #bcc452fb
 def _table(d:dict) -> str:
     return '\n'.join(['| | |', '|---|---|'] + [f"| {k} | {v} |" for k, v in d.items()])
 
@@ -108,7 +110,7 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
 ```'''}
 
-# %% ../nbs/06b_card.ipynb #bcc452fb
+# %% ../nbs/06b_card.ipynb #d2ca3dba
 def _where(repo_id, subfolder) -> str:
     "`from_pretrained`'s arguments in the quick start: the Hub id, or the saved folder's name"
     if not repo_id: where = "path/to/this/model"
@@ -116,6 +118,7 @@ def _where(repo_id, subfolder) -> str:
     else: where = f"./{Path(repo_id).name}"  # an absolute path names the user's home
     return f'"{where}"' + (f', subfolder="{subfolder}"' if subfolder else '')
 
+# %% ../nbs/06b_card.ipynb #73c998c2
 def _dataset_words(dataset_name) -> str:
     "A Hub dataset by its id and link; a local file or folder described, never named by its path"
     if not dataset_name: return "not recorded"
@@ -123,13 +126,14 @@ def _dataset_words(dataset_name) -> str:
     if is_hub_id(dataset_name): return f"[{dataset_name}]({link})"
     return "a local dataset"
 
-# %% ../nbs/06b_card.ipynb #11ed9d7c
+# %% ../nbs/06b_card.ipynb #b77e094e
 def _what(base:str|None, is_peft:bool) -> str:
     "The model in one phrase, linking the base model when it is on the Hub"
     what = 'a LoRA adapter for' if is_peft else 'a fine-tune of'
     if base: return f"{what} [{base}](https://huggingface.co/{base})"
     return "a LoRA adapter" if is_peft else "a fine-tuned causal language model"
 
+# %% ../nbs/06b_card.ipynb #d91eca7f
 def _card_data(base, repo_id, is_peft, dataset_name, tags, license):
     "The card's metadata: what the Hub indexes"
     from huggingface_hub import ModelCardData
@@ -139,7 +143,7 @@ def _card_data(base, repo_id, is_peft, dataset_name, tags, license):
                          datasets=[dataset_name] if is_hub_id(dataset_name) else None,
                          model_name=Path(repo_id).name if repo_id else None)
 
-# %% ../nbs/06b_card.ipynb #d2ca3dba
+# %% ../nbs/06b_card.ipynb #2dbe99b8
 def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata only if a Hub id
                repo_id:str|None=None, # where the model is loaded from (Hub id or local path)
                is_peft:bool=False, # an adapter (library `peft`) or a full model (`transformers`)
@@ -192,7 +196,7 @@ def write_model_card(output_dir, # the saved model's folder: README.md (and loss
     os.replace(tmp, output_dir/'README.md')
     return output_dir/'README.md'
 
-# %% ../nbs/06b_card.ipynb #2dbe99b8
+# %% ../nbs/06b_card.ipynb #da5aa657
 def _card_defaults(model) -> dict:
     "`is_peft`, `peft_config` and `base_model` of `model`, for `model_card`"
     has_adapter = hasattr(model, 'peft_config') and hasattr(model, 'active_adapter')

@@ -1,4 +1,4 @@
-"""`CrashSafeSaveMixin`: Trainer checkpoints staged, verified, renamed into place and pushed with retries.
+"""`CrashSafeSaveMixin`: Trainer checkpoints staged, verified, renamed into place, pushed.
 
 Docs: https://sft-nb.github.io/sft_nb/checkpoints.html.md"""
 
@@ -52,6 +52,7 @@ def _run_files(path:Path) -> list[str]:
         return p.name in names or _CKPT.fullmatch(p.name) or _SHARD.fullmatch(p.name)
     return sorted(p.name for p in path.iterdir() if of_a_run(p))
 
+# %% ../nbs/07b_checkpoints.ipynb #8a6a263a
 def _clear_run(path:Path):
     for name in _run_files(path):
         p = path/name
@@ -84,7 +85,7 @@ def check_output_dir(output_dir, # the run's folder
         shutil.rmtree(stale, ignore_errors=True)
     return path
 
-# %% ../nbs/07b_checkpoints.ipynb #3bfb62c3
+# %% ../nbs/07b_checkpoints.ipynb #2f3738a5
 def save_training_args(args, # `TrainingArguments` / `SFTConfig`
                        output_dir, # folder to write training_args.bin to
                       ) -> Path:
@@ -186,7 +187,7 @@ def write_staged_checkpoint(trainer, save_checkpoint, model, trial, stage:Path, 
         trainer._stage = None
     trainer.accelerator.wait_for_everyone()
 
-# %% ../nbs/07b_checkpoints.ipynb #41aad8f3
+# %% ../nbs/07b_checkpoints.ipynb #6638db4e
 def fix_best_checkpoint(trainer, staged:Path, final:Path):
     "Point `best_model_checkpoint` (and the staged trainer_state.json) at `final` if it is `staged`"
     best = trainer.state.best_model_checkpoint
@@ -194,6 +195,7 @@ def fix_best_checkpoint(trainer, staged:Path, final:Path):
         trainer.state.best_model_checkpoint = str(final)
         trainer.state.save_to_json(str(staged/'trainer_state.json'))
 
+# %% ../nbs/07b_checkpoints.ipynb #ae1798b0
 def publish_checkpoint(trainer, staged:Path, final:Path):
     "Rename the complete `staged` checkpoint to `final`, drop its staging folder; all wait"
     if trainer.args.should_save:
@@ -221,7 +223,7 @@ def save_checkpoint_atomically(trainer, save_checkpoint, model, trial):
         best = trainer.state.best_model_checkpoint
         rotate_checkpoints(run_dir, trainer.args.save_total_limit, best, pushing_folders(trainer))
 
-# %% ../nbs/07b_checkpoints.ipynb #cfed7f41
+# %% ../nbs/07b_checkpoints.ipynb #19cd495f
 def finalize_keeping_newest(trainer, finalize_training, *args, **kwargs):
     "Trainer's `_finalize_training` with `save_total_limit=1` lifted meanwhile"
     limit = trainer.args.save_total_limit
@@ -247,13 +249,14 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     save_training_args(trainer.args, out)
     write_trainer_card(trainer, out)
 
-# %% ../nbs/07b_checkpoints.ipynb #fab809b7
+# %% ../nbs/07b_checkpoints.ipynb #c9e971db
 def final_path(trainer, out:Path) -> Path:
     "Where the save being written to `out` ends up once renamed"
     stage = getattr(trainer, '_stage', None)
     if stage is not None: return Path(stage).parent/out.name
     return out.parent if out.name == f"{TMP_PREFIX}save" else out
 
+# %% ../nbs/07b_checkpoints.ipynb #1bac5298
 def write_trainer_card(trainer, out:Path):
     "The card of the model saved in `out` (and of the merged model in `out/merged` if there is one)"
     model = unwrapped(trainer)
@@ -295,10 +298,10 @@ def update_card(trainer, tags=None, license=None, dataset_name=None):
     trainer.card_info = {**getattr(trainer, 'card_info', {}), **given}
     write_trainer_card(trainer, Path(trainer.args.output_dir))
 
-# %% ../nbs/07b_checkpoints.ipynb #0f14ab57
+# %% ../nbs/07b_checkpoints.ipynb #2f8ef4d7
 def push_trainer(trainer, commit_message='End of training', blocking=True, token=None,
                  revision=None, private=None, **kwargs):
-    "Trainer's `push_to_hub`: save into `output_dir`, upload it (in the background unless `blocking`)"
+    "Trainer's `push_to_hub`: save into `output_dir`, then upload it (in the background if asked)"
     args = trainer.args
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     token = token if token is not None else args.hub_token
@@ -322,14 +325,15 @@ def should_push_checkpoint(trainer) -> bool:
     running = trainer.push_in_progress is not None and not trainer.push_in_progress.is_done()
     return trainer.args.hub_always_push or not running
 
-# %% ../nbs/07b_checkpoints.ipynb #11199038
-# not in the model at the repo's root: they are for resuming
+# %% ../nbs/07b_checkpoints.ipynb #51fdbbe0
 CHECKPOINT_STATE = ['optimizer.pt', 'scheduler.pt', 'scaler.pt', 'rng_state*.pth',
                     'trainer_state.json', 'global_step*', '_*']
 
+# %% ../nbs/07b_checkpoints.ipynb #08e6d5c4
 def _log_push_failure(job):
     if job.exception(): logger.error(f"Checkpoint push failed: {job.exception()}")
 
+# %% ../nbs/07b_checkpoints.ipynb #91d08354
 def start_checkpoint_pushes(trainer, folder:str) -> list:
     "Start uploading checkpoint `folder` to the repo's root (and as a checkpoint); return futures"
     args, api, state = trainer.args, trainer_hub_api(trainer), trainer.state
@@ -347,7 +351,7 @@ def start_checkpoint_pushes(trainer, folder:str) -> list:
     for job in jobs: job.add_done_callback(_log_push_failure)
     return jobs
 
-# %% ../nbs/07b_checkpoints.ipynb #2f971908
+# %% ../nbs/07b_checkpoints.ipynb #68b4eac0
 def track_pushes(trainer, folder:str, jobs:list):
     "Remember `jobs` as `folder`'s pushes (kept from rotation meanwhile), and in `push_in_progress`"
     from transformers.utils.hub import PushInProgress
@@ -359,6 +363,7 @@ def track_pushes(trainer, folder:str, jobs:list):
     else:
         trainer.push_in_progress.jobs.extend(jobs)
 
+# %% ../nbs/07b_checkpoints.ipynb #701d3787
 def push_checkpoint(trainer, checkpoint_folder):
     "Trainer's `_push_from_checkpoint`; a checkpoint still staged is pushed once renamed into place"
     if getattr(trainer, '_stage', None) is not None:
@@ -369,7 +374,7 @@ def push_checkpoint(trainer, checkpoint_folder):
     folder = str(checkpoint_folder)
     track_pushes(trainer, folder, start_checkpoint_pushes(trainer, folder))
 
-# %% ../nbs/07b_checkpoints.ipynb #51fdbbe0
+# %% ../nbs/07b_checkpoints.ipynb #8707b642
 class CrashSafeSaveMixin:
     "Checkpoints and saves staged, verified, renamed into place, carded, token-free and pushed"
     card_info:dict = {}  # extra `model_card` arguments: dataset_name, tags, license, method

@@ -1,4 +1,4 @@
-"""Pushes that fail early when they cannot work, retry passing network errors, and never touch the local save.
+"""Pushes that fail early, retry passing network errors, and never touch the local save.
 
 Docs: https://sft-nb.github.io/sft_nb/hub.html.md"""
 
@@ -39,6 +39,7 @@ def _retryable(e:BaseException) -> bool:
     network = type(e).__module__.startswith(('httpx', 'httpcore'))  # huggingface_hub's HTTP client
     return network or isinstance(e, (ConnectionError, TimeoutError))
 
+# %% ../nbs/07a_hub.ipynb #8f99c45c
 def with_retries(fn, # called with no arguments
                  what:str, # what is being done, for the error message
                  retries:int=3, # attempts after the first
@@ -56,7 +57,7 @@ def with_retries(fn, # called with no arguments
             logger.warning(f"{what} failed ({e}); retrying in {wait * 2**attempt:.0f}s")
             time.sleep(wait * 2**attempt)
 
-# %% ../nbs/07a_hub.ipynb #26c3b924
+# %% ../nbs/07a_hub.ipynb #511a6fde
 def _card_names_repo(folder:Path, repo_id:str):
     "Point the quick start of sft_nb's cards in `folder` (and `folder/merged`) at `repo_id`"
     local = f'from_pretrained("./{folder.name}"'

@@ -74,6 +74,7 @@ def _is_disk_full(e:BaseException, dest:Path, need:int=0) -> bool:
         return True
     return need > 0 and _free_bytes(dest) < need
 
+# %% ../nbs/07_save.ipynb #8a99027d
 def _size(n:int) -> str:
     "Bytes for a reader: 812.0 KiB, 3.4 GiB"
     for unit in ('B', 'KiB', 'MiB', 'GiB'):
@@ -81,7 +82,7 @@ def _size(n:int) -> str:
         n /= 1024
     return f"{n:.1f} TiB"
 
-# %% ../nbs/07_save.ipynb #8a99027d
+# %% ../nbs/07_save.ipynb #6eff636b
 def _save_error(e:Exception, # what the write raised: an OSError, or safetensors' / torch.save's
                 dest, # the folder being saved
                 kept:str, # what is still safe on disk
@@ -95,6 +96,7 @@ def _save_error(e:Exception, # what the write raised: an OSError, or safetensors
         return OSError(errno.ENOSPC, message)
     return OSError(e.errno, f"Saving to {dest} failed: {e.strerror or e}. {kept}.")
 
+# %% ../nbs/07_save.ipynb #7f484337
 @contextmanager
 def _explained(dest:Path, # the folder being saved
                kept:str, # what is still safe on disk
@@ -130,7 +132,7 @@ def atomic_dir(dest, # final folder
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/07_save.ipynb #1ac50da9
+# %% ../nbs/07_save.ipynb #b2c0d9c2
 def _tensor_shapes(files:list[Path]) -> dict[str, tuple[tuple, str]]:
     "name -> (shape, file) for every tensor in the safetensors `files`, reading headers only"
     from safetensors import safe_open
@@ -140,6 +142,7 @@ def _tensor_shapes(files:list[Path]) -> dict[str, tuple[tuple, str]]:
             for k in sf.keys(): out[k] = (tuple(sf.get_slice(k).get_shape()), f.name)
     return out
 
+# %% ../nbs/07_save.ipynb #c649be3d
 def _check_nonempty(shapes:dict, where:Path):
     if not shapes:
         raise ValueError(f"{where} holds no tensors: the save wrote an empty file. "
@@ -150,7 +153,7 @@ def _check_nonempty(shapes:dict, where:Path):
                          "Under DeepSpeed ZeRO-3 gather the parameters before saving "
                          "(stage3_gather_16bit_weights_on_model_save=true).")
 
-# %% ../nbs/07_save.ipynb #eaa2ddf8
+# %% ../nbs/07_save.ipynb #400bc125
 def _weight_files(path:Path) -> dict[str, tuple[tuple, str]]:
     "Shapes of a full model's saved tensors, checking that the shard index and the shards agree"
     index = path/'model.safetensors.index.json'
@@ -171,12 +174,13 @@ def _weight_files(path:Path) -> dict[str, tuple[tuple, str]]:
     raise FileNotFoundError(f"No weights in {path}: expected model.safetensors, a sharded index, "
                             "or adapter_model.safetensors.")
 
-# %% ../nbs/07_save.ipynb #d8238606
+# %% ../nbs/07_save.ipynb #34eeb444
 def _shapes_only(state_dict:dict) -> dict:
     "The same names as `state_dict`, as meta tensors: shapes and dtypes, no memory"
     import torch
     return {k: torch.empty(v.shape, dtype=v.dtype, device='meta') for k, v in state_dict.items()}
 
+# %% ../nbs/07_save.ipynb #ebeb4233
 def _revert(model, state_dict:dict) -> dict:
     "transformers' save-time conversion of `state_dict`, on shapes (or tensors, if it needs values)"
     import torch
@@ -187,7 +191,7 @@ def _revert(model, state_dict:dict) -> dict:
         with torch.no_grad():
             return revert_weight_conversion(model, state_dict)
 
-# %% ../nbs/07_save.ipynb #b2c0d9c2
+# %% ../nbs/07_save.ipynb #9db864d3
 def saved_shapes(model) -> dict[str, tuple]:
     "Name -> shape of what `model.save_pretrained` writes: no tied copies or ignored keys, renamed"
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -198,6 +202,7 @@ def saved_shapes(model) -> dict[str, tuple]:
     state_dict = remove_tied_weights_from_state_dict(state_dict, model)
     return {k: tuple(v.shape) for k, v in _revert(model, state_dict).items()}
 
+# %% ../nbs/07_save.ipynb #14cddf54
 def _expected_shapes(model) -> dict[str, tuple]:
     "What the model should have written: peft's adapter state dict, or the model's `saved_shapes`"
     from peft import PeftModel, get_peft_model_state_dict
@@ -205,7 +210,7 @@ def _expected_shapes(model) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     return saved_shapes(model)
 
-# %% ../nbs/07_save.ipynb #400bc125
+# %% ../nbs/07_save.ipynb #68262965
 def _check_shapes(path:Path, shapes:dict, model):
     want = _expected_shapes(model)
     both = want.keys() & shapes.keys()
@@ -216,6 +221,7 @@ def _check_shapes(path:Path, shapes:dict, model):
         raise ValueError(f"{len(missing)} tensor(s) of the model are not in {path}, "
                          f"e.g. {missing[:3]}.")
 
+# %% ../nbs/07_save.ipynb #ffb3d18c
 def verify_saved(path, # folder written by `save_model` / `save_pretrained`
                  model=None, # if given, saved shapes must match this model's
                 ) -> dict[str, tuple]:
@@ -235,7 +241,7 @@ def verify_saved(path, # folder written by `save_model` / `save_pretrained`
     if model is not None: _check_shapes(path, shapes, model)
     return {k: s for k, (s, _) in shapes.items()}
 
-# %% ../nbs/07_save.ipynb #34eeb444
+# %% ../nbs/07_save.ipynb #fef676fa
 def checkpoint_bytes(model, # the model being trained
                      save_only_model:bool=False, # no optimizer state in checkpoints
                     ) -> int:
@@ -248,7 +254,7 @@ def checkpoint_bytes(model, # the model being trained
     moments = 0 if save_only_model else 2 * 4 * trained  # fp32 Adam m and v
     return weights + moments
 
-# %% ../nbs/07_save.ipynb #9db864d3
+# %% ../nbs/07_save.ipynb #6359196a
 def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
     from peft import PeftModel
     if isinstance(model, PeftModel): model.save_pretrained(path, state_dict=state_dict)
@@ -257,7 +263,7 @@ def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
     if generation_config is not None and not (path/'generation_config.json').exists():
         generation_config.save_pretrained(path)
 
-# %% ../nbs/07_save.ipynb #14cddf54
+# %% ../nbs/07_save.ipynb #d742ca94
 def _write_merged(model, path:Path, max_shard_size='5GB', processing_class=None):
     "The adapter merged into a full-precision copy of its base (even after QLoRA), and tokenizer"
     from sft_nb.adapters import is_peft_model, merged_copy
