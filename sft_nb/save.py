@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/save.html.md"""
 
 # %% ../nbs/07_save.ipynb #080c0955
 from __future__ import annotations
-import errno, json, os, re, shutil, uuid
+import errno, json, os, shutil, uuid
 from contextlib import contextmanager
 from pathlib import Path
 from .card import _card_defaults, write_model_card
