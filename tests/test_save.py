@@ -7,6 +7,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from sft_nb.tiny import tiny_model, tiny_tokenizer, save_tiny
 from sft_nb import save as S
+from sft_nb import checkpoints as C
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,7 +26,7 @@ import os, sys, time, json, torch, transformers
 from pathlib import Path
 from transformers import Trainer, TrainingArguments, DataCollatorForLanguageModeling
 from sft_nb.tiny import tiny_model, tiny_tokenizer, tiny_dataset
-from sft_nb.save import CrashSafeSaveMixin
+from sft_nb.checkpoints import CrashSafeSaveMixin
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
 class T(CrashSafeSaveMixin, Trainer): pass
@@ -54,7 +55,9 @@ def wait_for(pred, proc, timeout=120):
     t0 = time.time()
     while not pred():
         if proc.poll() is not None: pytest.fail(f"child exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if time.time() - t0 > timeout: proc.kill(); pytest.fail('timed out waiting for the child')
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail('timed out waiting for the child')
         time.sleep(0.02)
 
 @pytest.fixture(scope='module')
@@ -75,7 +78,8 @@ def test_kill_during_checkpoint_keeps_previous(tmp_path):
     """)
     wait_for(lambda: (out/'_tmp-checkpoint-4'/'checkpoint-4'/'rng_state.pth').exists(), proc)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out/'checkpoint-4').exists()
     assert get_last_checkpoint(str(out)) == str(out/'checkpoint-2')
@@ -102,32 +106,38 @@ def test_kill_during_final_save_keeps_previous(tmp_path):
     import sft_nb.save as S
     orig = S._write_weights
     def slow(*a, **k):
-        orig(*a, **k); print('WROTE', flush=True); time.sleep(60)
+        orig(*a, **k)
+        print('WROTE', flush=True)
+        time.sleep(60)
     S._write_weights = slow
     S.save_model(tiny_model(tokenizer=tok, seed=2), {str(tmp_path/'final')!r}, tok)
     """)
     wait_for(lambda: any((p/'model.safetensors').exists() for p in tmp_path.glob('_tmp-final*')), proc)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'final')), logits(first))
 
 def test_kill_during_trainer_final_save_keeps_previous(tmp_path):
     "SIGKILL while the trainer's save_model stages its files: the previous final save in output_dir still loads, with its logits"
     out = tmp_path/'run'
     proc = spawn(f"""
-    import sft_nb.save as S
+    import sft_nb.checkpoints as C
     tr = make_trainer({str(out)!r}, max_steps=2, save_strategy='no')
     tr.train()
     tr.save_model()
     torch.save(tr.model.eval()(torch.tensor([[5, 17, 42, 9, 3, 77]])).logits.detach(), {str(tmp_path/'first.pt')!r})
     with torch.no_grad(): [p.add_(1.0) for p in tr.model.parameters()]
-    orig = S._write_weights
+    orig = C._write_weights
     def slow(*a, **k):
-        orig(*a, **k); print('WROTE', flush=True); time.sleep(60)
-    S._write_weights = slow
+        orig(*a, **k)
+        print('WROTE', flush=True)
+        time.sleep(60)
+    C._write_weights = slow  # the trainer's save writes through sft_nb.checkpoints
     tr.save_model()
     """)
     wait_for(lambda: (tmp_path/'first.pt').exists() and (out/'_tmp-save'/'model.safetensors').exists(), proc)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     S.verify_saved(out)
     assert torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(out)), torch.load(tmp_path/'first.pt'), atol=1e-6)
 
@@ -136,13 +146,13 @@ def test_disk_full_during_checkpoint(tmp_path, monkeypatch):
     ns = {}
     exec(TRAIN, ns)
     tr = ns['make_trainer'](tmp_path/'run', max_steps=4)
-    orig = S._write_weights
+    orig = C._write_weights  # the trainer's save writes through sft_nb.checkpoints
     def full(model, path, *a, **k):
         if tr.state.global_step == 4:
             (Path(path)/'model.safetensors').write_bytes(b'\0' * 10)
             raise OSError(28, 'No space left on device')
         return orig(model, path, *a, **k)
-    monkeypatch.setattr(S, '_write_weights', full)
+    monkeypatch.setattr(C, '_write_weights', full)
     with pytest.raises(OSError, match='checkpoint-4 failed: no space left on the disk .it needs about .* is free.. Earlier checkpoints are untouched') as e:
         tr.train()
     assert e.value.errno == 28
@@ -190,30 +200,7 @@ def test_real_disk_full_during_final_save(tmp_path, small_disk):
     assert e.value.errno == 28
     assert [p.name for p in (disk/'run').iterdir() if p.name.startswith('_tmp')] == []
 
-def test_failed_save_leaves_folder_untouched(tmp_path, monkeypatch):
-    tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok)
-    S.save_model(m, tmp_path/'m', tok)
-    before = {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()}
-    monkeypatch.setattr(S, '_write_weights', lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
-    with pytest.raises(OSError, match='no space left on the disk .*. What was there before is untouched'): S.save_model(tiny_model(tokenizer=tok, seed=3), tmp_path/'m', tok)
-    assert {p.name: p.read_bytes() for p in (tmp_path/'m').iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ['m']
-
 # ---------------------------------------------------------------- rotation
-
-def _fake_ckpt(run, step, complete=True):
-    (run/f'checkpoint-{step}').mkdir(parents=True)
-    if complete: (run/f'checkpoint-{step}'/'trainer_state.json').write_text('{}')
-
-def test_rotation_keeps_newest_complete_and_best(tmp_path):
-    for s in [2, 4, 6, 8]: _fake_ckpt(tmp_path, s)
-    _fake_ckpt(tmp_path, 10, complete=False)  # a half-written folder from an older, non-atomic run
-    deleted = S.rotate_checkpoints(tmp_path, 2, best=str(tmp_path/'checkpoint-2'))
-    assert sorted(p.name for p in deleted) == ['checkpoint-4', 'checkpoint-6']
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-10', 'checkpoint-2', 'checkpoint-8']
-    assert S.rotate_checkpoints(tmp_path, 1, best=str(tmp_path/'checkpoint-2')) == []  # both left are protected
-    assert S.rotate_checkpoints(tmp_path, 1, protect=[str(tmp_path/'checkpoint-2')]) == []
-    assert S.rotate_checkpoints(tmp_path, None) == []
 
 def test_trainer_rotation_keeps_best(tmp_path):
     "With eval each save and the first checkpoint the best, save_total_limit=1 keeps it and the newest; state points at final paths"
@@ -228,18 +215,6 @@ def test_trainer_rotation_keeps_best(tmp_path):
     assert saved['best_model_checkpoint'] == str(tmp_path/'run'/'checkpoint-2')
 
 # ---------------------------------------------------------------- round trips
-
-def test_full_roundtrip_sharded(tmp_path):
-    tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok)
-    out = S.save_model(m, tmp_path/'m', tok, max_shard_size='40KB')
-    idx = json.loads((out/'model.safetensors.index.json').read_text())
-    assert len(set(idx['weight_map'].values())) > 2
-    assert 'lm_head.weight' not in idx['weight_map']
-    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(out)), logits(m))
-
-def test_untied_model_saves_lm_head(tmp_path):
-    tok = tiny_tokenizer(); m = tiny_model(tokenizer=tok, tie_word_embeddings=False)
-    assert 'lm_head.weight' in S.verify_saved(S.save_model(m, tmp_path/'m', tok), m)
 
 def test_lora_trainer_roundtrip_card_and_merged(tmp_path, base, monkeypatch):
     "A LoRA run: adapter-only checkpoints with a peft card, final adapter and merged model reload to the trainer's logits"
@@ -284,21 +259,6 @@ def test_qlora_save_merged_is_full_precision(tmp_path, base):
     merged = transformers.AutoModelForCausalLM.from_pretrained(out/'merged')
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear and merged.dtype == torch.float32
     assert torch.allclose(logits(merged), logits(load_adapter(out, is_trainable=False)), atol=1e-5)
-
-def test_save_over_previous_save_drops_stale_shards(tmp_path):
-    "A sharded save followed by an unsharded one into the trainer's folder leaves no old shard or index behind"
-    ns = {}
-    exec(TRAIN, ns)
-    tr = ns['make_trainer'](tmp_path/'run', max_steps=1, save_strategy='no')
-    tr.train()
-    tr.args.max_shard_size = '40KB'
-    tr.save_model()
-    assert (tmp_path/'run'/'model.safetensors.index.json').exists()
-    tr.args.max_shard_size = '5GB'
-    tr.save_model()
-    names = sorted(p.name for p in (tmp_path/'run').iterdir())
-    assert 'model.safetensors' in names and not [n for n in names if n.startswith('model-') or n.endswith('index.json')]
-    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'run')), logits(tr.model))
 
 # ---------------------------------------------------------------- the Hub
 
@@ -345,7 +305,8 @@ def test_push_lora_run_and_download(tmp_path, base):
 def test_push_full_model_to_revision_and_download(tmp_path):
     with HubServer() as hub:
         r = run_py(f"""
-        from sft_nb.save import push_to_hub, save_model
+        from sft_nb.hub import push_to_hub
+        from sft_nb.save import save_model
         m = tiny_model(tokenizer=tok)
         save_model(m, {str(tmp_path/'m')!r}, tok, max_shard_size='100KB')
         info = push_to_hub({str(tmp_path/'m')!r}, 'me/full', token={SECRET!r}, revision='dev', commit_message='v1')
@@ -367,7 +328,8 @@ def test_push_retries_server_errors(tmp_path):
     with HubServer() as hub:
         hub.state.fail(2, 500, r'/commit/')
         r = run_py(f"""
-        from sft_nb.save import push_to_hub, save_model
+        from sft_nb.hub import push_to_hub
+        from sft_nb.save import save_model
         save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
         push_to_hub({str(tmp_path/'m')!r}, 'me/flaky', token={SECRET!r}, wait=0.1)
         """, env=hub_env(hub, tmp_path))
@@ -379,7 +341,8 @@ def test_push_gives_up_with_clear_error_and_local_save_intact(tmp_path):
     with HubServer() as hub:
         hub.state.fail(100, 503, r'/commit/')
         r = run_py(f"""
-        from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+        from sft_nb.hub import push_to_hub, PushError
+        from sft_nb.save import save_model, verify_saved
         save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
         try: push_to_hub({str(tmp_path/'m')!r}, 'me/down', token={SECRET!r}, retries=2, wait=0.05)
         except PushError as e: print('PUSHERROR', e)
@@ -427,7 +390,8 @@ def test_xet_unavailable_reports_clearly(tmp_path):
     """A Hub that refuses Xet write tokens (501): the push fails with a clear PushError and the local save is intact."""
     with HubServer() as hub:
         r = run_py(f"""
-        from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+        from sft_nb.hub import push_to_hub, PushError
+        from sft_nb.save import save_model, verify_saved
         save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
         try: push_to_hub({str(tmp_path/'m')!r}, 'me/xet', token={SECRET!r}, retries=1, wait=0.05)
         except PushError as e: print('PUSHERROR', e)
@@ -459,10 +423,13 @@ def test_hub_strategies(tmp_path, strategy):
 def test_push_to_unreachable_hub(tmp_path):
     "Connection refused: retried, then a PushError naming the folder; nothing lost locally"
     import socket
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]  # free, and nobody listens on it
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]  # free, and nobody listens on it
     class Dead: url = f'http://127.0.0.1:{port}'
     r = run_py(f"""
-    from sft_nb.save import push_to_hub, save_model, PushError, verify_saved
+    from sft_nb.hub import push_to_hub, PushError
+    from sft_nb.save import save_model, verify_saved
     save_model(tiny_model(tokenizer=tok), {str(tmp_path/'m')!r}, tok)
     try: push_to_hub({str(tmp_path/'m')!r}, 'me/nowhere', token={SECRET!r}, retries=1, wait=0.05)
     except PushError as e: print('PUSHERROR', e)
@@ -470,35 +437,6 @@ def test_push_to_unreachable_hub(tmp_path):
     """, env=hub_env(Dead, tmp_path))
     assert r.returncode == 0, r.stderr[-4000:]
     assert 'PUSHERROR' in r.stdout and 'after 2 attempts' in r.stdout and str(tmp_path/'m') in r.stdout
-
-@pytest.mark.parametrize('lora', [False, True])
-def test_same_tensors_as_save_pretrained(tmp_path, base, lora):
-    "Reference: what TRL/transformers write (plain `save_pretrained`) and what `save_model` writes hold the same tensors"
-    from safetensors.torch import load_file
-    from peft import LoraConfig, get_peft_model
-    m = transformers.AutoModelForCausalLM.from_pretrained(base)
-    if lora: m = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
-    m.save_pretrained(tmp_path/'ref')
-    S.save_model(m, tmp_path/'ours', tiny_tokenizer())
-    name = 'adapter_model.safetensors' if lora else 'model.safetensors'
-    ref, ours = load_file(tmp_path/'ref'/name), load_file(tmp_path/'ours'/name)
-    assert ref.keys() == ours.keys() and all(torch.equal(ref[k], ours[k]) for k in ref)
-
-def test_lora_with_added_tokens_saves_embeddings(tmp_path, base):
-    "Tokens added before LoRA: the resized embeddings go into the adapter, and AutoPeftModelForCausalLM reloads the same logits"
-    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
-    tok = transformers.AutoTokenizer.from_pretrained(base)
-    tok.add_special_tokens({'additional_special_tokens': ['<|tool|>', '<|think|>']})
-    m = transformers.AutoModelForCausalLM.from_pretrained(base)
-    m.resize_token_embeddings(len(tok))
-    m = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'))
-    out = S.save_model(m, tmp_path/'lora', tok)
-    shapes = S.verify_saved(out, m)
-    assert any('embed_tokens' in k for k in shapes), sorted(shapes)
-    ids = torch.tensor([[len(tok) - 1, 5, 17]])
-    m.eval()
-    with torch.no_grad():
-        assert torch.allclose(AutoPeftModelForCausalLM.from_pretrained(out).eval()(ids).logits, m(ids).logits, atol=1e-5)
 
 # Families whose saved names differ from their parameter names (transformers 5 converts on load and back on save)
 def _renamed_families(vocab):
