@@ -56,8 +56,9 @@ if __name__ == '__main__':
     datasets.disable_progress_bars()
     tok, ds = tiny_tokenizer(CHATML_GENERATION_TEMPLATE), conversations(a.n)
     # first, while the Rust tokenizer may still use every core (after a fork, `tokenizers` turns its threads off)
-    from sft_nb.data import ChatRenderer, fast_backend
-    render, backend = ChatRenderer(tok), fast_backend(tok)
+    from sft_nb.stencil import StencilRenderer
+    from sft_nb.tokens import fast_backend
+    render, backend = StencilRenderer(tok), fast_backend(tok)
     texts, t_render = timed(lambda: [render(r, markers=True)[0] for r in ds[:]['messages']])
     _, t_encode = timed(backend.encode_batch, texts, False)
     t_ours = t_trl = float('inf')

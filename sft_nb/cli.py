@@ -186,7 +186,7 @@ def resume_value(v):
 
 def check_run_folder(args) -> None:
     "Before loading anything: `output_dir` holds no other run, and a resume has a checkpoint"
-    from sft_nb.save import check_output_dir
+    from sft_nb.checkpoints import check_output_dir
     from transformers.trainer_utils import get_last_checkpoint
     out, resume = Path(args.output_dir), resume_value(args.resume_from_checkpoint)
     if resume is True and (not out.is_dir() or get_last_checkpoint(str(out)) is None):
@@ -428,7 +428,8 @@ def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any forma
     import numpy as np
     from datasets import Dataset
     from itertools import islice
-    from sft_nb.data import detect_format, prepare_dataset, show_trained
+    from sft_nb.data import prepare_dataset, show_trained
+    from sft_nb.formats import detect_format
     if isinstance(dataset, Dataset): head = dataset.select(range(min(sample, len(dataset))))
     else: head = Dataset.from_list(list(islice(dataset, sample)))  # a streamed dataset's first rows
     if len(head) == 0:
