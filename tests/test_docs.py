@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get('SFT_NB_DOCS_SHOTS', ROOT/'_docs_check'))
 TRACEBACK = 'Traceback (most recent call last)'
+GENERATED = ('nbdev.yml', '_quarto.yml', 'sidebar.yml')  # nbdev rewrites these when they differ from pyproject
 
 
 def _unavailable(reason):
@@ -60,6 +61,8 @@ def site(tmp_path_factory) -> Path:
     r = subprocess.run([sys.executable, '-c', 'from nbdev.quarto import nbdev_docs; nbdev_docs()'],
                        cwd=dst, env=env, capture_output=True, text=True, timeout=2400)
     assert r.returncode == 0, f"nbdev-docs failed:\n{r.stdout[-3000:]}\n{r.stderr[-8000:]}"
+    changed = [name for name in GENERATED if (dst/'nbs'/name).read_text() != (ROOT/'nbs'/name).read_text()]
+    assert not changed, f"building the docs rewrote {changed}: commit what nbdev generates"
     return dst/'_docs'
 
 
@@ -127,16 +130,27 @@ def _parse(path:Path) -> _Links:
     return links
 
 
+def site_url() -> str:
+    "Where the site is published: nbdev writes its own API links with this prefix"
+    import yaml
+    return yaml.safe_load((ROOT/'nbs'/'nbdev.yml').read_text())['website']['site-url'].rstrip('/') + '/'
+
+
 def broken_links(site:Path) -> list[str]:
-    "Internal links whose page or `#anchor` is missing"
+    "Internal links (relative, or absolute to the published site) whose page or `#anchor` is missing"
     parsed = {p: _parse(p) for p in pages(site)}
+    published = site_url()
     broken = []
     for page, links in parsed.items():
         for href in links.hrefs:
             url = urlparse(href)
-            if url.scheme or url.netloc or href.startswith(('mailto:', 'javascript:')):
+            if href.startswith(published):
+                url = urlparse(href[len(published):])
+                target = (site/unquote(url.path or 'index.html')).resolve()
+            elif url.scheme or url.netloc or href.startswith(('mailto:', 'javascript:')):
                 continue
-            target = page if not url.path else (page.parent/unquote(url.path)).resolve()
+            else:
+                target = page if not url.path else (page.parent/unquote(url.path)).resolve()
             if target.is_dir():
                 target = target/'index.html'
             if not target.exists():
@@ -161,6 +175,29 @@ def documented_symbols() -> dict[str, list[str]]:
             page = link.partition('#')[0]
             wanted.setdefault(page, []).append(name)
     return wanted
+
+
+def sidebar_pages() -> list[str]:
+    "The notebooks nbs/sidebar.yml lists, in order"
+    import yaml
+    found = []
+    def walk(items):
+        for item in items:
+            if isinstance(item, dict):
+                walk(item.get('contents', []))
+            else:
+                found.append(item)
+    walk(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents'])
+    return found
+
+
+def test_sidebar_lists_every_notebook_once():
+    "The sidebar is written by hand (Getting started / Tutorials / API), so a new notebook must be added to it"
+    nbs = ROOT/'nbs'
+    notebooks = sorted(str(p.relative_to(nbs)) for p in nbs.rglob('*.ipynb')
+                       if not any(part.startswith(('_', '.')) for part in p.relative_to(nbs).parts))
+    listed = sidebar_pages()
+    assert sorted(listed) == notebooks, f"missing: {set(notebooks) - set(listed)}, extra: {set(listed) - set(notebooks)}"
 
 
 def test_every_link_and_anchor_resolves(site):
@@ -196,6 +233,13 @@ def _check_page(driver, base:str, page:str) -> list[str]:
         problems.append('no navbar')
     if TRACEBACK in driver.find_element('tag name', 'body').text:
         problems.append('a Python traceback')
+    external = driver.execute_script(
+        "return [...document.querySelectorAll('script[src], link[rel=stylesheet]')]"
+        ".map(e => e.src || e.href).filter(u => !u.startsWith(location.origin))")
+    problems += [f"loads {url} from another host (the site must work offline)" for url in external]
+    if driver.find_elements('css selector', 'main .math'):
+        if not driver.find_elements('css selector', 'main .math .katex'):
+            problems.append('formulas not rendered by KaTeX')
     for img in driver.find_elements('css selector', 'main img'):
         if not driver.execute_script('return arguments[0].complete && arguments[0].naturalWidth > 0', img):
             problems.append(f"image not loaded: {img.get_attribute('src')}")
