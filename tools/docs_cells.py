@@ -101,6 +101,16 @@ def _imports(node) -> bool:
     return isinstance(node, (ast.Import, ast.ImportFrom))
 
 
+def _setup(node) -> bool:
+    "An import, or `os.environ[KEY] = 'constant'`, which must run before the imports that read it"
+    if _imports(node):
+        return True
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.value, ast.Constant)):
+        return False
+    target = node.targets[0]
+    return isinstance(target, ast.Subscript) and ast.unparse(target.value) == 'os.environ'
+
+
 def mixed(cell:dict) -> bool:
     "A cell nbdev-docs runs only for its imports, but which holds other code too"
     source = ''.join(cell['source'])
@@ -109,7 +119,7 @@ def mixed(cell:dict) -> bool:
     tree = parse(source)
     if any(isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'show_doc' for n in ast.walk(tree)):
         return False
-    return not all(_imports(n) for n in tree.body)
+    return not all(_setup(n) for n in tree.body)
 
 
 def problems(nb:dict) -> list[tuple[int, str]]:
@@ -135,7 +145,7 @@ def split_imports(cell:dict) -> tuple[dict, dict]:
     source = ''.join(cell['source'])
     lines = source.splitlines()
     tree = parse(source)
-    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    imports = [n for n in tree.body if _setup(n)]
     taken = {i for n in imports for i in range(n.lineno - 1, n.end_lineno)}
     heads = [l for l in lines if DIRECTIVE_RE.match(l) and not DIRECTIVE_RE.match(l).group(1).startswith('export')]
     head_count = len(directives(source))
@@ -156,7 +166,7 @@ def fix(path:Path) -> int:
     for i, why in reversed(problems(nb)):
         cell = nb['cells'][i]
         tree = parse(''.join(cell['source']))
-        nested = [n for top in tree.body if not _imports(top) for n in ast.walk(top) if _imports(n)]
+        nested = [n for top in tree.body if not _setup(top) for n in ast.walk(top) if _imports(n)]
         if nested or not mixed(cell):
             print(f"{path.name} cell {i}: {why}; imports inside blocks: fix by hand")
             continue
