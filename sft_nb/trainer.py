@@ -8,7 +8,6 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 from __future__ import annotations
 import contextlib, dataclasses, logging, signal, sys, tempfile, threading, time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -141,7 +140,7 @@ class GracefulExit(TrainerCallback):
         control.should_training_stop = True
 
 # %% ../nbs/08_trainer.ipynb #e2d05631
-@contextmanager
+@contextlib.contextmanager
 def handling_signals(graceful:GracefulExit):
     "SIGTERM and SIGINT go to `graceful` within the block; the previous handlers come back after it"
     # Python accepts signal handlers only in the main thread (not in a notebook runner's worker thread)
