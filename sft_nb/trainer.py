@@ -479,6 +479,7 @@ def evaluate(self:SFTTrainer,
 # %% ../nbs/08_trainer.ipynb #7bfbc100
 @patch
 def _set_signature_columns_if_needed(self:SFTTrainer):
+    # private, but setting it is what this `Trainer` hook is for (TRL's override sets it too)
     if self._signature_columns is None:
         self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask',
                                    'assistant_masks']
