@@ -1,4 +1,4 @@
-"""Token-normalised NLL or DFT loss with TRL's accuracy and entropy metrics, computed at labelled positions only, in chunks, without the full `[B, T, V]` logits.
+"""Token-normalised NLL or DFT loss with TRL's accuracy and entropy, at labelled positions only, without full logits.
 
 Docs: https://sft-nb.github.io/sft_nb/loss.html.md"""
 
@@ -16,54 +16,65 @@ from transformers.trainer_callback import ExportableState
 # %% auto #0
 __all__ = ['logger', 'IGNORE_INDEX', 'CHUNK_ELEMENTS', 'SOFTCAP_MODEL_TYPES', 'loss_from_logits', 'ChunkedLMHead',
            'fused_head_blocker', 'hidden_states_from_head', 'sft_loss', 'configure_router_aux', 'token_metrics',
-           'MetricsAccumulator', 'TokenCounter', 'input_tokens', 'SFTLossMixin']
+           'MetricsAccumulator', 'TokenCounter', 'input_tokens', 'find_token_counter', 'setup_sft_loss', 'loss_scale',
+           'aux_loss_weight', 'gather_stats', 'trainer_loss', 'metrics_to_log', 'outputs_for_metrics', 'predict_loss',
+           'SFTLossMixin']
 
 # %% ../nbs/06_loss.ipynb #42742c1d
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**25  # logits per LM-head chunk (128 MiB in float32; two such buffers): bounds the head's peak memory
-SOFTCAP_MODEL_TYPES = {'gemma2', 'gemma3', 'gemma3_text', 'gemma4', 'gemma4_text', 'nanochat', 'paligemma'}  # read `final_logit_softcapping` from the config at call time
+# logits per LM-head chunk (128 MiB in float32; two such buffers): bounds the head's peak memory
+CHUNK_ELEMENTS = 2**25
+# Architectures whose `final_logit_softcapping` the chunked head applies (read from the config at call time)
+SOFTCAP_MODEL_TYPES = {'gemma2', 'gemma3', 'gemma3_text', 'gemma4', 'gemma4_text', 'nanochat',
+                       'paligemma'}
 
 # %% ../nbs/06_loss.ipynb #82869cd1
 def loss_from_logits(logits:torch.Tensor, # (N, V) logits of the labelled positions
                      targets:torch.Tensor, # (N,) their labels
                      loss_type:str='nll', # 'nll' or 'dft'
-                     label_smoothing:float=0.0, # `label_smoothing_factor`: weight of the mean NLL over the whole vocabulary
+                     label_smoothing:float=0.0, # weight of the vocabulary's mean NLL
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Summed per-token loss, top-1 hits and summed entropy, from full logits: the reference, and the fallback path"
+    "Summed per-token loss, top-1 hits and summed entropy, from full logits: reference and fallback"
     logp = logits.float().log_softmax(-1)                                # (N, V)
     logp_t = logp.gather(-1, targets[:, None]).squeeze(-1)              # (N,)
     per_token = -logp_t * (logp_t.exp().detach() if loss_type == 'dft' else 1)
-    if label_smoothing: per_token = (1 - label_smoothing) * per_token - label_smoothing * logp.mean(-1)
+    if label_smoothing:
+        per_token = (1 - label_smoothing) * per_token - label_smoothing * logp.mean(-1)
     entropy = -(logp.exp() * logp).sum(-1)                               # (N,)
     return per_token.sum(), (logits.argmax(-1) == targets).sum(), entropy.detach().sum()
 
 # %% ../nbs/06_loss.ipynb #e2ad50aa
 def _logits(h, weight, bias, out):
-    "h @ weight.T + bias as float32 into the preallocated `out` (n, V): no fresh allocation (and page faults) per chunk"
-    if weight.dtype != torch.float32: return out.copy_(h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t()))
+    "h @ weight.T + bias as float32 into the preallocated `out` (n, V): no allocation per chunk"
+    if weight.dtype != torch.float32:
+        return out.copy_(h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t()))
     if bias is None: return torch.mm(h, weight.t(), out=out)
     return torch.addmm(bias, h, weight.t(), out=out)
 
+# %% ../nbs/06_loss.ipynb #2690585c
 def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0):
-    "Loss, hits and entropy of one chunk of tokens; with `grads` (gh, gw, gb) also accumulate d loss / d inputs into them"
+    "Loss, hits and entropy of a chunk of tokens; with `grads` (gh, gw, gb), add d loss / d inputs to them"
     n = len(t)
     z = _logits(h, weight, bias, zbuf[:n])                               # (n, V)
     if softcap: z.div_(softcap).tanh_().mul_(softcap)
-    m, top = z.max(-1)                                                   # (n,): argmax returns the first maximum, as TRL counts hits
+    m, top = z.max(-1)                                     # (n,): the first maximum, as TRL counts hits
     e = torch.sub(z, m[:, None], out=ebuf[:n]).exp_()                    # (n, V)
     s = e.sum(-1)
     log_z = m + s.log()
-    entropy = log_z - (e[:, None] @ z[:, :, None]).view(-1) / s          # batched dot: no (n, V) temporary
+    entropy = log_z - (e[:, None] @ z[:, :, None]).view(-1) / s  # batched dot: no (n, V) temporary
     logp_t = z.gather(-1, t[:, None]).view(-1) - log_z
     w = logp_t.exp() if dft else torch.ones_like(logp_t)
     loss = -(w * logp_t).sum()
-    if smoothing: loss = (1 - smoothing) * loss + smoothing * (log_z - z.mean(-1)).sum()  # mean NLL over the vocabulary
+    if smoothing:  # plus the vocabulary's mean NLL
+        loss = (1 - smoothing) * loss + smoothing * (log_z - z.mean(-1)).sum()
     if grads is not None:
         kept = w * (1 - smoothing)
-        dz = e.mul_(((kept + smoothing) / s)[:, None])                  # w * softmax, in place of e (smoothed: ...
-        dz[torch.arange(n), t] -= kept                                   # w * (softmax - onehot)  ... (1-eps) of it, plus
-        if smoothing: dz.sub_(smoothing / z.size(-1))                    # eps * (softmax - 1/V) for the vocabulary mean)
+        # w * (softmax - onehot), in place of e; smoothed: (1-eps) of it,
+        # plus eps * (softmax - 1/V) for the vocabulary's mean NLL
+        dz = e.mul_(((kept + smoothing) / s)[:, None])
+        dz[torch.arange(n), t] -= kept
+        if smoothing: dz.sub_(smoothing / z.size(-1))
         if softcap: dz.mul_(1 - z.div_(softcap).square_())
         gh, gw, gb = grads
         if gh is not None: gh.copy_(dz.to(weight.dtype) @ weight)
@@ -73,21 +84,28 @@ def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0):
 
 # %% ../nbs/06_loss.ipynb #1bd2bb62
 class ChunkedLMHead(torch.autograd.Function):
-    "Summed per-token loss, hits and entropy of `hidden @ weight.T + bias` at `targets`, `chunk` tokens at a time"
+    "Summed loss, hits and entropy of `hidden @ weight.T + bias` at `targets`, `chunk` tokens at a time"
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dft=False, softcap=None, chunk=64, smoothing=0.0):
+    def forward(ctx, hidden, weight, bias, targets, dft=False, softcap=None, chunk=64,
+                smoothing=0.0):
         need = ctx.needs_input_grad
         gh = hidden.new_empty(hidden.shape) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
-        gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and need[2] else None
+        gb = None
+        if bias is not None and need[2]: gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         want = any(g is not None for g in (gh, gw, gb))
-        loss, hits, ent = (torch.zeros((), dtype=d, device=hidden.device) for d in (torch.float32, torch.long, torch.float32))
-        zbuf, ebuf = (torch.empty(min(chunk, len(targets)), weight.size(0), device=weight.device) for _ in range(2))  # (chunk, V)
+        dtypes = (torch.float32, torch.long, torch.float32)
+        loss, hits, ent = (torch.zeros((), dtype=d, device=hidden.device) for d in dtypes)
+        rows = min(chunk, len(targets))
+        zbuf, ebuf = (torch.empty(rows, weight.size(0), device=weight.device) for _ in range(2))
         for i in range(0, len(targets), chunk):
             sl = slice(i, i + chunk)
+            chunk_grads = (None if gh is None else gh[sl], gw, gb) if want else None
             l, c, e = _chunk(hidden[sl].to(weight.dtype), weight, bias, targets[sl], dft, softcap,
-                             (None if gh is None else gh[sl], gw, gb) if want else None, zbuf, ebuf, smoothing)
-            loss += l; hits += c; ent += e
+                             chunk_grads, zbuf, ebuf, smoothing)
+            loss += l
+            hits += c
+            ent += e
         ctx.grads = (gh, gw, gb)
         ctx.mark_non_differentiable(hits, ent)
         return loss, hits, ent
@@ -106,21 +124,24 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
 def _head_candidates(head) -> list[nn.Linear]|None:
-    "Plain `nn.Linear` modules the LM head may dispatch to (PEFT `modules_to_save` keeps copies), or None"
+    "Plain `nn.Linear`s the LM head may dispatch to (PEFT `modules_to_save` keeps copies), or None"
     if type(head) is nn.Linear: return [head]
     if hasattr(head, 'modules_to_save') and hasattr(head, 'original_module'):
         mods = [head.original_module, *head.modules_to_save.values()]
         if all(type(m) is nn.Linear for m in mods): return mods
     return None
 
+# %% ../nbs/06_loss.ipynb #61043132
 def fused_head_blocker(model) -> str|None:
     "Why the chunked LM head cannot reproduce `model`'s forward, or None when it can"
     base = _unwrap(model)
     head = base.get_output_embeddings() if hasattr(base, 'get_output_embeddings') else None
     if head is None: return "it has no output embeddings"
-    if _head_candidates(head) is None: return f"its LM head is a {type(head).__name__}, not an nn.Linear (e.g. LoRA on lm_head)"
+    if _head_candidates(head) is None:
+        return f"its LM head is a {type(head).__name__}, not an nn.Linear (e.g. LoRA on lm_head)"
     cfg = base.config.get_text_config()
-    if getattr(cfg, 'final_logit_softcapping', None) is not None and cfg.model_type not in SOFTCAP_MODEL_TYPES:
+    softcaps = getattr(cfg, 'final_logit_softcapping', None) is not None
+    if softcaps and cfg.model_type not in SOFTCAP_MODEL_TYPES:
         return f"it soft-caps its logits and {cfg.model_type!r} is not in SOFTCAP_MODEL_TYPES"
     if any(type(m).__name__ == 'FullyShardedDataParallel' for m in model.modules()):
         return "FSDP1 shards its weights outside forward (FSDP2, `fsdp_version: 2`, keeps the chunked head)"
@@ -130,13 +151,13 @@ def fused_head_blocker(model) -> str|None:
 
 # %% ../nbs/06_loss.ipynb #95d67057
 def _zero_from(head) -> torch.Tensor:
-    "A 0 that depends on the head's parameters: DDP (`find_unused_parameters`) then waits for their gradients"
+    "A 0 that depends on the head's parameters: DDP (`find_unused_parameters`) waits for their gradients"
     x = head.weight.view(-1)[0] if head.bias is None else head.weight.view(-1)[0] + head.bias[0]
     return x * 0
 
 @contextmanager
 def hidden_states_from_head(model):
-    "Within the block the LM head returns its input and soft-capping is off; yields (head modules that ran, softcap)"
+    "Within the block the LM head returns its input and soft-capping is off; yields (modules that ran, softcap)"
     base = _unwrap(model)
     cfg, mods, called = base.config.get_text_config(), _head_candidates(base.get_output_embeddings()), []
     saved = [m.__dict__.get('forward') for m in mods]
@@ -152,17 +173,21 @@ def hidden_states_from_head(model):
 
 # %% ../nbs/06_loss.ipynb #698ddbc9
 def _model_inputs(inputs:dict, router:bool=False) -> dict:
-    "What the model's forward takes: no labels (we compute the loss), no cache, and router logits when the aux loss is on"
-    out = {k: v for k, v in inputs.items() if k not in ('labels', 'shift_labels')} | {'use_cache': False}
+    "The model's forward inputs: no labels (we compute the loss), no cache, router logits for the aux loss"
+    out = {k: v for k, v in inputs.items() if k not in ('labels', 'shift_labels')}
+    out['use_cache'] = False
     return out | {'output_router_logits': True} if router else out
 
 def _aux(out, router:bool):
     "The MoE load-balancing loss the model returned, when asked for"
     if not router: return None
     aux = getattr(out, 'aux_loss', None)
-    if aux is None: raise ValueError("router_aux_loss_coef is set but the model returned no `aux_loss` with `output_router_logits=True`.")
+    if aux is None:
+        raise ValueError("router_aux_loss_coef is set but the model returned no `aux_loss` with "
+                         "`output_router_logits=True`.")
     return aux
 
+# %% ../nbs/06_loss.ipynb #81aa8469
 def _targets(inputs:dict) -> torch.Tensor:
     "Next-token targets (B, T): `shift_labels` as given, else `labels` shifted left, -100 at the end"
     if 'shift_labels' in inputs: return inputs['shift_labels']
@@ -174,9 +199,13 @@ def _last(out, T:int) -> torch.Tensor:
     x = out.logits if hasattr(out, 'logits') else out[0]
     return x[:, -T:]
 
+# %% ../nbs/06_loss.ipynb #46c042b9
 _logged = set()
 def _log_once(key, msg):
-    if key not in _logged: _logged.add(key); logger.warning(msg)
+    "One warning per model class: the fallback is the same for every batch"
+    if key in _logged: return
+    _logged.add(key)
+    logger.warning(msg)
 
 # %% ../nbs/06_loss.ipynb #59f20e4b
 def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smoothing=0.0):
@@ -185,33 +214,40 @@ def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smooth
     if len(called) != 1: return None
     hidden, head = _last(out, targets.size(1)), called[0]                  # (B, T, H)
     chunk = chunk_tokens or max(16, CHUNK_ELEMENTS // head.weight.size(0))
-    h = hidden[mask.to(hidden.device)].to(head.weight.device)               # (N, H): labelled positions only
+    h = hidden[mask.to(hidden.device)].to(head.weight.device)  # (N, H): labelled positions only
     t = targets[mask].to(head.weight.device)
-    return *ChunkedLMHead.apply(h, head.weight, head.bias, t, dft, softcap, chunk, smoothing), _aux(out, router)
+    loss_hits_entropy = ChunkedLMHead.apply(h, head.weight, head.bias, t, dft, softcap, chunk, smoothing)
+    return *loss_hits_entropy, _aux(out, router)
 
+# %% ../nbs/06_loss.ipynb #785dc6fd
 def _unfused(model, inputs, targets, mask, dft, router=False, smoothing=0.0):
     out = model(**_model_inputs(inputs, router))
     logits = _last(out, targets.size(1))                                    # (B, T, V)
     t = targets[mask].to(logits.device)
-    return *loss_from_logits(logits[mask.to(logits.device)], t, 'dft' if dft else 'nll', smoothing), _aux(out, router)
+    loss_type = 'dft' if dft else 'nll'
+    loss_hits_entropy = loss_from_logits(logits[mask.to(logits.device)], t, loss_type, smoothing)
+    return *loss_hits_entropy, _aux(out, router)
 
 # %% ../nbs/06_loss.ipynb #996ea9b8
 def sft_loss(model, # causal LM, possibly PEFT- or DDP-wrapped
-             inputs:dict, # input_ids, labels (unshifted, -100 = not trained), attention_mask and/or position_ids
-             num_items_in_batch=None, # labelled tokens of the whole accumulated batch (all devices); None: this micro-batch's
+             inputs:dict, # input_ids, labels (unshifted, -100: not trained), attention_mask / position_ids
+             num_items_in_batch=None, # labelled tokens of the accumulated batch; None: this batch's
              loss_type:str='nll', # 'nll' or 'dft' (Dynamic Fine-Tuning)
-             chunk_tokens:int|None=None, # tokens per LM-head chunk; default keeps a chunk near `CHUNK_ELEMENTS` logits
-             router_aux_loss_coef:float=0.0, # MoE models: weight of the router load-balancing loss added to the loss
-             label_smoothing:float=0.0, # `label_smoothing_factor`, as transformers' `LabelSmoother` applies it
+             chunk_tokens:int|None=None, # tokens per LM-head chunk; default: near `CHUNK_ELEMENTS` logits
+             router_aux_loss_coef:float=0.0, # MoE models: weight of the router load-balancing loss
+             label_smoothing:float=0.0, # `label_smoothing_factor`, as transformers' `LabelSmoother` has it
             ) -> tuple[torch.Tensor, dict]:
-    "Token-normalised loss and detached summed stats `n_correct`, `n_labelled`, `entropy_sum` (and `aux_loss`), without full logits"
-    if loss_type not in ('nll', 'dft'): raise ValueError(f"loss_type={loss_type!r} is not supported by sft_loss: use 'nll' or 'dft'.")
-    if 'labels' not in inputs and 'shift_labels' not in inputs: raise ValueError(f"sft_loss needs 'labels' in the batch; it has {sorted(inputs)}.")
+    "Token-normalised loss and detached summed stats `n_correct`, `n_labelled`, `entropy_sum` (`aux_loss`)"
+    if loss_type not in ('nll', 'dft'):
+        raise ValueError(f"loss_type={loss_type!r} is not supported by sft_loss: use 'nll' or 'dft'.")
+    if 'labels' not in inputs and 'shift_labels' not in inputs:
+        raise ValueError(f"sft_loss needs 'labels' in the batch; it has {sorted(inputs)}.")
     targets = _targets(inputs)
     mask = targets != IGNORE_INDEX                                             # (B, T)
     blocker, out, router = fused_head_blocker(model), None, router_aux_loss_coef != 0
     dft = loss_type == 'dft'
-    if blocker is None: out = _fused(model, inputs, targets, mask, dft, chunk_tokens, router, label_smoothing)
+    if blocker is None:
+        out = _fused(model, inputs, targets, mask, dft, chunk_tokens, router, label_smoothing)
     if out is None:
         name = type(_unwrap(model)).__name__
         _log_once(name, f"sft_loss: {name} computes full logits (slower, more memory) because "
@@ -220,8 +256,10 @@ def sft_loss(model, # causal LM, possibly PEFT- or DDP-wrapped
     loss_sum, n_correct, entropy_sum, aux = out
     n_labelled = mask.sum()
     denom = n_labelled if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-    loss = loss_sum / denom.clamp(min=1).to(loss_sum.device)  # clamped: a batch without labels gives a finite zero
-    stats = {'n_correct': n_correct.detach(), 'n_labelled': n_labelled.detach(), 'entropy_sum': entropy_sum.detach()}
+    # clamped: a batch without labels gives a finite zero
+    loss = loss_sum / denom.clamp(min=1).to(loss_sum.device)
+    stats = {'n_correct': n_correct.detach(), 'n_labelled': n_labelled.detach(),
+             'entropy_sum': entropy_sum.detach()}
     if aux is None: return loss, stats
     return loss + router_aux_loss_coef * aux.to(loss.device), stats | {'aux_loss': aux.detach()}
 
@@ -232,8 +270,9 @@ def configure_router_aux(model, # the model to train (PEFT / DDP wrappers are lo
     "The router auxiliary loss weight to train with, and the model config set to match it"
     cfg = _unwrap(model).config.get_text_config()
     if coef and not hasattr(cfg, 'output_router_logits'):
-        raise ValueError(f"router_aux_loss_coef={coef} but {type(_unwrap(model)).__name__} is not a mixture-of-experts model that "
-                         "returns router logits, so there is no auxiliary loss to weight. Leave it unset.")
+        raise ValueError(f"router_aux_loss_coef={coef} but {type(_unwrap(model)).__name__} is not a "
+                         "mixture-of-experts model that returns router logits, so there is no auxiliary loss "
+                         "to weight. Leave it unset.")
     coef = getattr(cfg, 'router_aux_loss_coef', 0.0) if coef is None else coef
     if hasattr(cfg, 'router_aux_loss_coef'):
         cfg.output_router_logits, cfg.router_aux_loss_coef = coef != 0, coef
@@ -241,19 +280,23 @@ def configure_router_aux(model, # the model to train (PEFT / DDP wrappers are lo
 
 # %% ../nbs/06_loss.ipynb #2b68c66b
 def token_metrics(n_correct, n_labelled, entropy_sum) -> dict:
-    "`mean_token_accuracy` and `entropy` over the labelled tokens of summed stats (0 when nothing was labelled)"
+    "`mean_token_accuracy` and `entropy` over the labelled tokens of summed stats (0 with no labels)"
     n = float(n_labelled)
-    return {'mean_token_accuracy': float(n_correct) / n if n else 0.0, 'entropy': float(entropy_sum) / n if n else 0.0}
+    if not n: return {'mean_token_accuracy': 0.0, 'entropy': 0.0}
+    return {'mean_token_accuracy': float(n_correct) / n, 'entropy': float(entropy_sum) / n}
 
+# %% ../nbs/06_loss.ipynb #b6808890
 class MetricsAccumulator:
     "Sums `sft_loss` stats over micro-batches until the next log, keeping them on device until then"
     def __init__(self): self.total, self.aux = None, []
+
     def add(self, stats:dict):
         x = torch.stack([stats[k].float() for k in ('n_correct', 'n_labelled', 'entropy_sum')])
         self.total = x if self.total is None else self.total + x
         if 'aux_loss' in stats: self.aux.append(stats['aux_loss'].float())
+
     def pop(self) -> dict:
-        "Metrics since the last `pop` (an empty dict when nothing was added); `aux_loss` is a mean over micro-batches, as TRL's"
+        "Metrics since the last `pop` ({} if none); `aux_loss` is a mean over micro-batches, as TRL's"
         if self.total is None: return {}
         out, self.total = token_metrics(*self.total.tolist()), None
         if self.aux: out['aux_loss'], self.aux = torch.stack(self.aux).mean().item(), []
@@ -261,70 +304,147 @@ class MetricsAccumulator:
 
 # %% ../nbs/06_loss.ipynb #c82bb869
 class TokenCounter(TrainerCallback, ExportableState):
-    "`num_tokens` (input tokens) and `num_trained_tokens` (labelled tokens) seen in training, saved in every checkpoint"
+    "`num_tokens` (input) and `num_trained_tokens` (labelled) seen in training, saved in every checkpoint"
     def __init__(self, num_tokens:int=0, num_trained_tokens:int=0):
         self.num_tokens, self.num_trained_tokens = num_tokens, num_trained_tokens
+
     def add(self, num_tokens:int, num_trained_tokens:int):
-        self.num_tokens += int(num_tokens); self.num_trained_tokens += int(num_trained_tokens)
+        self.num_tokens += int(num_tokens)
+        self.num_trained_tokens += int(num_trained_tokens)
+
     def state(self) -> dict:
-        return {'args': {}, 'attributes': {'num_tokens': self.num_tokens, 'num_trained_tokens': self.num_trained_tokens}}
+        counts = {'num_tokens': self.num_tokens, 'num_trained_tokens': self.num_trained_tokens}
+        return {'args': {}, 'attributes': counts}
+
     def on_train_begin(self, args, state, control, **kwargs):
-        "Take the counts of the checkpoint being resumed (`Trainer` restores callbacks only when asked to)"
+        "Take the counts of the checkpoint being resumed (`Trainer` restores callbacks only if asked)"
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict): self.__dict__.update(saved.get('attributes', {}))
 
+# %% ../nbs/06_loss.ipynb #6c534776
 def input_tokens(inputs:dict) -> torch.Tensor:
-    "Input tokens of a batch, as TRL counts them: the attention mask's sum, else (padding-free) the positions"
+    "Input tokens of a batch, as TRL counts them: the attention mask's sum, else (padding-free) positions"
     if 'attention_mask' in inputs: return inputs['attention_mask'].sum()
     if 'position_ids' in inputs: return torch.tensor(inputs['position_ids'].numel())
-    raise ValueError(f"Cannot count input tokens: the batch has neither 'attention_mask' nor 'position_ids' (keys: {sorted(inputs)}).")
+    raise ValueError("Cannot count input tokens: the batch has neither 'attention_mask' nor "
+                     f"'position_ids' (keys: {sorted(inputs)}).")
+
+# %% ../nbs/06_loss.ipynb #8265743e
+def find_token_counter(callbacks:list) -> TokenCounter|None:
+    "The `TokenCounter` among a trainer's callbacks (resuming can replace it)"
+    return next((cb for cb in callbacks if isinstance(cb, TokenCounter)), None)
+
+# %% ../nbs/06_loss.ipynb #7cc4978d
+def setup_sft_loss(trainer) -> None:
+    "Give a built `Trainer` what `trainer_loss` and `metrics_to_log` use"
+    trainer._sft_metrics = {'train': MetricsAccumulator(), 'eval': MetricsAccumulator()}
+    if find_token_counter(trainer.callback_handler.callbacks) is None:
+        trainer.add_callback(TokenCounter())
+    coef = getattr(trainer.args, 'router_aux_loss_coef', None)
+    trainer.router_aux_loss_coef = configure_router_aux(trainer.model, coef)
+
+# %% ../nbs/06_loss.ipynb #cb7af594
+def loss_scale(args, # `TrainingArguments`: `average_tokens_across_devices`
+               num_processes:int, # ranks
+               num_items_in_batch=None, # what `Trainer` passed to `compute_loss`
+              ) -> int:
+    "The factor `Trainer.compute_loss` multiplies a loss divided by every rank's tokens by"
+    every_rank = args.average_tokens_across_devices and num_items_in_batch is not None
+    return num_processes if every_rank else 1
+
+# %% ../nbs/06_loss.ipynb #e9b14632
+def aux_loss_weight(coef:float, # `router_aux_loss_coef`
+                    scale:int, # `loss_scale`, which multiplies the aux loss too
+                    num_items_in_batch=None, # given, `Trainer` leaves gradient accumulation to the loss
+                    accumulation_steps:int=1, # `current_gradient_accumulation_steps`
+                   ) -> float:
+    "The router loss weight for `sft_loss`: after scaling, `coef` times the mean over micro-batches"
+    coef = coef / scale
+    return coef / accumulation_steps if num_items_in_batch is not None else coef
+
+# %% ../nbs/06_loss.ipynb #458e4b24
+def gather_stats(accelerator, # the trainer's `Accelerator`
+                 stats:dict, # `sft_loss`'s stats of this rank's micro-batch
+                 inputs:dict, # the micro-batch
+                ) -> tuple[dict, torch.Tensor]:
+    "`stats` summed over ranks (`aux_loss` averaged), and the input tokens of every rank's micro-batch"
+    device = stats['entropy_sum'].device
+    local = torch.stack([stats['n_correct'].float(), stats['n_labelled'].float(),
+                         stats['entropy_sum'].float(), input_tokens(inputs).float().to(device)])
+    everyone = accelerator.gather_for_metrics(local[None]).view(-1, 4).sum(0)
+    n_correct, n_labelled, entropy_sum, n_tokens = everyone
+    out = {'n_correct': n_correct, 'n_labelled': n_labelled, 'entropy_sum': entropy_sum}
+    if 'aux_loss' in stats:
+        out['aux_loss'] = accelerator.gather_for_metrics(stats['aux_loss'][None]).mean()
+    return out, n_tokens
+
+# %% ../nbs/06_loss.ipynb #2ff18ee4
+def trainer_loss(trainer, # a `Trainer` set up by `setup_sft_loss`
+                 model, # the (wrapped) model `compute_loss` got
+                 inputs:dict, # the micro-batch
+                 num_items_in_batch=None, # labelled tokens of the optimizer step, from `Trainer`
+                ) -> torch.Tensor:
+    "`sft_loss` for `Trainer.compute_loss`: its config, scaled as `Trainer` scales, stats kept for the log"
+    args, accelerator = trainer.args, trainer.accelerator
+    scale = loss_scale(args, accelerator.num_processes, num_items_in_batch)
+    steps = getattr(trainer, 'current_gradient_accumulation_steps', 1)
+    coef = aux_loss_weight(trainer.router_aux_loss_coef, scale, num_items_in_batch, steps)
+    smoothing = getattr(args, 'label_smoothing_factor', 0.0)
+    loss, stats = sft_loss(model, inputs, num_items_in_batch, getattr(args, 'loss_type', 'nll'),
+                           router_aux_loss_coef=coef, label_smoothing=smoothing)
+    stats, n_tokens = gather_stats(accelerator, stats, inputs)
+    mode = 'train' if model.training else 'eval'
+    trainer._sft_metrics[mode].add(stats)
+    if mode == 'train':
+        counter = find_token_counter(trainer.callback_handler.callbacks)
+        counter.add(n_tokens.item(), stats['n_labelled'].item())
+    return loss * scale
+
+# %% ../nbs/06_loss.ipynb #a2340a6e
+def metrics_to_log(trainer, # a `Trainer` set up by `setup_sft_loss`
+                   logs:dict, # what `Trainer.log` got: `eval_` keys in evaluation
+                  ) -> dict:
+    "The sft_nb metrics to add to `logs`"
+    training = trainer.model.training
+    metrics = trainer._sft_metrics['train' if training else 'eval'].pop()
+    if training:
+        counter = find_token_counter(trainer.callback_handler.callbacks)
+        metrics['num_tokens'] = counter.num_tokens
+        metrics['num_trained_tokens'] = counter.num_trained_tokens
+    prefix = 'eval_' if next(iter(logs), '').startswith('eval_') else ''
+    return {prefix + k: v for k, v in metrics.items()}
+
+def outputs_for_metrics(model, inputs:dict):
+    "The model's outputs with full logits, for `compute_metrics`"
+    with torch.no_grad(): return model(**_model_inputs(inputs))
+
+def predict_loss(trainer, model, inputs:dict) -> tuple:
+    "`prediction_step`'s (loss, None, None) as TRL 1.16 computes it: no outputs, so no full logits"
+    # private, but the one way to move a batch as `Trainer` does (TRL 1.16 calls it here too)
+    inputs = trainer._prepare_inputs(inputs)
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, inputs)
+    return loss.detach(), None, None
 
 # %% ../nbs/06_loss.ipynb #d3af7cac
 class SFTLossMixin:
-    "For a `transformers.Trainer` subclass: loss from `sft_loss`, TRL's metrics in the logs, token counters that survive resume"
+    "For a `transformers.Trainer` subclass: `sft_loss`, TRL's metrics, token counters that survive resume"
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._sft_metrics = {'train': MetricsAccumulator(), 'eval': MetricsAccumulator()}
-        if not any(isinstance(cb, TokenCounter) for cb in self.callback_handler.callbacks): self.add_callback(TokenCounter())
-        self.router_aux_loss_coef = configure_router_aux(self.model, getattr(self.args, 'router_aux_loss_coef', None))
+        setup_sft_loss(self)
 
     @property
     def token_counter(self) -> TokenCounter:
-        "Looked up on each use: resuming with `restore_callback_states_from_checkpoint` replaces the callback"
-        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TokenCounter))
+        return find_token_counter(self.callback_handler.callbacks)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Like `Trainer.compute_loss`: `num_items_in_batch` counts every rank's tokens and DDP averages the gradients, so the
-        # token loss is scaled by the number of processes. The aux loss is a per-micro-batch mean: with `num_items_in_batch`,
-        # `Trainer` leaves gradient accumulation to the loss, so it is averaged over the accumulation steps (as TRL does).
-        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1
-        coef = self.router_aux_loss_coef / scale
-        if num_items_in_batch is not None: coef /= getattr(self, 'current_gradient_accumulation_steps', 1)
-        smoothing = getattr(self.args, 'label_smoothing_factor', 0.0)
-        loss, stats = sft_loss(model, inputs, num_items_in_batch, getattr(self.args, 'loss_type', 'nll'), router_aux_loss_coef=coef,
-                               label_smoothing=smoothing)
-        loss = loss * scale
-        local = torch.stack([stats['n_correct'].float(), stats['n_labelled'].float(), stats['entropy_sum'].float(),
-                             input_tokens(inputs).float().to(stats['entropy_sum'].device)])
-        n_correct, n_labelled, entropy_sum, n_tokens = self.accelerator.gather_for_metrics(local[None]).view(-1, 4).sum(0)
-        mode = 'train' if model.training else 'eval'
-        aux = {'aux_loss': self.accelerator.gather_for_metrics(stats['aux_loss'][None]).mean()} if 'aux_loss' in stats else {}
-        self._sft_metrics[mode].add({'n_correct': n_correct, 'n_labelled': n_labelled, 'entropy_sum': entropy_sum} | aux)
-        if mode == 'train': self.token_counter.add(n_tokens.item(), n_labelled.item())
-        if not return_outputs: return loss
-        with torch.no_grad(): return loss, model(**_model_inputs(inputs))  # `compute_metrics` wants the logits
+        loss = trainer_loss(self, model, inputs, num_items_in_batch)
+        return (loss, outputs_for_metrics(model, inputs)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        "`Trainer` asks `compute_loss` for the outputs even when only the loss is wanted: skip that full-logits forward"
-        if not prediction_loss_only: return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager(): loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        if prediction_loss_only: return predict_loss(self, model, inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def log(self, logs:dict, start_time=None):
-        mode = 'train' if self.model.training else 'eval'
-        metrics = self._sft_metrics[mode].pop()
-        if mode == 'train': metrics |= {'num_tokens': self.token_counter.num_tokens, 'num_trained_tokens': self.token_counter.num_trained_tokens}
-        prefix = 'eval_' if next(iter(logs), '').startswith('eval_') else ''
-        logs.update({prefix + k: v for k, v in metrics.items()})  # in place: `evaluate` returns this dict
+        logs.update(metrics_to_log(self, logs))  # in place: `evaluate` returns this dict
         return super().log(logs, start_time)

@@ -1,4 +1,4 @@
-"""AdamW that trains every weight of a bfloat16 model: Kahan-compensated updates keep the steps that rounding to bfloat16 would throw away, at 2 extra bytes per weight instead of a float32 copy's 4.
+"""AdamW that trains every weight of a bfloat16 model: Kahan-compensated updates keep the steps rounding would lose.
 
 Docs: https://sft-nb.github.io/sft_nb/optim.html.md"""
 
@@ -6,17 +6,18 @@ Docs: https://sft-nb.github.io/sft_nb/optim.html.md"""
 
 # %% ../nbs/06a_optim.ipynb #35158fc1
 from __future__ import annotations
-import math
+import logging, math
 
 import torch
 from fastcore.basics import patch
 from transformers import Trainer
 
 # %% auto #0
-__all__ = ['HALF', 'ADAMW_UPDATES', 'ADAMW_OPTIMS', 'kahan_store_', 'stochastic_round_', 'adamw_math_', 'AdamW', 'master_weight',
-           'optimizer_cls_and_kwargs']
+__all__ = ['logger', 'HALF', 'ADAMW_UPDATES', 'ADAMW_OPTIMS', 'kahan_store_', 'stochastic_round_', 'adamw_math_', 'AdamW',
+           'master_weight', 'optimizer_cls_and_kwargs']
 
 # %% ../nbs/06a_optim.ipynb #c892bec1
+logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
 
 # %% ../nbs/06a_optim.ipynb #0c585955
@@ -24,17 +25,18 @@ def kahan_store_(p:torch.Tensor, # half-precision weights: overwritten with `w` 
                  comp:torch.Tensor, # same shape and dtype: overwritten with what that rounding lost
                  w:torch.Tensor, # float32 weights after the update (its storage is reused)
                 ):
-    "Store float32 `w` as `p + comp`: the half-precision weight and its rounding error (Kahan's compensation)"
+    "Store float32 `w` as `p + comp`: the half-precision weight and its rounding error (Kahan)"
     p.copy_(w)
     comp.copy_(w.sub_(p))  # exact in float32; rounded to `comp`'s dtype it keeps 8 more bits
 
 # %% ../nbs/06a_optim.ipynb #6e93fb1b
-def stochastic_round_(x:torch.Tensor, # float32: overwritten with bfloat16 values, so `.bfloat16()` is exact
-                      generator:torch.Generator|None=None, # the noise's generator (seeded for reproducible runs)
+def stochastic_round_(x:torch.Tensor, # float32: overwritten with bfloat16 values (`.bfloat16()` exact)
+                      generator:torch.Generator|None=None, # the noise's generator (seeded: reproducible)
                       noise:torch.Tensor|None=None, # int32 scratch of `x`'s size, to allocate nothing
                      ) -> torch.Tensor:
-    "Round `x` to bfloat16 values, up with probability equal to its distance from the value below (unbiased)"
-    noise = (torch.empty_like(x, dtype=torch.int32) if noise is None else noise).random_(0, 1 << 16, generator=generator)
+    "Round `x` to bfloat16 values, up with probability its distance from the value below (unbiased)"
+    if noise is None: noise = torch.empty_like(x, dtype=torch.int32)
+    noise.random_(0, 1 << 16, generator=generator)
     # floats are sign-magnitude, so adding to the low bits and masking them off rounds either sign
     x.view(torch.int32).add_(noise).bitwise_and_(-65536)
     return x
@@ -60,10 +62,11 @@ ADAMW_UPDATES = ('kahan', 'stochastic', 'master')
 
 class AdamW(torch.optim.Optimizer):
     "`torch.optim.AdamW` whose steps on bfloat16 / float16 weights are not lost to rounding"
-    def __init__(self, params, lr:float=1e-3, betas=(0.9, 0.999), eps:float=1e-8, weight_decay:float=1e-2,
-                 updates:str='kahan', # half-precision weights: 'kahan' (+ compensation), 'stochastic' rounding, 'master' (float32 copy)
-                 seed:int=0, # stochastic rounding's noise depends on (seed, step, weight): the same on every rank and on resume
-                 chunk_elements:int=2**20, # elements per chunk of float32 scratch: bounds the step's extra memory
+    def __init__(self, params, lr:float=1e-3, betas=(0.9, 0.999), eps:float=1e-8,
+                 weight_decay:float=1e-2,
+                 updates:str='kahan', # half-precision weights: 'kahan', 'stochastic' or 'master'
+                 seed:int=0, # stochastic rounding's noise: from (seed, step, weight), alike on every rank
+                 chunk_elements:int=2**20, # elements per chunk of float32 scratch: bounds extra memory
                 ):
         if updates not in ADAMW_UPDATES:
             raise ValueError(f"`updates` must be one of {ADAMW_UPDATES}, got {updates!r}.")
@@ -73,54 +76,58 @@ class AdamW(torch.optim.Optimizer):
 
 # %% ../nbs/06a_optim.ipynb #0f35b50d
 def _exp_avg_dtype(p:torch.Tensor, updates:str) -> torch.dtype:
-    "bfloat16 for the first moment of bfloat16 weights (precise enough: see above); float32 otherwise, and for 'master'"
+    "bfloat16 for the first moment of bfloat16 weights (precise enough: see above); else float32"
     return torch.bfloat16 if p.dtype == torch.bfloat16 and updates != 'master' else torch.float32
 
 @patch
 def _init_state(self:AdamW, p:torch.Tensor) -> dict:
-    st = self.state[p]
-    if st: return st
+    state = self.state[p]
+    if state: return state
     if p.dtype == torch.float16 and self.updates == 'stochastic':
-        raise ValueError("updates='stochastic' rounds to bfloat16 only: for float16 weights use updates='kahan'.")
-    st['step'] = torch.tensor(0.0)
-    st['exp_avg'] = torch.zeros_like(p, dtype=_exp_avg_dtype(p, self.updates))
-    st['exp_avg_sq'] = torch.zeros_like(p, dtype=torch.float32)
-    if p.dtype in HALF and self.updates == 'kahan': st['compensation'] = torch.zeros_like(p)
-    if p.dtype in HALF and self.updates == 'master': st['master'] = p.float()
-    return st
+        raise ValueError("updates='stochastic' rounds to bfloat16 only: for float16 weights use "
+                         "updates='kahan'.")
+    state['step'] = torch.tensor(0.0)
+    state['exp_avg'] = torch.zeros_like(p, dtype=_exp_avg_dtype(p, self.updates))
+    state['exp_avg_sq'] = torch.zeros_like(p, dtype=torch.float32)
+    if p.dtype in HALF and self.updates == 'kahan': state['compensation'] = torch.zeros_like(p)
+    if p.dtype in HALF and self.updates == 'master': state['master'] = p.float()
+    return state
 
 # %% ../nbs/06a_optim.ipynb #c51b1d8d
 @patch
 def _update(self:AdamW, p:torch.Tensor, group:dict, index:int):
     "One AdamW step of weight `p` (the `index`-th of the optimizer), chunk by chunk in float32"
-    st = self._init_state(p)
-    st['step'] += 1
-    hyper = dict(step=int(st['step'].item()), lr=group['lr'], betas=group['betas'], eps=group['eps'],
-                 weight_decay=group['weight_decay'])
-    extra = st.get('compensation', st.get('master'))
-    tensors = [p, p.grad, st['exp_avg'], st['exp_avg_sq']] + ([extra] if extra is not None else [])
+    state = self._init_state(p)
+    state['step'] += 1
+    hyper = dict(step=int(state['step'].item()), lr=group['lr'], betas=group['betas'],
+                 eps=group['eps'], weight_decay=group['weight_decay'])
+    extra = state.get('compensation', state.get('master'))
+    tensors = [p, p.grad, state['exp_avg'], state['exp_avg_sq']]
+    if extra is not None: tensors.append(extra)
     sr = self.updates == 'stochastic' and p.dtype == torch.bfloat16
     gen = self._generator(p.device, hyper['step'], index) if sr else None
     bufs = self._buffers(p.device, min(p.numel(), self.chunk_elements))
     for pc, gc, m, v, *e in zip(*(t.view(-1).split(self.chunk_elements) for t in tensors)):
         w, g, m32, denom = (b[:pc.numel()] for b in bufs)
-        if 'master' in st: w = e[0]
+        if 'master' in state: w = e[0]
         elif pc.dtype == torch.float32: w = pc  # updated in place
         else: w.copy_(pc)
-        if 'compensation' in st: w.add_(e[0])
+        if 'compensation' in state: w.add_(e[0])
         g = gc if gc.dtype == torch.float32 else g.copy_(gc)
         m32 = m if m.dtype == torch.float32 else m32.copy_(m)
         adamw_math_(w, g, m32, v, denom=denom, **hyper)
         if m32 is not m: m.copy_(m32)
-        if 'compensation' in st: kahan_store_(pc, e[0], w)
+        if 'compensation' in state: kahan_store_(pc, e[0], w)
         elif sr: pc.copy_(stochastic_round_(w, gen, noise=denom.view(torch.int32)))
         elif w is not pc: pc.copy_(w)
 
+# %% ../nbs/06a_optim.ipynb #551141ad
 @patch
 def _buffers(self:AdamW, device:torch.device, n:int) -> torch.Tensor:
     "Four float32 rows of at least `n` elements on `device`, kept between steps"
     buf = self._scratch.get(device)
-    if buf is None or buf.shape[1] < n: buf = self._scratch[device] = torch.empty(4, n, device=device)
+    if buf is None or buf.shape[1] < n:
+        buf = self._scratch[device] = torch.empty(4, n, device=device)
     return buf
 
 @patch
@@ -128,6 +135,7 @@ def _generator(self:AdamW, device:torch.device, step:int, index:int) -> torch.Ge
     g = self._generators.setdefault(device, torch.Generator(device))
     return g.manual_seed(self.seed * 1_000_003 + step * 7_919 + index)
 
+# %% ../nbs/06a_optim.ipynb #754b34c7
 @patch
 @torch.no_grad()
 def step(self:AdamW, closure=None):
@@ -154,38 +162,44 @@ def load_state_dict(self:AdamW, state_dict:dict):
 
 # %% ../nbs/06a_optim.ipynb #3af0f2b6
 def master_weight(optimizer:torch.optim.Optimizer, p:torch.Tensor) -> torch.Tensor:
-    "The float32 value of weight `p` that `optimizer` keeps: its master copy, `p` + compensation, or `p`"
+    "The float32 value of weight `p` that `optimizer` keeps: master copy, `p` + compensation, or `p`"
     opt = getattr(optimizer, 'optimizer', optimizer)  # accelerate wraps the optimizer
-    st = opt.state.get(p, {})
-    if 'master' in st: return st['master'].clone()
-    if 'compensation' in st: return p.detach().float() + st['compensation'].float()
-    return p.detach().to(torch.float32, copy=True)  # a copy even of float32 weights: a value, not a view
+    state = opt.state.get(p, {})
+    if 'master' in state: return state['master'].clone()
+    if 'compensation' in state: return p.detach().float() + state['compensation'].float()
+    return p.detach().to(torch.float32, copy=True)  # a copy even of float32 weights: a value
 
 # %% ../nbs/06a_optim.ipynb #7b57bbe0
 ADAMW_OPTIMS = ('adamw_torch', 'adamw_torch_fused')
 
 def _half_weights(model) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad and p.dtype in HALF] if model is not None else []
+    if model is None: return []
+    return [p for p in model.parameters() if p.requires_grad and p.dtype in HALF]
 
 def _say(args, msg:str):
-    if getattr(args, 'process_index', 0) == 0: print(msg)
+    "Log `msg` once, on the main process, at the level Python shows without any logging setup"
+    if getattr(args, 'process_index', 0) == 0: logger.warning(msg)
 
 def optimizer_cls_and_kwargs(args, # training arguments (`SFTConfig`: `half_precision_updates`)
                              model=None, # the model being trained
                             ) -> tuple:
-    "`Trainer.get_optimizer_cls_and_kwargs`, but sft_nb's `AdamW` for the default optim on half-precision weights"
+    "`Trainer.get_optimizer_cls_and_kwargs`, but sft_nb's `AdamW` for default optim on half weights"
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     half = _half_weights(model)
     updates = getattr(args, 'half_precision_updates', 'kahan')
     if not half or updates == 'naive': return cls, kwargs
-    n, dtype = f"{sum(p.numel() for p in half) / 1e6:.1f}M", str(half[0].dtype).removeprefix('torch.')
+    n = f"{sum(p.numel() for p in half) / 1e6:.1f}M"
+    dtype = str(half[0].dtype).removeprefix('torch.')
     optim = getattr(args.optim, 'value', args.optim)
     if optim not in ADAMW_OPTIMS:
-        _say(args, f"optim={optim!r} updates {n} {dtype} weights as it does: steps below {dtype}'s resolution may "
-                   "round away. sft_nb's Kahan-compensated AdamW is the default optim with half_precision_updates='kahan'.")
+        _say(args, f"optim={optim!r} updates {n} {dtype} weights as it does: steps below {dtype}'s "
+                   "resolution may round away. sft_nb's Kahan-compensated AdamW is the default optim "
+                   "with half_precision_updates='kahan'.")
         return cls, kwargs
     how = {'kahan': "Kahan-compensated updates", 'stochastic': "stochastically rounded updates",
            'master': "float32 master weights"}[updates]
-    _say(args, f"Full fine-tuning of {n} {dtype} weights: sft_nb's AdamW with {how} (half_precision_updates={updates!r}), "
-               f"so that steps smaller than {dtype}'s resolution are not rounded away.")
-    return AdamW, dict(lr=kwargs['lr'], betas=kwargs['betas'], eps=kwargs['eps'], updates=updates, seed=args.seed)
+    _say(args, f"Full fine-tuning of {n} {dtype} weights: sft_nb's AdamW with {how} "
+               f"(half_precision_updates={updates!r}), so that steps smaller than {dtype}'s resolution "
+               "are not rounded away.")
+    return AdamW, dict(lr=kwargs['lr'], betas=kwargs['betas'], eps=kwargs['eps'], updates=updates,
+                       seed=args.seed)

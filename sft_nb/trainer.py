@@ -1,4 +1,4 @@
-"""The whole workflow behind one TRL-compatible class: a thin `transformers.Trainer` subclass that wires config, loading, adapters, data, packing, loss and saving together.
+"""TRL's `SFTTrainer`: a thin `transformers.Trainer` subclass wiring loading, adapters, data, packing, loss, saving.
 
 Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
@@ -6,47 +6,68 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #9bc212a8
 from __future__ import annotations
-import contextlib, dataclasses, signal, sys, tempfile, threading, time
+import contextlib, dataclasses, logging, signal, sys, tempfile, threading, time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainerCallback, TrainingArguments, enable_full_determinism, set_seed
-from transformers.utils import logging
+from transformers import PreTrainedModel, ProcessorMixin, Trainer, TrainerCallback, TrainingArguments
+from transformers import enable_full_determinism, set_seed
 from fastcore.basics import patch
+from fastcore.meta import delegates
 
 from .config import SFTConfig
-from .models import check_vlm_support, load_model, load_tokenizer, prepare_model, prepare_tokenizer
+from .models import check_vlm_support, load_model, load_tokenizer, prepare_model
+from .models import prepare_tokenizer
 from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
 from .data import check_dataset, detect_format, prepare_dataset
 from .packing import DataCollatorForLanguageModeling, pack_dataset
-from .loss import SFTLossMixin
+from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
+from .loss import predict_loss, setup_sft_loss, trainer_loss
+from .optim import optimizer_cls_and_kwargs
 from .save import CrashSafeSaveMixin
 
-logger = logging.get_logger(__name__)
-
 # %% auto #0
-__all__ = ['logger', 'check_writable', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'needs_chat_template',
-           'prepare_for_training', 'check_virtual_tokens', 'default_collator', 'set_trl_attributes',
-           'check_masks_have_labels', 'check_renamed', 'check_data_before_loading', 'SFTTrainer']
+__all__ = ['logger', 'check_renamed', 'check_writable', 'check_packing_collator', 'check_before_training', 'GracefulExit',
+           'handling_signals', 'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
+           'check_data_before_loading', 'check_virtual_tokens', 'load_for_training', 'prepare_train_eval',
+           'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'SFTTrainer',
+           'pop_trl_metrics', 'tokens_per_second']
+
+# %% ../nbs/08_trainer.ipynb #b13339ce
+logger = logging.getLogger(__name__)
 
 # %% ../nbs/08_trainer.ipynb #98f582a7
 def _resolve_args(args, model) -> SFTConfig:
-    "`SFTConfig` from `args`, which may be None (TRL's default output dir) or plain `TrainingArguments`"
+    "`SFTConfig` from `args`: None (TRL's defaults and output dir), plain `TrainingArguments`, or one"
     if args is None:
-        name = model if isinstance(model, str) else model.config._name_or_path
+        name = model if isinstance(model, str) else model.name_or_path
         return SFTConfig(output_dir=f"{Path(str(name)).name}-SFT")
     if isinstance(args, SFTConfig): return args
     if isinstance(args, TrainingArguments):
-        d = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return SFTConfig(**d)
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return SFTConfig(**fields)
     raise TypeError(f"`args` must be an SFTConfig or TrainingArguments, got {type(args).__name__}.")
 
-def _dataset_is_empty(ds) -> bool:
-    if isinstance(ds, IterableDataset): return next(iter(ds.take(1)), None) is None
-    return len(ds) == 0
+# %% ../nbs/08_trainer.ipynb #ffbe3f04
+# Trainer arguments of older TRL versions: where each one lives now
+_MOVED = {'tokenizer': "was renamed `processing_class`",
+          'max_seq_length': "moved to `SFTConfig` as `max_length`"}
+_TO_CONFIG = ('dataset_text_field', 'packing', 'dataset_kwargs', 'dataset_num_proc',
+              'dataset_batch_size', 'model_init_kwargs', 'neftune_noise_alpha', 'eval_packing',
+              'num_of_sequences', 'chars_per_token', 'infinite')
 
+def check_renamed(kwargs:dict) -> None:
+    "Refuse arguments `SFTTrainer` does not take, naming where those TRL renamed or moved now are"
+    for k in kwargs:
+        moved = f"moved to `SFTConfig(..., {k}=...)`" if k in _TO_CONFIG else None
+        where = _MOVED.get(k) or moved
+        if where: raise TypeError(f"SFTTrainer(..., {k}=...): `{k}` {where} in TRL, and sft_nb follows TRL.")
+        raise TypeError(f"SFTTrainer got an unexpected keyword argument `{k}`.")
+
+# %% ../nbs/08_trainer.ipynb #edf366d0
+# One of two such checks today: sft_nb.save's checkpoints room takes it over; this one goes at the merge.
 def check_writable(output_dir) -> None:
     "Create `output_dir` and write a file in it, or raise an `OSError` that names the folder"
     path = Path(output_dir)
@@ -54,132 +75,268 @@ def check_writable(output_dir) -> None:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix='.sft_nb-probe-'): pass
     except OSError as e:
-        raise OSError(e.errno, f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
-                               "(checked before loading the model, so nothing was lost).") from e
+        why = (f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
+               "(checked before loading the model, so nothing was lost).")
+        raise OSError(e.errno, why) from e
 
+# %% ../nbs/08_trainer.ipynb #0c632be7
 def check_packing_collator(args:SFTConfig, data_collator) -> None:
-    "`packing=True` with a `DataCollatorForLanguageModeling` (sft_nb's or TRL's) that would pad packed rows with an all-ones mask"
+    "Refuse a `DataCollatorForLanguageModeling` (sft_nb's or TRL's) that pads packed rows with a ones mask"
     if not args.packing or args.packing_strategy == 'wrapped' or data_collator is None: return
     trl = sys.modules.get('trl.trainer.sft_trainer')
-    ours = isinstance(data_collator, DataCollatorForLanguageModeling) and not data_collator.block_diagonal
+    ours = isinstance(data_collator, DataCollatorForLanguageModeling)
+    ours = ours and not data_collator.block_diagonal
     theirs = trl is not None and isinstance(data_collator, trl.DataCollatorForLanguageModeling)
     if (ours or theirs) and not data_collator.padding_free:
-        raise ValueError(f"`packing=True`, but this {type(data_collator).__name__} pads packed rows with an all-ones "
-                         "`attention_mask`, so packed documents would attend to each other. Drop `data_collator` (sft_nb "
-                         "builds one), or build it with `block_diagonal=True` (sft_nb's) or `padding_free=True`.")
+        raise ValueError(f"`packing=True`, but this {type(data_collator).__name__} pads packed rows with an "
+                         "all-ones `attention_mask`, so packed documents would attend to each other. Drop "
+                         "`data_collator` (sft_nb builds one), or build it with `block_diagonal=True` "
+                         "(sft_nb's) or `padding_free=True`.")
+
+# %% ../nbs/08_trainer.ipynb #b557d41d
+def _dataset_is_empty(ds) -> bool:
+    if isinstance(ds, IterableDataset): return next(iter(ds.take(1)), None) is None
+    return len(ds) == 0
 
 def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
     "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
     if train_dataset is None:
-        raise ValueError("`train_dataset` is required: pass the `Dataset` (or `IterableDataset`) to train on.")
+        raise ValueError("`train_dataset` is required: pass the `Dataset` (or `IterableDataset`) "
+                         "to train on.")
     if not isinstance(train_dataset, (Dataset, IterableDataset)):
         hint = " Pick one split, e.g. `dataset['train']`." if isinstance(train_dataset, dict) else ""
-        raise TypeError(f"`train_dataset` must be a `Dataset` or `IterableDataset`, got `{type(train_dataset).__name__}`.{hint}")
+        raise TypeError("`train_dataset` must be a `Dataset` or `IterableDataset`, "
+                        f"got `{type(train_dataset).__name__}`.{hint}")
     if _dataset_is_empty(train_dataset):
-        raise ValueError("`train_dataset` is empty: there is nothing to train on. Check the split name and any filtering.")
+        raise ValueError("`train_dataset` is empty: there is nothing to train on. Check the split name "
+                         "and any filtering.")
     if args.eval_strategy != 'no' and eval_dataset is None:
-        raise ValueError(f"`eval_strategy='{args.eval_strategy.value}'` but no `eval_dataset` was given: pass one, or set eval_strategy='no'.")
+        raise ValueError(f"`eval_strategy='{args.eval_strategy.value}'` but no `eval_dataset` was given: "
+                         "pass one, or set eval_strategy='no'.")
     if args.load_best_model_at_end and eval_dataset is None:
-        raise ValueError("`load_best_model_at_end=True` needs an `eval_dataset` to pick the best checkpoint.")
+        raise ValueError("`load_best_model_at_end=True` needs an `eval_dataset` to pick the best "
+                         "checkpoint.")
     if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
-        raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so training knows when to stop.")
+        raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so "
+                         "training knows when to stop.")
     args.check_collator(data_collator)
     check_packing_collator(args, data_collator)
     if args.should_save: check_writable(args.output_dir)
 
 # %% ../nbs/08_trainer.ipynb #9cb862a5
 class GracefulExit(TrainerCallback):
-    "On SIGTERM / SIGINT: finish the current step, save a checkpoint if `save_strategy` allows, stop training"
+    "On SIGTERM / SIGINT: finish the step, save a checkpoint if `save_strategy` allows, stop training"
     def __init__(self): self.signum = None
+
     def handle(self, signum, frame):
         if self.signum is not None: raise KeyboardInterrupt  # a second signal: stop at once
         self.signum = signum
-        logger.warning(f"Received {signal.Signals(signum).name}: finishing this step, then saving and stopping.")
+        name = signal.Signals(signum).name
+        logger.warning(f"Received {name}: finishing this step, then saving and stopping.")
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.signum is None: return
         control.should_save = args.save_strategy != 'no'
         control.should_training_stop = True
 
+# %% ../nbs/08_trainer.ipynb #e2d05631
+@contextlib.contextmanager
+def handling_signals(graceful:GracefulExit):
+    "SIGTERM and SIGINT go to `graceful` within the block; the previous handlers come back after it"
+    # Python accepts signal handlers only in the main thread (not in a notebook runner's worker thread)
+    main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if main else ()
+    old = {s: signal.signal(s, graceful.handle) for s in signals}
+    try: yield
+    finally:
+        for s, handler in old.items(): signal.signal(s, handler)
+
+def exit_if_signalled(graceful:GracefulExit, step:int, args:TrainingArguments) -> None:
+    "After a signal stopped training: say where, and exit with 128 + the signal's number, as a shell does"
+    if graceful.signum is None: return
+    resume = f"; checkpoint saved in {args.output_dir}: resume with train(resume_from_checkpoint=True)."
+    if args.save_strategy == 'no': resume = "."
+    logger.warning(f"Stopped by {signal.Signals(graceful.signum).name} at step {step}{resume}")
+    raise SystemExit(128 + graceful.signum)
+
 # %% ../nbs/08_trainer.ipynb #f2a23202
-def _columns(ds): return ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+def _columns(ds):
+    "Column names, also of an iterable dataset that does not know them before its first row"
+    return ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
 
 def _is_prepared(ds) -> bool:
     "Already tokenized by sft_nb (or by hand): `input_ids` and `labels`, nothing left to render"
     cols = set(_columns(ds))
-    return {'input_ids', 'labels'} <= cols and not {'messages', 'prompt', 'completion', 'text'} & cols
+    raw = {'messages', 'prompt', 'completion', 'text'} & cols
+    return {'input_ids', 'labels'} <= cols and not raw
 
 def _dataset_name(ds) -> str|None:
     "The Hub id a dataset was loaded from, for the model card (local files and in-memory data have none)"
     from sft_nb.save import is_hub_id
     name = getattr(getattr(ds, 'info', None), 'dataset_name', None)
-    return name if name and is_hub_id(name) and name not in ('json', 'csv', 'parquet', 'text', 'arrow', 'generator') else None
+    builders = ('json', 'csv', 'parquet', 'text', 'arrow', 'generator')
+    return name if name and is_hub_id(name) and name not in builders else None
 
+# One of two definitions today (sft_nb.data has the other): the data room exports one; this goes at the merge.
 def _first_row(ds): return next(iter(ds), None) if ds is not None else None
 
 def needs_chat_template(ds, args:SFTConfig, formatting_func=None) -> bool:
-    "Is `ds` conversational, so that a base model without a chat template needs one (ChatML, cloned by sft_nb.models)?"
+    "Is `ds` conversational, so that a base model without a chat template needs one (from sft_nb.models)?"
     if ds is None or isinstance(ds, (dict, DatasetDict, IterableDatasetDict)): return False
     fmt = detect_format(_columns(ds), _first_row(ds), args.dataset_text_field, formatting_func)
     return fmt in ('conversational', 'conversational_prompt_completion')
 
-def prepare_for_training(ds, processing_class, args:SFTConfig, formatting_func=None, packing:bool=False, name:str='train'):
+# %% ../nbs/08_trainer.ipynb #8748b141
+def report_packing(name:str, # the dataset's name: 'train', 'eval', 'eval/<key>'
+                   stats:dict|None, # `pack_dataset(..., return_stats=True)`'s
+                   args:SFTConfig,
+                  ) -> None:
+    "Log how `name` packed, once, on the main process"
+    if not stats or not stats.get('rows') or args.process_index != 0: return
+    logger.warning(f"Packed {name}: {stats['documents']} sequences into {stats['rows']} rows of "
+                   f"{args.max_length} tokens, {stats['efficiency']:.1%} filled, "
+                   f"{stats['truncated_tokens']} tokens truncated ({args.packing_strategy}).")
+
+# %% ../nbs/08_trainer.ipynb #2a607bf6
+def prepare_for_training(ds, # a dataset in any format sft_nb.data takes, or a dict of them
+                         processing_class, # the tokenizer
+                         args:SFTConfig,
+                         formatting_func=None, # row -> text
+                         packing:bool=False, # `args.packing` (train) or `args.eval_packing` (eval)
+                         name:str='train', # for messages: 'train', 'eval', ...
+                        ):
     "Tokenize (sft_nb.data) and pack (sft_nb.packing) one dataset, or each dataset of a dict"
     if ds is None: return None
     if isinstance(ds, (dict, DatasetDict, IterableDatasetDict)):
-        return {k: prepare_for_training(v, processing_class, args, formatting_func, packing, f"{name}/{k}") for k, v in ds.items()}
-    if _is_prepared(ds): check_dataset(ds, args, processing_class, name=name)  # lengths and ids, on Arrow
-    else: ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing, dataset_name=name)
+        return {k: prepare_for_training(v, processing_class, args, formatting_func, packing,
+                                        f"{name}/{k}")
+                for k, v in ds.items()}
+    if _is_prepared(ds):
+        check_dataset(ds, args, processing_class, name=name)  # lengths and ids, on Arrow
+    else:
+        ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing,
+                             dataset_name=name)
     if packing and args.max_length is not None and 'seq_lengths' not in _columns(ds):
-        if args.shuffle_dataset: ds = ds.shuffle(seed=args.seed)  # first, so `wrapped` rows don't join neighbouring rows of the source
-        ds, st = pack_dataset(ds, args.max_length, args.packing_strategy, return_stats=True)
-        if st and st.get('rows') and args.process_index == 0:
-            print(f"Packed {name}: {st['documents']} sequences into {st['rows']} rows of {args.max_length} tokens, "
-                  f"{st['efficiency']:.1%} filled, {st['truncated_tokens']} tokens truncated ({args.packing_strategy}).")
-    return ds.shuffle(seed=args.seed) if args.shuffle_dataset else ds  # as TRL (a buffer for an iterable dataset)
+        # shuffled first, so that `wrapped` rows don't just join neighbouring rows of the source
+        if args.shuffle_dataset: ds = ds.shuffle(seed=args.seed)
+        ds, stats = pack_dataset(ds, args.max_length, args.packing_strategy, return_stats=True)
+        report_packing(name, stats, args)
+    # as TRL does (for an iterable dataset, within a buffer)
+    return ds.shuffle(seed=args.seed) if args.shuffle_dataset else ds
+
+# %% ../nbs/08_trainer.ipynb #09be1e10
+def check_data_before_loading(args:SFTConfig, train_dataset, eval_dataset, processing_class=None,
+                              formatting_func=None) -> None:
+    "Every data error the data alone can tell, before the model loads (`sft_nb.data.check_dataset`)"
+    if (args.dataset_kwargs or {}).get('skip_prepare_dataset', False): return
+    check_dataset(train_dataset, args, processing_class, formatting_func, 'train')
+    check_dataset(eval_dataset, args, processing_class, formatting_func, 'eval')
 
 # %% ../nbs/08_trainer.ipynb #f2a3b4c5
 def _quantization(args:SFTConfig, quantization_config) -> dict:
     "`load_model` keywords for TRL's `quantization_config` argument"
     if quantization_config is None: return {}
     if 'quantization_config' in (args.model_init_kwargs or {}):
-        raise ValueError("`quantization_config` is set both as a trainer argument and in `args.model_init_kwargs`: keep one of them.")
+        raise ValueError("`quantization_config` is set both as a trainer argument and in "
+                         "`args.model_init_kwargs`: keep one of them.")
     return {'quantization_config': quantization_config}
 
 def _model(model, args:SFTConfig, quantization_config=None):
     "Load `model` by name (quantized if asked), or make an already loaded one safe to train"
-    if isinstance(model, str): return load_model(model, args, **_quantization(args, quantization_config))
+    if isinstance(model, str):
+        return load_model(model, args, **_quantization(args, quantization_config))
     if quantization_config is not None:
-        logger.warning("`quantization_config` is ignored: the model is already loaded. Pass its name or folder to quantize it.")
+        logger.warning("`quantization_config` is ignored: the model is already loaded. Pass its name or "
+                       "folder to quantize it.")
     return prepare_model(model, args)
 
+# %% ../nbs/08_trainer.ipynb #1c9ca215
 def check_virtual_tokens(model, args:SFTConfig):
     "Prompt tuning and p-tuning can't keep packed documents apart"
     if adds_virtual_tokens(model) and (args.packing or args.padding_free):
-        raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then drops `position_ids`, which "
-                         "keep packed documents apart, so they would attend to each other. Set `packing=False` and "
-                         "`padding_free=False`, or use LoRA or prefix tuning.")
+        raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then "
+                         "drops `position_ids`, which keep packed documents apart, so they would attend to "
+                         "each other. Set `packing=False` and `padding_free=False`, or use LoRA or prefix "
+                         "tuning.")
 
-def default_collator(tokenizer, args:SFTConfig, completion_only_loss:bool, model) -> DataCollatorForLanguageModeling:
-    "sft_nb's collator for `args`: block-diagonal packed rows, mask columns folded in, the first token a target after virtual tokens"
+# %% ../nbs/08_trainer.ipynb #b2393d43
+def load_for_training(model:str|PreTrainedModel, # Hub id, local folder, or a loaded model
+                      args:SFTConfig,
+                      train_dataset, eval_dataset, # checked before the model loads
+                      processing_class=None, # None: loaded from `model`
+                      quantization_config=None, # a `BitsAndBytesConfig` for a model loaded by name
+                      peft_config=None, # adapters to add
+                      formatting_func=None, # row -> text
+                     ) -> tuple:
+    "The model to train (loaded, prepared, with adapters) and its tokenizer"
+    model_id = model if isinstance(model, str) else None
+    if processing_class is None and model_id is not None:
+        processing_class = load_tokenizer(model_id, args)
+    check_data_before_loading(args, train_dataset, eval_dataset, processing_class, formatting_func)
+    if args.full_determinism: enable_full_determinism(args.seed)
+    else: set_seed(args.seed)
+    model = _model(model, args, quantization_config)
+    check_vlm_support(model, args, _first_row(train_dataset))
+    if processing_class is None:
+        processing_class = load_tokenizer(model_id or model.name_or_path, args)
+    chat = needs_chat_template(train_dataset, args, formatting_func)
+    processing_class = prepare_tokenizer(processing_class, model, args, chat)
+    if peft_config is not None or is_peft_model(model):
+        model = apply_peft(model, peft_config, args)
+        if args.process_index == 0: logger.warning(trainable_report(model))
+    check_virtual_tokens(model, args)
+    return model, processing_class
+
+# %% ../nbs/08_trainer.ipynb #a5800963
+def prepare_train_eval(train_dataset, eval_dataset, processing_class, args:SFTConfig,
+                       formatting_func=None) -> tuple:
+    "`prepare_for_training` of both datasets, main process first"
+    with args.main_process_first(desc="preparing datasets"):
+        train = prepare_for_training(train_dataset, processing_class, args, formatting_func, args.packing,
+                                     'train')
+        evals = prepare_for_training(eval_dataset, processing_class, args, formatting_func,
+                                     args.eval_packing, 'eval')
+    return train, evals
+
+# %% ../nbs/08_trainer.ipynb #9ce7cfa1
+def default_collator(tokenizer, args:SFTConfig, completion_only_loss:bool,
+                     model) -> DataCollatorForLanguageModeling:
+    "The collator `SFTTrainer` builds when none is given"
     virtual = adds_virtual_tokens(model)  # peft ignores position_ids there, warning at every step
-    return DataCollatorForLanguageModeling(tokenizer.pad_token_id, args.padding_free, return_position_ids=not virtual,
-                                           pad_to_multiple_of=args.pad_to_multiple_of, completion_only_loss=completion_only_loss,
+    return DataCollatorForLanguageModeling(tokenizer.pad_token_id, args.padding_free,
+                                           return_position_ids=not virtual,
+                                           pad_to_multiple_of=args.pad_to_multiple_of,
+                                           completion_only_loss=completion_only_loss,
                                            block_diagonal=True, predict_first_token=virtual)
 
-def set_trl_attributes(trainer, args:SFTConfig, processing_class, first_row:dict, formatting_func=None):
-    "The attributes TRL's `SFTTrainer.__init__` sets, which scripts and callbacks read"
+# %% ../nbs/08_trainer.ipynb #34df2905
+def set_trl_attributes(trainer, args:SFTConfig, processing_class, first_row:dict,
+                       formatting_func=None):
+    "The attributes TRL's `SFTTrainer.__init__` sets before `Trainer.__init__`"
     trainer._tokenizer = getattr(processing_class, 'tokenizer', processing_class)
     trainer._is_vlm = isinstance(processing_class, ProcessorMixin)
     trainer._is_vision_dataset = 'image' in first_row or 'images' in first_row
-    trainer.padding_free = args.padding_free or (args.packing and args.packing_strategy in ('bfd', 'bfd_split'))
+    packed_rows = args.packing and args.packing_strategy in ('bfd', 'bfd_split')
+    trainer.padding_free = args.padding_free or packed_rows
     trainer.chat_template = None
-    col = args.completion_only_loss
-    auto = ('prompt' in first_row and 'completion' in first_row) or 'completion_mask' in first_row
-    trainer.completion_only_loss = auto if col is None else col
-    trainer._skip_prepare_dataset = bool((args.dataset_kwargs or {}).get('skip_prepare_dataset', False))
+    in_rows = ('prompt' in first_row and 'completion' in first_row) or 'completion_mask' in first_row
+    asked = args.completion_only_loss
+    trainer.completion_only_loss = in_rows if asked is None else asked
+    skip = (args.dataset_kwargs or {}).get('skip_prepare_dataset', False)
+    trainer._skip_prepare_dataset = bool(skip)
     trainer._formatting_func = formatting_func
     trainer.maybe_activation_offload_context = contextlib.nullcontext()
     trainer._metrics = {'train': defaultdict(list), 'eval': defaultdict(list)}
+
+# %% ../nbs/08_trainer.ipynb #4e1c48dd
+def finish_trl_attributes(trainer, train_dataset=None) -> None:
+    "The attributes TRL sets after `Trainer.__init__`, and the model card's facts about the run"
+    if hasattr(trainer.model, 'add_model_tags'): trainer.model.add_model_tags(trainer._tag_names)
+    moe = hasattr(trainer.model.config.get_text_config(), 'output_router_logits')
+    trainer.aux_loss_enabled = moe and trainer.router_aux_loss_coef != 0
+    parallelism = trainer.accelerator.parallelism_config
+    trainer._tp_size = parallelism.tp_size if parallelism is not None else 1
+    trainer.card_info = {'method': 'SFT', 'dataset_name': _dataset_name(train_dataset)}
 
 # %% ../nbs/08_trainer.ipynb #c5d6e7f8
 def _named(eval_dataset) -> dict:
@@ -188,8 +345,9 @@ def _named(eval_dataset) -> dict:
     return dict(eval_dataset) if isinstance(eval_dataset, dict) else {'eval': eval_dataset}
 
 def _ignores_masks(collator) -> bool:
-    "Takes `labels`, else `input_ids`, never the mask columns: TRL 1.16's collator, and sft_nb's built the TRL way"
-    if isinstance(collator, DataCollatorForLanguageModeling): return collator.completion_only_loss is None
+    "Takes `labels`, else `input_ids`, never the mask columns: TRL 1.16's collator, or sft_nb's built so"
+    if isinstance(collator, DataCollatorForLanguageModeling):
+        return collator.completion_only_loss is None
     trl = sys.modules.get('trl.trainer.sft_trainer')  # loaded whenever one of its collators exists
     return trl is not None and isinstance(collator, trl.DataCollatorForLanguageModeling)
 
@@ -199,152 +357,147 @@ def check_masks_have_labels(datasets:dict, data_collator) -> None:
     for name, ds in datasets.items():
         cols = _columns(ds)
         if 'labels' not in cols and ('completion_mask' in cols or 'assistant_masks' in cols):
-            raise ValueError(f"The {name} dataset has mask columns but no 'labels', and `skip_prepare_dataset=True` skips label "
-                             f"building, so {type(data_collator).__name__}(completion_only_loss=None) would train on the full "
-                             "sequence. Add a 'labels' column (-100 for non-loss tokens), drop `data_collator` (sft_nb's folds "
-                             "the masks in), or drop `skip_prepare_dataset`.")
-
-# %% ../nbs/08_trainer.ipynb #ffbe3f04
-# Trainer arguments of older TRL versions: where each one lives now
-_MOVED = {'tokenizer': "was renamed `processing_class`",
-          'max_seq_length': "moved to `SFTConfig` as `max_length`"}
-_TO_CONFIG = ('dataset_text_field', 'packing', 'dataset_kwargs', 'dataset_num_proc', 'dataset_batch_size', 'model_init_kwargs',
-              'neftune_noise_alpha', 'eval_packing', 'num_of_sequences', 'chars_per_token', 'infinite')
-
-def check_renamed(kwargs:dict) -> None:
-    "Refuse `SFTTrainer` arguments it does not take, naming the new spelling of those TRL renamed or moved to `SFTConfig`"
-    for k in kwargs:
-        where = _MOVED.get(k) or (f"moved to `SFTConfig(..., {k}=...)`" if k in _TO_CONFIG else None)
-        if where: raise TypeError(f"SFTTrainer(..., {k}=...): `{k}` {where} in TRL, and sft_nb follows TRL.")
-        raise TypeError(f"SFTTrainer got an unexpected keyword argument `{k}`.")
-
-def check_data_before_loading(args:SFTConfig, train_dataset, eval_dataset, processing_class=None, formatting_func=None) -> None:
-    "Every data error the data alone can tell, raised before the model loads (`sft_nb.data.check_dataset`)"
-    if (args.dataset_kwargs or {}).get('skip_prepare_dataset', False): return
-    check_dataset(train_dataset, args, processing_class, formatting_func, 'train')
-    check_dataset(eval_dataset, args, processing_class, formatting_func, 'eval')
+            collator = type(data_collator).__name__
+            raise ValueError(f"The {name} dataset has mask columns but no 'labels', and "
+                             f"`skip_prepare_dataset=True` skips label building, so "
+                             f"{collator}(completion_only_loss=None) would train on the full sequence. Add a "
+                             "'labels' column (-100 for non-loss tokens), drop `data_collator` (sft_nb's "
+                             "folds the masks in), or drop `skip_prepare_dataset`.")
 
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
-class SFTTrainer(SFTLossMixin, CrashSafeSaveMixin, Trainer):
-    "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed; any dataset format"
+class SFTTrainer(CrashSafeSaveMixin, Trainer):
+    "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed"
     _tag_names = ["sft", "sft_nb"]
     _name = "SFT"  # TRL's trainer name, read by its model-card code
 
     def __init__(self,
-                 model:str|PreTrainedModel, # Hub id, local folder, or a loaded model (a `PeftModel` keeps its adapters trainable)
-                 args:SFTConfig|TrainingArguments|None=None, # training configuration; None: TRL's defaults, output to `<model>-SFT`
-                 data_collator=None, # None: sft_nb's collator (padded rows, or packed rows with per-document position_ids)
+                 model:str|PreTrainedModel, # Hub id, local folder, or a loaded model (a `PeftModel` too)
+                 args:SFTConfig|TrainingArguments|None=None, # None: TRL's defaults, to `<model>-SFT`
+                 data_collator=None, # None: sft_nb's (padded rows, or packed rows with positions)
                  train_dataset:Dataset|IterableDataset|None=None, # any format `sft_nb.data` accepts
-                 eval_dataset:Dataset|IterableDataset|dict|None=None, # one dataset, or a dict of named ones
+                 eval_dataset:Dataset|IterableDataset|dict|None=None, # one, or a dict of named ones
                  processing_class=None, # tokenizer; None: loaded from `model`
-                 compute_loss_func:Callable|None=None, # replaces sft_nb's loss (full logits are then built)
+                 compute_loss_func:Callable|None=None, # replaces sft_nb's loss (on full logits)
                  compute_metrics:Callable|None=None, # as in `transformers.Trainer`
                  callbacks:list[TrainerCallback]|None=None,
                  optimizers:tuple=(None, None), # (optimizer, scheduler)
                  optimizer_cls_and_kwargs:tuple|None=None,
                  preprocess_logits_for_metrics:Callable|None=None,
-                 quantization_config=None, # a `BitsAndBytesConfig` for a model loaded by name (QLoRA, with `peft_config`)
+                 quantization_config=None, # a `BitsAndBytesConfig`, for a model loaded by name
                  peft_config=None, # a `peft.LoraConfig` (or another peft config) to add adapters
-                 formatting_func:Callable|None=None, # row -> text, for datasets that need custom formatting
-                 **renamed, # arguments TRL renamed or moved to `SFTConfig`: refused with the new spelling
+                 formatting_func:Callable|None=None, # row -> text, for custom formats
+                 **renamed, # arguments TRL renamed or moved to `SFTConfig`: refused, naming where
                 ):
         check_renamed(renamed)
-        args, train_dataset_raw = _resolve_args(args, model), train_dataset
+        args, train_dataset_given = _resolve_args(args, model), train_dataset
         check_before_training(args, train_dataset, eval_dataset, data_collator)
-        model_id = model if isinstance(model, str) else None
-        if processing_class is None and model_id is not None: processing_class = load_tokenizer(model_id, args)  # seconds, not minutes
-        check_data_before_loading(args, train_dataset, eval_dataset, processing_class, formatting_func)
-        # Seeded before any weight is created: LoRA initialises its adapters randomly (as TRL does; Trainer seeds only later)
-        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        model = _model(model, args, quantization_config)
-        check_vlm_support(model, args, _first_row(train_dataset))
-        if processing_class is None: processing_class = load_tokenizer(model_id or model.config._name_or_path, args)
-        processing_class = prepare_tokenizer(processing_class, model, args, needs_chat_template(train_dataset, args, formatting_func))
-        if peft_config is not None or is_peft_model(model):
-            model = apply_peft(model, peft_config, args)
-            if args.process_index == 0: print(trainable_report(model))
-        check_virtual_tokens(model, args)
+        model, processing_class = load_for_training(model, args, train_dataset, eval_dataset,
+                                                    processing_class, quantization_config, peft_config,
+                                                    formatting_func)
         set_trl_attributes(self, args, processing_class, _first_row(train_dataset), formatting_func)
         if not self._skip_prepare_dataset:
-            with args.main_process_first(desc="preparing datasets"):
-                train_dataset = prepare_for_training(train_dataset, processing_class, args, formatting_func, args.packing, 'train')
-                eval_dataset = prepare_for_training(eval_dataset, processing_class, args, formatting_func, args.eval_packing, 'eval')
-        if data_collator is None: data_collator = default_collator(self._tokenizer, args, self.completion_only_loss, model)
-        if self._skip_prepare_dataset: check_masks_have_labels({'train': train_dataset, **_named(eval_dataset)}, data_collator)
+            train_dataset, eval_dataset = prepare_train_eval(train_dataset, eval_dataset, processing_class,
+                                                             args, formatting_func)
+        if data_collator is None:
+            data_collator = default_collator(self._tokenizer, args, self.completion_only_loss, model)
+        if self._skip_prepare_dataset:
+            check_masks_have_labels({'train': train_dataset, **_named(eval_dataset)}, data_collator)
         self._graceful = GracefulExit()
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
+        super().__init__(model=model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class,
+                         compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                          callbacks=[*(callbacks or []), self._graceful], optimizers=optimizers,
-                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-        if hasattr(self.model, 'add_model_tags'): self.model.add_model_tags(self._tag_names)
-        moe = hasattr(self.model.config.get_text_config(), 'output_router_logits')
-        self.aux_loss_enabled = moe and self.router_aux_loss_coef != 0
-        pc = self.accelerator.parallelism_config
-        self._tp_size = pc.tp_size if pc is not None else 1
-        self.card_info = {'method': 'SFT', 'dataset_name': _dataset_name(train_dataset_raw)}
+                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        setup_sft_loss(self)
+        finish_trl_attributes(self, train_dataset_given)
 
-# %% ../nbs/08_trainer.ipynb #d944385a
+# %% ../nbs/08_trainer.ipynb #8564120f
 @patch
 def compute_loss(self:SFTTrainer, model, inputs, return_outputs=False, num_items_in_batch=None):
     if self.compute_loss_func is not None:
-        return Trainer.compute_loss(self, model, {**inputs, 'use_cache': False}, return_outputs, num_items_in_batch)
-    return super(SFTTrainer, self).compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {**inputs, 'use_cache': False}
+        return super(SFTTrainer, self).compute_loss(model, inputs, return_outputs,
+                                                    num_items_in_batch)
+    loss = trainer_loss(self, model, inputs, num_items_in_batch)
+    return (loss, outputs_for_metrics(model, inputs)) if return_outputs else loss
 
+# %% ../nbs/08_trainer.ipynb #4896e6cb
 @patch
-def _set_signature_columns_if_needed(self:SFTTrainer):
-    "Keep the columns the collator needs: the Trainer would drop `seq_lengths` (not a forward argument), merging packed documents"
-    if self._signature_columns is None: self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask', 'assistant_masks']
+def prediction_step(self:SFTTrainer, model, inputs, prediction_loss_only, ignore_keys=None):
+    if prediction_loss_only: return predict_loss(self, model, inputs)
+    return super(SFTTrainer, self).prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
-@patch
-def train(self:SFTTrainer, resume_from_checkpoint=None, *args, **kwargs):
-    g = self._graceful
-    # Python accepts signal handlers only in the main thread (not, e.g., in a notebook runner's worker thread)
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, g.handle) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
-    try: out = super(SFTTrainer, self).train(resume_from_checkpoint, *args, **kwargs)
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-    if g.signum is not None:
-        logger.warning(f"Stopped by {signal.Signals(g.signum).name} at step {self.state.global_step}"
-                       + (f"; checkpoint saved in {self.args.output_dir}: resume with train(resume_from_checkpoint=True)." if self.args.save_strategy != 'no' else "."))
-        raise SystemExit(128 + g.signum)
+# %% ../nbs/08_trainer.ipynb #3af7c0e6
+def pop_trl_metrics(metrics:dict, mode:str) -> dict:
+    "A subclass's values in TRL's `_metrics[mode]`, averaged and `eval_`-prefixed as TRL logs them; then cleared"
+    prefix = 'eval_' if mode == 'eval' else ''
+    out = {prefix + k: sum(v) / len(v) for k, v in metrics[mode].items() if v}
+    metrics[mode].clear()
     return out
 
+def tokens_per_second(last:tuple|None, now:float, num_tokens:int) -> dict:
+    "Input tokens per second since the `last` log's (time, tokens), when there was one"
+    if last is None or now <= last[0]: return {}
+    return {'tokens_per_second': round((num_tokens - last[1]) / (now - last[0]), 1)}
+
+# %% ../nbs/08_trainer.ipynb #f27866b7
 @patch
 def log(self:SFTTrainer, logs:dict, start_time=None):
-    mode = 'train' if self.model.training else 'eval'
-    user = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}  # what a subclass appended, averaged as TRL does
-    logs.update({f"eval_{k}" if mode == 'eval' else k: v for k, v in user.items()})
-    self._metrics[mode].clear()
+    logs.update(pop_trl_metrics(self._metrics, 'train' if self.model.training else 'eval'))
     if self.model.training and 'loss' in logs:
-        now, n = time.perf_counter(), self.token_counter.num_tokens
-        last_t, last_n = getattr(self, '_last_log', (None, None))
-        if last_t is not None and now > last_t: logs['tokens_per_second'] = round((n - last_n) / (now - last_t), 1)
-        self._last_log = (now, n)
+        now, num_tokens = time.perf_counter(), self.token_counter.num_tokens
+        logs.update(tokens_per_second(getattr(self, '_last_log', None), now, num_tokens))
+        self._last_log = (now, num_tokens)
+    logs.update(metrics_to_log(self, logs))
     return super(SFTTrainer, self).log(logs, start_time)
 
-# %% ../nbs/08_trainer.ipynb #b7f16a0c
-from .optim import optimizer_cls_and_kwargs
-# Full fine-tuning of bfloat16 / float16 weights gets sft_nb.optim's AdamW (Kahan-compensated by default): with torch's,
-# most steps at lr 2e-5 round away. Static as in Trainer; an optimizer passed to the trainer, `optimizer_cls_and_kwargs`,
-# another `optim` or `half_precision_updates='naive'` are kept as given.
-SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)
+# %% ../nbs/08_trainer.ipynb #c7925f0a
+@patch
+@delegates(Trainer.train)
+def train(self:SFTTrainer, resume_from_checkpoint=None, *args, **kwargs):
+    with handling_signals(self._graceful):
+        out = super(SFTTrainer, self).train(resume_from_checkpoint, *args, **kwargs)
+    exit_if_signalled(self._graceful, self.state.global_step, self.args)
+    return out
 
 # %% ../nbs/08_trainer.ipynb #f8a9b0c1
 @patch
 def evaluate(self:SFTTrainer,
-             eval_dataset=None, # None: the eval dataset(s) given at init; a name: one of them; else a dataset or dict, raw or prepared
-             ignore_keys:list[str]|None=None, metric_key_prefix:str='eval'):
-    if not self._skip_prepare_dataset and eval_dataset is not None and not isinstance(eval_dataset, str):
-        eval_dataset = prepare_for_training(eval_dataset, self.processing_class, self.args, self._formatting_func,
-                                            self.args.eval_packing, metric_key_prefix)
+             eval_dataset=None, # None: those given at init; a name: one of them; else any dataset or dict
+             ignore_keys:list[str]|None=None, # as in `Trainer.evaluate`
+             metric_key_prefix:str='eval', # as in `Trainer.evaluate`
+            ):
+    given = eval_dataset is not None and not isinstance(eval_dataset, str)
+    if given and not self._skip_prepare_dataset:
+        eval_dataset = prepare_for_training(eval_dataset, self.processing_class, self.args,
+                                            self._formatting_func, self.args.eval_packing, metric_key_prefix)
     if self._skip_prepare_dataset: check_masks_have_labels(_named(eval_dataset), self.data_collator)
     return super(SFTTrainer, self).evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
+# %% ../nbs/08_trainer.ipynb #7bfbc100
 @patch
-def _prepare_dataset(self:SFTTrainer, dataset, processing_class, args:SFTConfig, packing:bool, formatting_func, dataset_name:str):
-    "TRL's method, with TRL's signature, that subclasses and scripts call to prepare a dataset as the trainer does"
-    return prepare_for_training(dataset, processing_class, args, formatting_func, packing, dataset_name)
+def _set_signature_columns_if_needed(self:SFTTrainer):
+    # private, but setting it is what this `Trainer` hook is for (TRL's override sets it too)
+    if self._signature_columns is None:
+        self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask',
+                                   'assistant_masks']
+
+# %% ../nbs/08_trainer.ipynb #b7f16a0c
+SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)
+
+# %% ../nbs/08_trainer.ipynb #5cb1866e
+@patch
+def _prepare_dataset(self:SFTTrainer, dataset, processing_class, args:SFTConfig, packing:bool,
+                     formatting_func, dataset_name:str):
+    return prepare_for_training(dataset, processing_class, args, formatting_func, packing,
+                                dataset_name)
+
+@patch(as_prop=True)
+def token_counter(self:SFTTrainer) -> TokenCounter:
+    "Looked up on each use: resuming with `restore_callback_states_from_checkpoint` replaces it"
+    return find_token_counter(self.callback_handler.callbacks)
 
 @patch(as_prop=True)
 def _total_train_tokens(self:SFTTrainer) -> int: return self.token_counter.num_tokens

@@ -92,21 +92,6 @@ def test_loss_curve_matches_trl(tmp_path, loss_type):
     assert get(ours, 'entropy') == pytest.approx(get(trl, 'entropy'), rel=1e-4)
     assert get(ours, 'num_tokens') == get(trl, 'num_tokens')
 
-def test_evaluate_logs_metrics(tmp_path):
-    "evaluate() gives the mean NLL over all labelled eval tokens' batches and eval_ metrics, without touching the train counters"
-    ds, tok = _dataset(8)
-    t = LossTrainer(model=tiny_model(tokenizer=tok), args=_args(tmp_path, per_device_eval_batch_size=4), eval_dataset=ds,
-                    data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
-    m = t.evaluate()
-    batches = [DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)([ds[i] for i in range(j, j+4)]) for j in (0, 4)]
-    with torch.no_grad():
-        ref = [sft_loss(t.model, b) for b in batches]
-    assert m['eval_loss'] == pytest.approx(sum(l.item() for l, _ in ref) / 2, rel=1e-5)
-    n = sum(s['n_labelled'].item() for _, s in ref)
-    assert m['eval_mean_token_accuracy'] == pytest.approx(sum(s['n_correct'].item() for _, s in ref) / n)
-    assert m['eval_entropy'] == pytest.approx(sum(s['entropy_sum'].item() for _, s in ref) / n, rel=1e-5)
-    assert t.token_counter.num_tokens == 0 and 'eval_num_tokens' not in m
-
 @pytest.mark.parametrize('kind,port', [('fsdp1', 29571), ('fsdp2', 29572)])
 def test_fsdp_sharded_head(kind, port):
     """Two processes on CPU: FSDP2 keeps the chunked head, with the same loss and head gradient as the unsharded model; FSDP1,
@@ -142,23 +127,6 @@ def test_moe_aux_loss_matches_trl(tmp_path):
     assert get(ours, 'aux_loss') == pytest.approx(get(trl, 'aux_loss'), rel=1e-4)
     assert get(ours, 'loss') == pytest.approx(get(trl, 'loss'), rel=1e-4)
 
-
-def test_head_runs_only_on_labelled_positions_in_chunks(monkeypatch):
-    "The LM head is applied to the labelled positions only (prompts and padding skipped), never more than `chunk` rows at once"
-    import sft_nb.loss as L
-    rows = []
-    real = L._logits
-    monkeypatch.setattr(L, '_logits', lambda h, w, b, out: (rows.append(h.shape[0]), real(h, w, b, out))[1])
-    ds, tok = _dataset(8)
-    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)([ds[i] for i in range(8)])
-    n_labelled = int((batch['labels'][:, 1:] != -100).sum())
-    assert n_labelled < batch['input_ids'].numel() // 2            # most positions are prompts or padding
-    loss, stats = sft_loss(tiny_model(tokenizer=tok), batch, chunk_tokens=16)
-    assert sum(rows) == n_labelled == stats['n_labelled'] and max(rows) <= 16 and len(rows) == -(-n_labelled // 16)
-    rows.clear()
-    big = tiny_model(tokenizer=tok)
-    sft_loss(big, batch)                                            # default chunk: CHUNK_ELEMENTS logits, all of them here
-    assert rows == [n_labelled]
 
 def test_label_smoothing_matches_transformers_trainer(tmp_path):
     "label_smoothing_factor=0.1: the same 4 losses as a stock `Trainer` (its LabelSmoother on full logits), and not those without it"

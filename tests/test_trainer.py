@@ -229,26 +229,6 @@ def test_tensorboard_logs_sft_metrics(tmp_path):
     tags = set(ev.Tags()['scalars'])
     assert {'train/loss', 'train/mean_token_accuracy', 'train/entropy', 'train/num_trained_tokens'} <= tags, tags
 
-def test_bad_input_fails_before_loading(tmp_path):
-    model = save_tiny(tmp_path/'m')
-    with pytest.raises(ValueError, match='`train_dataset` is empty'):
-        SFTTrainer(model=str(model), args=_args(tmp_path/'o'), train_dataset=tiny_dataset(n=0))
-    with pytest.raises(ValueError, match='no `eval_dataset`'):
-        SFTTrainer(model=str(model), args=_args(tmp_path/'o', eval_strategy='steps', eval_steps=2), train_dataset=tiny_dataset(n=8))
-    from transformers import DataCollatorWithPadding
-    with pytest.raises(ValueError, match='position_ids'):
-        SFTTrainer(model=str(model), args=_args(tmp_path/'o', packing=True), train_dataset=tiny_dataset(n=8), data_collator=DataCollatorWithPadding(None))
-    with pytest.raises(ValueError, match='max_steps'):
-        SFTTrainer(model=str(model), args=_args(tmp_path/'o', max_steps=-1), train_dataset=IterableDataset.from_generator(lambda: iter(list(tiny_dataset(n=4)))))
-
-
-def test_unwritable_output_dir_fails_before_loading(tmp_path):
-    "An output_dir that can't be created fails in the constructor, naming the folder, before the model is loaded"
-    (tmp_path/'a_file').write_text('x')
-    with pytest.raises(OSError, match='Cannot write to output_dir .*a_file/run') as e:
-        SFTTrainer(model=str(tmp_path/'no-model-here'), args=_args(tmp_path/'a_file'/'run'), train_dataset=tiny_dataset(n=8))
-    assert e.value.errno == 20  # ENOTDIR: kept for callers that check it; and the missing model was never reached
-
 def test_disk_full_fails_before_first_step(tmp_path, monkeypatch):
     "Too little free space for one checkpoint: train() raises ENOSPC before any step, nothing is written"
     import shutil
@@ -437,60 +417,29 @@ def test_quantization_config_argument_as_in_trl(tmp_path):
         SFTTrainer(model=str(model), args=_args(tmp_path/'o', model_init_kwargs={'quantization_config': q}), train_dataset=tiny_dataset(n=8),
                    quantization_config=q)
 
-# ---------------------------------------------------------------- bad input, before the model loads
+# ---------------------------------------------------------------- what a user is told
+# (bad input failing before the model loads is checked in nbs/08_trainer.ipynb, next to the checks)
 
-def _loads_nothing(monkeypatch):
-    "Record every model load: a data error must come before any"
-    import sft_nb.trainer as T
-    calls = []
-    real = T._model
-    monkeypatch.setattr(T, '_model', lambda *a, **k: calls.append(a) or real(*a, **k))
-    return calls
+def test_packing_stats_and_trainable_report_said_once(tmp_path, capsys, caplog):
+    "The packing stats and the trainable-parameter line: each logged once by sft_nb.trainer at WARNING, never printed"
+    import logging
+    with caplog.at_level(logging.WARNING):
+        SFTTrainer(model=str(save_tiny(tmp_path/'m')), args=_args(tmp_path/'o', packing=True), train_dataset=tiny_dataset(n=16),
+                   **ADAPTERS['lora'])
+    said = [r.getMessage() for r in caplog.records if r.name == 'sft_nb.trainer' and r.levelno == logging.WARNING]
+    assert sum(m.startswith('Packed train: ') for m in said) == 1, said
+    assert sum(m.startswith('trainable params: ') for m in said) == 1, said
+    out = capsys.readouterr().out
+    assert 'Packed train' not in out and 'trainable params' not in out
 
-@pytest.mark.parametrize('rows, flags, message', [
-    ([{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': None, 'tool_calls': 'add(1)'}]}], {},
-     "Row 0, field `messages[1].tool_calls`: expected a list of tool calls"),
-    ([{'text': 'a b c'}], {'assistant_only_loss': True}, "`assistant_only_loss=True`, but the train dataset is text data"),
-    ([{'input_ids': [5, 6, 7], 'labels': [5, 6]}], {}, "Row 0, field `labels`: expected one value per token of `input_ids` (3)"),
-    ([{'input_ids': [5, 6, 10**6], 'labels': [5, 6, 7]}], {}, "Row 0, field `input_ids`: expected token ids in [0, 384)"),
-    ([{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}], 'images': ['cat.png']}], {},
-     "Field `images`: the train dataset is vision-related"),
-    ([{'conversations': [{'from': 'human', 'value': 'hi'}, {'from': 'narrator', 'value': 'x'}]}], {},
-     "Row 0, field `conversations[1].from`"),
-])
-def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch, rows, flags, message):
-    "Each bad input fails in the constructor, naming row and field, and no model was loaded to find out"
-    from datasets import Dataset
-    from sft_nb import SFTConfig, SFTTrainer
-    from sft_nb.data import DataFormatError
-    model = save_tiny(tmp_path/'m')
-    calls = _loads_nothing(monkeypatch)
-    args = SFTConfig(str(tmp_path/'out'), report_to='none', use_cpu=True, max_steps=1, **flags)
-    with pytest.raises((DataFormatError, ValueError)) as e:
-        SFTTrainer(model=str(model), args=args, train_dataset=Dataset.from_list(rows * 3))
-    assert message in str(e.value)
-    assert calls == []
-
-def test_every_row_truncated_away_fails_at_construction(tmp_path):
-    "Not a warning and then torch's `num_samples=0` at train(): an error that says where the first trained token is"
-    from datasets import Dataset
-    from sft_nb import SFTConfig, SFTTrainer
-    args = SFTConfig(str(tmp_path/'out'), report_to='none', use_cpu=True, max_steps=1, max_length=8)
-    rows = Dataset.from_list([{'prompt': 'x ' * 50, 'completion': 'y'}] * 4)
-    with pytest.raises(ValueError, match=r"All 4 rows of the train dataset were dropped.*max_length=8.*first trained token comes at position"):
-        SFTTrainer(model=str(save_tiny(tmp_path/'m')), args=args, train_dataset=rows)
-
-@pytest.mark.parametrize('kw, message', [
-    ({'tokenizer': None}, "`tokenizer` was renamed `processing_class`"),
-    ({'max_seq_length': 512}, "`max_seq_length` moved to `SFTConfig` as `max_length`"),
-    ({'dataset_text_field': 'text'}, "`dataset_text_field` moved to `SFTConfig(..., dataset_text_field=...)`"),
-    ({'packing': True}, "`packing` moved to `SFTConfig(..., packing=...)`"),
-    ({'no_such_thing': 1}, "SFTTrainer got an unexpected keyword argument `no_such_thing`"),
-])
-def test_renamed_trainer_arguments_name_the_new_spelling(tmp_path, kw, message):
-    from sft_nb import SFTConfig, SFTTrainer
-    from sft_nb.tiny import tiny_dataset
-    with pytest.raises(TypeError) as e:
-        SFTTrainer(model=str(tmp_path/'never-loaded'), args=SFTConfig(str(tmp_path/'o'), report_to='none'),
-                   train_dataset=tiny_dataset('text', n=2), **kw)
-    assert message in str(e.value)
+def test_packing_stats_and_trainable_report_seen_without_logging_setup(tmp_path):
+    "A script that configures no logging shows each line once (Python's last-resort handler prints warnings to stderr)"
+    save_tiny(tmp_path/'m')
+    code = ("from peft import LoraConfig\nfrom sft_nb import SFTConfig, SFTTrainer\nfrom sft_nb.tiny import tiny_dataset\n"
+            "SFTTrainer(model='m', train_dataset=tiny_dataset(n=16), peft_config=LoraConfig(r=4, target_modules='all-linear'),\n"
+            "           args=SFTConfig(output_dir='o', packing=True, max_length=128, report_to='none', use_cpu=True))\n")
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(HERE.parent)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    told = r.stdout + r.stderr
+    assert told.count('Packed train: ') == 1 and told.count('trainable params: ') == 1, told[-3000:]
