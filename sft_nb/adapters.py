@@ -29,11 +29,13 @@ def is_peft_model(model) -> bool:
     "True when `model` is wrapped by peft"
     return isinstance(model, PeftModel)
 
+# %% ../nbs/03_adapters.ipynb #0ce0cefc
 def _target_modules(model_args:ModelConfig):
     "All linear layers unless told otherwise; none when only `lora_target_parameters` is set"
     if model_args.lora_target_modules: return model_args.lora_target_modules
     return None if model_args.lora_target_parameters else 'all-linear'
 
+# %% ../nbs/03_adapters.ipynb #c1761d45
 def get_peft_config(model_args:ModelConfig) -> LoraConfig|None:
     "A `peft.LoraConfig` from `model_args` when `use_peft`, else None"
     if not model_args.use_peft: return None
@@ -52,11 +54,13 @@ def _n_params(p) -> int:
     if quant_state is not None: return quant_state.shape.numel()
     return p.numel() * 2 * getattr(getattr(p, 'quant_storage', None), 'itemsize', 1)
 
+# %% ../nbs/03_adapters.ipynb #6d2f1dd0
 def count_parameters(model) -> tuple[int, int]:
     "(trainable, total) parameters of `model`, 4-bit weights counted unpacked"
     params = list(model.parameters())
     return sum(_n_params(p) for p in params if p.requires_grad), sum(_n_params(p) for p in params)
 
+# %% ../nbs/03_adapters.ipynb #cfebdb37
 def trainable_report(model) -> str:
     "One line saying how much of `model` trains"
     trainable, total = count_parameters(model)
@@ -96,19 +100,26 @@ def _train_new_tokens(model, cfg, new_ids:list[int]):
 
 # %% ../nbs/03_adapters.ipynb #d04b914a
 def _active_config(model): return model.peft_config[model.active_adapter]
+
+# %% ../nbs/03_adapters.ipynb #808382a2
 def _is_prompt_learning(model) -> bool: return _active_config(model).is_prompt_learning
+
+# %% ../nbs/03_adapters.ipynb #e91ffab3
 def _is_prefix_tuning(model) -> bool: return _active_config(model).peft_type == 'PREFIX_TUNING'
 
+# %% ../nbs/03_adapters.ipynb #7d95e7e5
 def adds_virtual_tokens(model) -> bool:
     "Does peft put virtual tokens before the input (prompt tuning, p-tuning), lengthening the output?"
     return is_peft_model(model) and _is_prompt_learning(model) and not _is_prefix_tuning(model)
 
+# %% ../nbs/03_adapters.ipynb #f236ff3b
 def _unfreeze(model):
     "Make a `PeftModel`'s adapters trainable (prompt learning: its prompt encoder)"
     if not _is_prompt_learning(model):
         return model.set_requires_grad(model.active_adapters, requires_grad=True)
     for p in model.prompt_encoder[model.active_adapter].parameters(): p.requires_grad_(True)
 
+# %% ../nbs/03_adapters.ipynb #d97ffa3d
 def _no_checkpointing(args):
     "Prefix tuning's prefix is a KV cache, which activation checkpointing drops: turn checkpointing off"
     logger.warning("Prefix tuning can't train with activation (gradient) checkpointing, which drops the "
@@ -219,6 +230,7 @@ def _is_quantized(model) -> bool:
     flags = ('is_loaded_in_4bit', 'is_loaded_in_8bit', 'quantization_method')
     return any(getattr(model, flag, None) for flag in flags)
 
+# %% ../nbs/03_adapters.ipynb #6c74c60e
 def _unquantized_copy(peft_model, dtype):
     "The adapter of a quantized `peft_model`, on its base reloaded in full precision"
     name = peft_model.active_adapter

@@ -1,4 +1,4 @@
-"""Conversations rendered with their chat template to text plus the character spans the model is trained on, row by row: from the template's `{% generation %}` markers, or by diffing growing prefixes.
+"""Chat rendered to text plus the character spans trained on, row by row: from `{% generation %}` or prefix diffs.
 
 Docs: https://sft-nb.github.io/sft_nb/chat.html.md"""
 

@@ -68,6 +68,7 @@ examples:
 class UsageError(Exception):
     "A mistake in what the user typed or pointed to: `sft-nb` says it on one line and exits with 2"
 
+# %% ../nbs/09_cli.ipynb #1cb92618
 def _command(argv:list) -> tuple[str, list]:
     "The sub-command and its arguments: nothing is the demo, flags without a command are `train`"
     if not argv: return 'demo', []
@@ -129,6 +130,7 @@ def _load_file(name:str, streaming:bool, **kwargs):
         if where is None: raise
         raise ValueError(f"Dataset file {p}, {where}. Fix or remove that line.") from e
 
+# %% ../nbs/09_cli.ipynb #a225259e
 def load_named_dataset(name:str, # Hub id, local folder or data file
                        config:str|None=None, # the dataset's configuration name
                        streaming:bool=False, # stream instead of downloading it whole
@@ -169,6 +171,7 @@ def load_data(script_args, mix):
                      "`datasets:` in the recipe. To try sft_nb on its tiny built-in model and data, run "
                      "`sft-nb demo`.")
 
+# %% ../nbs/09_cli.ipynb #b7a9636c
 def train_split(dataset, script_args):
     "The split to train on, or an error listing the splits there are"
     split = script_args.dataset_train_split
@@ -184,6 +187,7 @@ def resume_value(v):
     if isinstance(v, str) and v.strip().lower() in ('false', 'no', '0', 'none', ''): return None
     return v or None
 
+# %% ../nbs/09_cli.ipynb #3b4a0bad
 def check_run_folder(args) -> None:
     "Before loading anything: `output_dir` holds no other run, and a resume has a checkpoint"
     from sft_nb.checkpoints import check_output_dir
@@ -228,6 +232,7 @@ def fit(trainer, script_args=None):
         trainer.push_to_hub(dataset_name=getattr(script_args, 'dataset_name', None))
     return trainer
 
+# %% ../nbs/09_cli.ipynb #abda040c
 def train(script_args, # `ScriptArguments`: the dataset
           training_args, # `SFTConfig`
           model_args, # `ModelConfig`: the model, its loading options and adapters
@@ -266,6 +271,7 @@ def _demo_written(out:Path) -> list[str]:
     return [n for n in names
             if isinstance(n, str) and n not in ('', '.', '..') and Path(n).name == n]
 
+# %% ../nbs/09_cli.ipynb #9e236fb6
 def _remove(p:Path) -> None:
     import shutil
     if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
@@ -337,6 +343,7 @@ def accelerate_config_path(name:str) -> Path:
     raise FileNotFoundError(f"accelerate_config {name!r} is neither a file nor one of sft_nb's "
                             f"profiles ({', '.join(ACCELERATE_PROFILES)}).{hint}")
 
+# %% ../nbs/09_cli.ipynb #979dffd0
 def _has_default_accelerate_config() -> bool:
     "Has the user run `accelerate config`? Then its file decides the kind of run, as for `trl sft`"
     from accelerate.commands.config import default_config_file
@@ -398,6 +405,7 @@ def _trained_cut(labels:list, keep:int, mode:str) -> int:
     cut = labels[keep:] if mode == 'keep_start' else labels[:len(labels) - keep]
     return sum(y != -100 for y in cut)
 
+# %% ../nbs/09_cli.ipynb #a435d60c
 def _truncation_and_packing(full, lengths, trained, args) -> list[str]:
     "What `max_length` would cut from the prepared rows `full`, and how packing would fill rows"
     from sft_nb.packing import pack_dataset
@@ -527,6 +535,7 @@ def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
     p.add_argument('--dtype', default='auto')
     return p
 
+# %% ../nbs/09_cli.ipynb #95681025
 def _parse(parser:argparse.ArgumentParser, argv:list) -> argparse.Namespace:
     "argparse, with its errors as one-line `UsageError`s"
     def error(message): raise UsageError(f"{parser.prog}: {message}.")

@@ -39,6 +39,7 @@ def _field(default, help:str):
     "A dataclass field with its `--help` text"
     return field(default=default, metadata={"help": help})
 
+# %% ../nbs/00_config.ipynb #fbfcba80
 def _parse_dict(name, v):
     "The CLI hands dict fields over as JSON strings; YAML hands them as dicts"
     if v is None or isinstance(v, dict): return v
@@ -49,6 +50,7 @@ def _parse_dict(name, v):
     if not isinstance(d, dict): raise ValueError(f"`{name}` must be a JSON object, got {v!r}.")
     return d
 
+# %% ../nbs/00_config.ipynb #c0726d4f
 def bf16_supported() -> bool:
     "True when training would run on a CUDA device that does bfloat16 natively"
     import torch
@@ -283,6 +285,7 @@ class DatasetConfig:
     columns: list[str] | None = None
     fraction: float | None = None
 
+# %% ../nbs/00_config.ipynb #147e2fbd
 @dataclass
 class DatasetMixtureConfig:
     "A mixture of datasets, as TRL recipes list them under `datasets:`"
@@ -331,13 +334,16 @@ def _check_keys(keys, valid, where):
     for k in keys:
         if k not in valid: raise ValueError(f"Unknown option `{k}` in {where}.{closest(k, valid)}")
 
+# %% ../nbs/00_config.ipynb #fa9689a3
 def _flag_key(a:str) -> str|None:
     "The field a flag sets, however spelled: `--num_processes`, `--num-processes`, `--num_processes=2`"
     return a[2:].split('=', 1)[0].replace('-', '_') if a.startswith('--') else None
 
+# %% ../nbs/00_config.ipynb #64ae595f
 def _unknown_flags(rest):
     return [_flag_key(a) for a in rest if a.startswith('--')] or rest
 
+# %% ../nbs/00_config.ipynb #9e5e3e9b
 def _split_config(args:list) -> tuple:
     "The recipe path of `--config PATH` (or `--config=PATH`), and the other arguments"
     for i, a in enumerate(args):
@@ -384,6 +390,7 @@ def _cli_error(message):
     message = re.sub(r"argument (--[\w-]+)(/--[\w-]+)*:", r"`\1`:", message)
     raise ValueError(f"On the command line, {message}.")
 
+# %% ../nbs/00_config.ipynb #d4491bd3
 def _origin(msg:str, recipe:dict, args:list, path) -> str:
     "Where the option a config error names was set: the command line or the recipe"
     cli = {_flag_key(a) for a in args}
@@ -448,6 +455,7 @@ def _launch_value(key:str, v, where:str):
     if isinstance(v, str) and v.strip().isdigit(): return int(v)
     raise ValueError(f"`{key}` {where} must be a whole number, got {v!r}.")
 
+# %% ../nbs/00_config.ipynb #950f1cd0
 def launch_options(args:list[str]|None=None, # command-line arguments; default `sys.argv[1:]`
                   ) -> dict:
     "The `accelerate launch` options of a recipe and the command line (which wins)"

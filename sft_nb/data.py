@@ -1,4 +1,4 @@
-"""`prepare_dataset`: every dataset format TRL's SFT accepts, validated with errors that name the row, turned into `input_ids` + `labels` with template-agnostic assistant masks, in batches.
+"""`prepare_dataset`: every TRL dataset format validated, rendered and tokenized into `input_ids` and `labels`.
 
 Docs: https://sft-nb.github.io/sft_nb/data.html.md"""
 
@@ -81,6 +81,7 @@ def _map_kwargs(dataset, t:Tokenize, args, formatting_func, fmt:str, columns, na
     if formatting_func is not None and fmt != 'tokenized': t.validate = True
     return kw | dict(num_proc=args.dataset_num_proc, desc=f"Tokenizing {name} dataset")
 
+# %% ../nbs/04d_data.ipynb #0415488a
 def _prepare_dicts(dataset, *args, **kwargs):
     return type(dataset)({k: prepare_dataset(v, *args, **{**kwargs, 'dataset_name': k})
                           for k, v in dataset.items()})

@@ -1,4 +1,4 @@
-"""Every dataset format TRL's SFT accepts, told from the column names, and every row checked before anything is rendered or tokenized, with errors that name the row.
+"""Every dataset format TRL's SFT accepts, told from its columns, and every row checked before rendering.
 
 Docs: https://sft-nb.github.io/sft_nb/formats.html.md"""
 
@@ -335,8 +335,10 @@ def validate_dataset(dataset, # a `datasets.Dataset`
             check_row(dict(zip(keys, v)), k, fmt, text_field, assistant_only_loss)
 
 # %% ../nbs/04b_formats.ipynb #f9184280
-def first_row(dataset) -> dict:
-    "The first row of a `Dataset`, `IterableDataset` or list; an error that says so if there is none"
+def first_row(dataset) -> dict|None:
+    "The first row of a `Dataset`, `IterableDataset` or list (None for no dataset); an error if it is empty"
+    if dataset is None:
+        return None
     try: return next(iter(dataset))
     except StopIteration:
         raise DataFormatError("The dataset is empty: there is nothing to train on.") from None

@@ -123,6 +123,7 @@ def _unwrap(model):
     while hasattr(model, 'module') and isinstance(model.module, nn.Module): model = model.module
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
+# %% ../nbs/06_loss.ipynb #0a349848
 def _head_candidates(head) -> list[nn.Linear]|None:
     "Plain `nn.Linear`s the LM head may dispatch to (PEFT `modules_to_save` keeps copies), or None"
     if type(head) is nn.Linear: return [head]
@@ -155,6 +156,7 @@ def _zero_from(head) -> torch.Tensor:
     x = head.weight.view(-1)[0] if head.bias is None else head.weight.view(-1)[0] + head.bias[0]
     return x * 0
 
+# %% ../nbs/06_loss.ipynb #23aa8946
 @contextmanager
 def hidden_states_from_head(model):
     "Within the block the LM head returns its input and soft-capping is off; yields (modules that ran, softcap)"
@@ -178,6 +180,7 @@ def _model_inputs(inputs:dict, router:bool=False) -> dict:
     out['use_cache'] = False
     return out | {'output_router_logits': True} if router else out
 
+# %% ../nbs/06_loss.ipynb #4242571e
 def _aux(out, router:bool):
     "The MoE load-balancing loss the model returned, when asked for"
     if not router: return None
@@ -414,10 +417,12 @@ def metrics_to_log(trainer, # a `Trainer` set up by `setup_sft_loss`
     prefix = 'eval_' if next(iter(logs), '').startswith('eval_') else ''
     return {prefix + k: v for k, v in metrics.items()}
 
+# %% ../nbs/06_loss.ipynb #ff798a82
 def outputs_for_metrics(model, inputs:dict):
     "The model's outputs with full logits, for `compute_metrics`"
     with torch.no_grad(): return model(**_model_inputs(inputs))
 
+# %% ../nbs/06_loss.ipynb #1d86be3b
 def predict_loss(trainer, model, inputs:dict) -> tuple:
     "`prediction_step`'s (loss, None, None) as TRL 1.16 computes it: no outputs, so no full logits"
     # private, but the one way to move a batch as `Trainer` does (TRL 1.16 calls it here too)

@@ -31,11 +31,13 @@ def _looks_local(name:str) -> bool:
     return (os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1
             or '\\' in name or os.path.exists(name))
 
+# %% ../nbs/02_models.ipynb #de3065ef
 def _checkpoint_step(folder:Path) -> int:
     "The N of `checkpoint-N`, -1 when the name has no number"
     step = folder.name.split('-')[-1]
     return int(step) if step.isdigit() else -1
 
+# %% ../nbs/02_models.ipynb #4645be9e
 def _missing_config_hint(p:Path) -> str:
     if (p/'adapter_config.json').exists():
         return (" It holds a LoRA adapter, not a full model: load it with "
@@ -92,6 +94,7 @@ def _device_supports(dtype:torch.dtype, device:torch.device) -> bool:
     except (RuntimeError, TypeError): return False
     return True
 
+# %% ../nbs/02_models.ipynb #ae905d84
 def check_dtype(dtype, # a torch dtype or 'auto'
                 device, # where the model will compute
                ) -> None:
@@ -116,6 +119,7 @@ def _vlm_class_names() -> set[str]:
     vlm_names = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     return {c for v in vlm_names.values() for c in ([v] if isinstance(v, str) else v)}
 
+# %% ../nbs/02_models.ipynb #9497e51b
 def is_vlm(config) -> bool:
     "True when `config` (or a model's config) describes a vision-language model"
     from transformers.models.auto import modeling_auto
@@ -162,6 +166,7 @@ def _require_bitsandbytes():
                           "installed: `pip install 'sft_nb[qlora]'` (or `pip install bitsandbytes`), "
                           "or drop load_in_4bit/load_in_8bit to train in full precision.") from None
 
+# %% ../nbs/02_models.ipynb #9597d445
 def get_quantization_config(model_args:ModelConfig) -> transformers.BitsAndBytesConfig|None:
     "A `BitsAndBytesConfig` for `load_in_4bit` / `load_in_8bit`, else None"
     if not (model_args.load_in_4bit or model_args.load_in_8bit): return None
@@ -298,9 +303,11 @@ def _text_tokenizer(processing_class):
     "The tokenizer inside a processor, or the tokenizer itself"
     return getattr(processing_class, 'tokenizer', processing_class)
 
+# %% ../nbs/02_models.ipynb #1165086a
 def _special_tokens(tok) -> list[str]:
     return sorted(set(tok.all_special_tokens))
 
+# %% ../nbs/02_models.ipynb #019147ba
 def pick_pad_token(tokenizer) -> str|None:
     "An existing token to pad with that is not the eos, or None when the tokenizer has none"
     tok = _text_tokenizer(tokenizer)
@@ -318,6 +325,7 @@ def _eos_ids(eos_token_id) -> list[int]:
     if eos_token_id is None: return []
     return eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
 
+# %% ../nbs/02_models.ipynb #9851c13e
 def sync_model_with_tokenizer(model, tokenizer) -> list[int]:
     "Grow `model`'s embeddings to fit `tokenizer` and copy its pad/eos ids; returns the new ids"
     tok = _text_tokenizer(tokenizer)
@@ -373,6 +381,7 @@ def _add_special(tok, tokens) -> None:
     added = [AddedToken(t, special=True, normalized=False) for t in missing]
     if added: tok.add_tokens(added, special_tokens=True)
 
+# %% ../nbs/02_models.ipynb #73d36b8d
 def add_chatml_template(tokenizer, model=None) -> list[int]:
     "Give a base tokenizer ChatML: template, special tokens, `<|im_end|>` as eos; returns the new ids"
     tok = _text_tokenizer(tokenizer)
@@ -399,6 +408,7 @@ def clone_chat_template(tokenizer, # tokenizer (or processor) to update
     if src.eos_token: tok.eos_token = src.eos_token
     return sync_model_with_tokenizer(model, tokenizer) if model is not None else []
 
+# %% ../nbs/02_models.ipynb #357fb967
 def _read_template(path:str) -> str:
     p = Path(path).expanduser()
     if not p.exists():
@@ -469,6 +479,7 @@ def _load_processing_class(name:str, kw:dict):
                         "loading its tokenizer only.")
     return AutoTokenizer.from_pretrained(name, **kw)
 
+# %% ../nbs/02_models.ipynb #b249930d
 def load_tokenizer(model_name_or_path, # Hub id or local folder
                    args:SFTConfig|None=None, # eos, pad, chat_template_path, trust_remote_code
                    model_args:ModelConfig|None=None, # revision

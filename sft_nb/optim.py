@@ -79,6 +79,7 @@ def _exp_avg_dtype(p:torch.Tensor, updates:str) -> torch.dtype:
     "bfloat16 for the first moment of bfloat16 weights (precise enough: see above); else float32"
     return torch.bfloat16 if p.dtype == torch.bfloat16 and updates != 'master' else torch.float32
 
+# %% ../nbs/06a_optim.ipynb #f8f17c3a
 @patch
 def _init_state(self:AdamW, p:torch.Tensor) -> dict:
     state = self.state[p]
@@ -130,6 +131,7 @@ def _buffers(self:AdamW, device:torch.device, n:int) -> torch.Tensor:
         buf = self._scratch[device] = torch.empty(4, n, device=device)
     return buf
 
+# %% ../nbs/06a_optim.ipynb #83b7d1c2
 @patch
 def _generator(self:AdamW, device:torch.device, step:int, index:int) -> torch.Generator:
     g = self._generators.setdefault(device, torch.Generator(device))
@@ -176,10 +178,12 @@ def _half_weights(model) -> list[torch.Tensor]:
     if model is None: return []
     return [p for p in model.parameters() if p.requires_grad and p.dtype in HALF]
 
+# %% ../nbs/06a_optim.ipynb #d6d67b90
 def _say(args, msg:str):
     "Log `msg` once, on the main process, at the level Python shows without any logging setup"
     if getattr(args, 'process_index', 0) == 0: logger.warning(msg)
 
+# %% ../nbs/06a_optim.ipynb #2d2e14dd
 def optimizer_cls_and_kwargs(args, # training arguments (`SFTConfig`: `half_precision_updates`)
                              model=None, # the model being trained
                             ) -> tuple:

@@ -38,6 +38,7 @@ def _pop_rows(queue:deque, m:int) -> np.ndarray:
         got += len(chunk)
     return np.concatenate(out)
 
+# %% ../nbs/05_packing.ipynb #a8ec94bf
 def _check_lengths(lengths:np.ndarray, seq_length:int):
     if len(lengths) and not (1 <= lengths.min() and lengths.max() <= seq_length):
         raise ValueError(f"Lengths must be in [1, {seq_length}], got {lengths.min()}.."
@@ -121,6 +122,7 @@ def _list_columns(table:pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray]:
                              "per token.")
     return cols, lens[0]
 
+# %% ../nbs/05_packing.ipynb #e30916a8
 def _blocks(n:np.ndarray, size:int=1<<22) -> list[np.ndarray]:
     "Split fragment indices `0..len(n)` into runs of about `size` tokens"
     cuts = np.searchsorted(np.cumsum(n), np.arange(size, n.sum(), size))
@@ -175,6 +177,7 @@ def _warn_wrapped():
                   "attend to the documents before it in its row, by design. For SFT use 'bfd' (or "
                   "'bfd_split' to keep every token).", stacklevel=3)
 
+# %% ../nbs/05_packing.ipynb #047bb469
 def _pack_wrapped(table:pa.Table, cols, lengths, seq_length) -> tuple[pa.Table, dict]:
     "Concatenate everything and cut it every `seq_length` tokens"
     n = int(lengths.sum())
@@ -296,6 +299,7 @@ def _doc_lengths(examples) -> list[np.ndarray]:
         out.append(lengths)
     return out
 
+# %% ../nbs/05_packing.ipynb #50ce3c63
 def _round_up(n:int, multiple:int|None) -> int:
     return -(-n // multiple) * multiple if multiple else n
 

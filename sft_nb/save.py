@@ -20,6 +20,7 @@ TMP_PREFIX = '_tmp-'  # with '_': Trainer's push ignores it, and it never matche
 def _tmp_sibling(dest:Path, tag:str='') -> Path:
     return dest.parent/f"{TMP_PREFIX}{dest.name}{tag}-{uuid.uuid4().hex[:8]}"
 
+# %% ../nbs/07_save.ipynb #9a81127c
 def _fsync_tree(path:Path):
     "Flush every file and folder entry under `path`: a rename must not publish unwritten data"
     for p in sorted(path.rglob('*'), reverse=True) + [path]:
@@ -66,6 +67,7 @@ def _free_bytes(path:Path) -> int:
         path = path.parent
     return shutil.disk_usage(path).free
 
+# %% ../nbs/07_save.ipynb #340b53f0
 def _is_disk_full(e:BaseException, dest:Path, need:int=0) -> bool:
     "ENOSPC as an OSError, as safetensors' `os error 28`, or torch.save failing with no room left"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:

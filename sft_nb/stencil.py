@@ -1,4 +1,4 @@
-"""Rendering by conversation shape: Jinja once per kind of conversation, string joins for the rest, with the same text and spans as the row-by-row render of `04_chat`.
+"""Rendering by conversation shape: Jinja once per kind of conversation, the same text and spans as `04_chat`.
 
 Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 
@@ -40,12 +40,14 @@ class Slot(str):
 # not `in`, which a Slot refuses
 def _has_slot(s:str) -> bool: return str.__contains__(s, SLOT_OPEN)
 
+# %% ../nbs/04a_stencil.ipynb #3b77c80d
 def _holds_slot(x) -> bool:
     "Does `x`, or anything inside it, hold text made from a slot?"
     if isinstance(x, str): return _has_slot(x)
     if isinstance(x, dict): return any(_holds_slot(k) or _holds_slot(v) for k, v in x.items())
     return isinstance(x, (list, tuple)) and any(map(_holds_slot, x))
 
+# %% ../nbs/04a_stencil.ipynb #d5e37fe1
 def _as_slot(s:str) -> str:
     "A string made from a slot stays a `Slot`, so reading it later still escapes"
     return Slot(s) if _has_slot(s) else s

@@ -22,10 +22,12 @@ def _arith(rng):
     if rng.random() < 0.5: return f"What is {a} + {b}?", str(a+b)
     return f"What is {max(a,b)} - {min(a,b)}?", str(max(a,b)-min(a,b))
 
+# %% ../nbs/01_tiny.ipynb #846aedef
 def _reverse(rng):
     w = ''.join(rng.choice('abcdefgh') for _ in range(rng.randint(2, 5)))
     return f"Reverse: {w}", w[::-1]
 
+# %% ../nbs/01_tiny.ipynb #12ff60e1
 def tiny_pairs(n:int, # number of (prompt, answer) pairs
                seed:int=0, # seed of the generator
               ) -> list[tuple[str,str]]:

@@ -1,4 +1,4 @@
-"""Rendered texts and character spans turned into `input_ids` and `labels`, a batch at a time: one call of the Rust tokenizer, masks as token ranges, labels and truncation on flat arrays.
+"""Texts and character spans to `input_ids` and `labels`, a batch at a time, with one Rust tokenizer call.
 
 Docs: https://sft-nb.github.io/sft_nb/tokens.html.md"""
 

@@ -21,16 +21,18 @@ from .config import SFTConfig
 from .models import check_vlm_support, load_model, load_tokenizer, prepare_model
 from .models import prepare_tokenizer
 from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
-from .data import check_dataset, detect_format, prepare_dataset
+from .formats import check_dataset, detect_format, first_row
+from .data import prepare_dataset
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
 from .loss import predict_loss, setup_sft_loss, trainer_loss
 from .optim import optimizer_cls_and_kwargs
-from .save import CrashSafeSaveMixin
+from .card import is_hub_id
+from .checkpoints import CrashSafeSaveMixin, check_writable
 
 # %% auto #0
-__all__ = ['logger', 'check_renamed', 'check_writable', 'check_packing_collator', 'check_before_training', 'GracefulExit',
-           'handling_signals', 'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
+__all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'handling_signals',
+           'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
            'check_data_before_loading', 'check_virtual_tokens', 'load_for_training', 'prepare_train_eval',
            'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'SFTTrainer',
            'pop_trl_metrics', 'tokens_per_second']
@@ -66,19 +68,6 @@ def check_renamed(kwargs:dict) -> None:
         if where: raise TypeError(f"SFTTrainer(..., {k}=...): `{k}` {where} in TRL, and sft_nb follows TRL.")
         raise TypeError(f"SFTTrainer got an unexpected keyword argument `{k}`.")
 
-# %% ../nbs/08_trainer.ipynb #edf366d0
-# One of two such checks today: sft_nb.save's checkpoints room takes it over; this one goes at the merge.
-def check_writable(output_dir) -> None:
-    "Create `output_dir` and write a file in it, or raise an `OSError` that names the folder"
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix='.sft_nb-probe-'): pass
-    except OSError as e:
-        why = (f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
-               "(checked before loading the model, so nothing was lost).")
-        raise OSError(e.errno, why) from e
-
 # %% ../nbs/08_trainer.ipynb #0c632be7
 def check_packing_collator(args:SFTConfig, data_collator) -> None:
     "Refuse a `DataCollatorForLanguageModeling` (sft_nb's or TRL's) that pads packed rows with a ones mask"
@@ -98,6 +87,7 @@ def _dataset_is_empty(ds) -> bool:
     if isinstance(ds, IterableDataset): return next(iter(ds.take(1)), None) is None
     return len(ds) == 0
 
+# %% ../nbs/08_trainer.ipynb #d65d0ec9
 def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
     "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
     if train_dataset is None:
@@ -151,6 +141,7 @@ def handling_signals(graceful:GracefulExit):
     finally:
         for s, handler in old.items(): signal.signal(s, handler)
 
+# %% ../nbs/08_trainer.ipynb #495d6a32
 def exit_if_signalled(graceful:GracefulExit, step:int, args:TrainingArguments) -> None:
     "After a signal stopped training: say where, and exit with 128 + the signal's number, as a shell does"
     if graceful.signum is None: return
@@ -164,26 +155,25 @@ def _columns(ds):
     "Column names, also of an iterable dataset that does not know them before its first row"
     return ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
 
+# %% ../nbs/08_trainer.ipynb #d5bb1a5f
 def _is_prepared(ds) -> bool:
     "Already tokenized by sft_nb (or by hand): `input_ids` and `labels`, nothing left to render"
     cols = set(_columns(ds))
     raw = {'messages', 'prompt', 'completion', 'text'} & cols
     return {'input_ids', 'labels'} <= cols and not raw
 
+# %% ../nbs/08_trainer.ipynb #1a1f54e3
 def _dataset_name(ds) -> str|None:
     "The Hub id a dataset was loaded from, for the model card (local files and in-memory data have none)"
-    from sft_nb.save import is_hub_id
     name = getattr(getattr(ds, 'info', None), 'dataset_name', None)
     builders = ('json', 'csv', 'parquet', 'text', 'arrow', 'generator')
     return name if name and is_hub_id(name) and name not in builders else None
 
-# One of two definitions today (sft_nb.data has the other): the data room exports one; this goes at the merge.
-def _first_row(ds): return next(iter(ds), None) if ds is not None else None
-
+# %% ../nbs/08_trainer.ipynb #2bddd28a
 def needs_chat_template(ds, args:SFTConfig, formatting_func=None) -> bool:
     "Is `ds` conversational, so that a base model without a chat template needs one (from sft_nb.models)?"
     if ds is None or isinstance(ds, (dict, DatasetDict, IterableDatasetDict)): return False
-    fmt = detect_format(_columns(ds), _first_row(ds), args.dataset_text_field, formatting_func)
+    fmt = detect_format(_columns(ds), first_row(ds), args.dataset_text_field, formatting_func)
     return fmt in ('conversational', 'conversational_prompt_completion')
 
 # %% ../nbs/08_trainer.ipynb #8748b141
@@ -241,6 +231,7 @@ def _quantization(args:SFTConfig, quantization_config) -> dict:
                          "`args.model_init_kwargs`: keep one of them.")
     return {'quantization_config': quantization_config}
 
+# %% ../nbs/08_trainer.ipynb #d6862111
 def _model(model, args:SFTConfig, quantization_config=None):
     "Load `model` by name (quantized if asked), or make an already loaded one safe to train"
     if isinstance(model, str):
@@ -276,7 +267,7 @@ def load_for_training(model:str|PreTrainedModel, # Hub id, local folder, or a lo
     if args.full_determinism: enable_full_determinism(args.seed)
     else: set_seed(args.seed)
     model = _model(model, args, quantization_config)
-    check_vlm_support(model, args, _first_row(train_dataset))
+    check_vlm_support(model, args, first_row(train_dataset))
     if processing_class is None:
         processing_class = load_tokenizer(model_id or model.name_or_path, args)
     chat = needs_chat_template(train_dataset, args, formatting_func)
@@ -344,6 +335,7 @@ def _named(eval_dataset) -> dict:
     if eval_dataset is None or isinstance(eval_dataset, str): return {}
     return dict(eval_dataset) if isinstance(eval_dataset, dict) else {'eval': eval_dataset}
 
+# %% ../nbs/08_trainer.ipynb #7f384c21
 def _ignores_masks(collator) -> bool:
     "Takes `labels`, else `input_ids`, never the mask columns: TRL 1.16's collator, or sft_nb's built so"
     if isinstance(collator, DataCollatorForLanguageModeling):
@@ -351,6 +343,7 @@ def _ignores_masks(collator) -> bool:
     trl = sys.modules.get('trl.trainer.sft_trainer')  # loaded whenever one of its collators exists
     return trl is not None and isinstance(collator, trl.DataCollatorForLanguageModeling)
 
+# %% ../nbs/08_trainer.ipynb #b7117d4a
 def check_masks_have_labels(datasets:dict, data_collator) -> None:
     "Raise when a collator that ignores mask columns would get rows with masks but no `labels`"
     if not _ignores_masks(data_collator): return
@@ -394,7 +387,7 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
         model, processing_class = load_for_training(model, args, train_dataset, eval_dataset,
                                                     processing_class, quantization_config, peft_config,
                                                     formatting_func)
-        set_trl_attributes(self, args, processing_class, _first_row(train_dataset), formatting_func)
+        set_trl_attributes(self, args, processing_class, first_row(train_dataset), formatting_func)
         if not self._skip_prepare_dataset:
             train_dataset, eval_dataset = prepare_train_eval(train_dataset, eval_dataset, processing_class,
                                                              args, formatting_func)
@@ -494,10 +487,12 @@ def _prepare_dataset(self:SFTTrainer, dataset, processing_class, args:SFTConfig,
     return prepare_for_training(dataset, processing_class, args, formatting_func, packing,
                                 dataset_name)
 
+# %% ../nbs/08_trainer.ipynb #2d007485
 @patch(as_prop=True)
 def token_counter(self:SFTTrainer) -> TokenCounter:
     "Looked up on each use: resuming with `restore_callback_states_from_checkpoint` replaces it"
     return find_token_counter(self.callback_handler.callbacks)
 
+# %% ../nbs/08_trainer.ipynb #b9a9368e
 @patch(as_prop=True)
 def _total_train_tokens(self:SFTTrainer) -> int: return self.token_counter.num_tokens

@@ -2,7 +2,8 @@
 
 Usage: python tools/style_metrics.py [--json]
 
-- long lines: lines of the exported package (sft_nb/*.py, not the generated _modidx.py) over 100 and over 120 chars
+- long lines: lines of the exported package (sft_nb/*.py, not the generated _modidx.py) over 100 and over 120 chars;
+  nbdev wraps the `__all__` it writes at 120 characters and then prefixes `__all__ = `, so those are counted apart
 - multi-statement lines: lines on which two or more simple statements start (`a; b`, `if x: a; b`);
   a compound header with one statement after it (`if x: return y`) is one statement, as nbdev and fastcore write it
 - export cells: lines per `#| export` cell across nbs/*.ipynb, median and max
@@ -59,8 +60,6 @@ def python_only(text):
 def measure():
     lines = [line for p in package_files() for line in p.read_text().splitlines()]
     multi = {p.name: multi_statement_lines(p.read_text()) for p in package_files()}
-    semicolons = sum(1 for p in package_files() for line in p.read_text().splitlines()
-                     if ';' in line.split('#')[0] and not re.search(r"""['"][^'"]*;[^'"]*['"]""", line))
     export_cells = [len(source(c).splitlines()) for nb in module_notebooks() for c in cells(nb)
                     if c['cell_type'] == 'code' and EXPORT_RE.search(source(c))]
     markdown = [len(source(c)) for nb in module_notebooks() for c in cells(nb) if c['cell_type'] == 'markdown']
@@ -73,9 +72,9 @@ def measure():
     return {
         'package_lines': len(lines),
         'lines_over_100_pct': round(100*sum(len(line) > 100 for line in lines)/len(lines), 1),
-        'lines_over_120': sum(len(line) > 120 for line in lines),
+        'lines_over_120': sum(len(line) > 120 and not line.startswith('__all__ = ') for line in lines),
+        'generated_all_lines_over_120': sum(len(line) > 120 and line.startswith('__all__ = ') for line in lines),
         'multi_statement_lines': sum(len(v) for v in multi.values()),
-        'semicolon_lines': semicolons,
         'export_cells': len(export_cells),
         'export_cell_lines_median': statistics.median(export_cells),
         'export_cell_lines_max': max(export_cells),
