@@ -136,7 +136,8 @@ class TrainedText:
     def __repr__(self):
         body = ''.join(f"\x1b[42m{s}\x1b[0m" if t else s for s, t in self.segments)
         return f"{body}\n[{self.n_trained} of {self.n_tokens} tokens trained]"
-    def _repr_html_(self):
+    def _repr_markdown_(self):
+        "HTML inside markdown: notebooks and the docs site render it, and Quarto adds no JavaScript for it"
         mark = lambda s: f'<mark style="background:#b6e3b6">{html.escape(s)}</mark>'
         body = ''.join(mark(s) if t else html.escape(s) for s, t in self.segments)
         return (f'<pre style="white-space:pre-wrap">{body}</pre>'

@@ -303,7 +303,7 @@ def default_collator(tokenizer, args:SFTConfig, completion_only_loss:bool,
 # %% ../nbs/08_trainer.ipynb #34df2905
 def set_trl_attributes(trainer, args:SFTConfig, processing_class, first_row:dict,
                        formatting_func=None):
-    "The attributes TRL's `SFTTrainer.__init__` sets before `Trainer.__init__`"
+    "The attributes TRL's `SFTTrainer` sets in its constructor, before calling `Trainer`'s"
     trainer._tokenizer = getattr(processing_class, 'tokenizer', processing_class)
     trainer._is_vlm = isinstance(processing_class, ProcessorMixin)
     trainer._is_vision_dataset = 'image' in first_row or 'images' in first_row
