@@ -164,7 +164,6 @@ def broken_links(site:Path) -> list[str]:
 
 def documented_symbols() -> dict[str, list[str]]:
     "Each page's public functions and classes, from nbdev's index: page -> names"
-    sys.path.insert(0, str(ROOT))
     from sft_nb._modidx import d
     wanted = {}
     for module, symbols in d['syms'].items():
@@ -201,7 +200,8 @@ def test_sidebar_lists_every_notebook_once():
 
 
 def test_every_link_and_anchor_resolves(site):
-    assert not broken_links(site), '\n'.join(broken_links(site))
+    broken = broken_links(site)
+    assert not broken, '\n'.join(broken)
 
 
 def has_signature(page_html:str, name:str) -> bool:

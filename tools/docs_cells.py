@@ -67,7 +67,8 @@ def docs_runs(cell:dict) -> bool:
 def star_names(module:str) -> set:
     "What `from module import *` binds"
     import importlib
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # run as a script from tools/: the notebooks' `from sft_nb.x import *`
+        sys.path.insert(0, str(ROOT))
     mod = importlib.import_module(module)
     return set(getattr(mod, '__all__', None) or [n for n in dir(mod) if not n.startswith('_')])
 
