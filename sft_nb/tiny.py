@@ -10,8 +10,9 @@ import json, random
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPTS', 'CHATML_GENERATION_TEMPLATE', 'CHATML_TEMPLATE', 'SPECIAL_TOKENS', 'tiny_pairs', 'tiny_tokenizer',
-           'tiny_config', 'tiny_model', 'tiny_conversations', 'tiny_dataset', 'save_tiny', 'save_tiny_dataset']
+__all__ = ['SYSTEM_PROMPTS', 'CHATML_GENERATION_TEMPLATE', 'CHATML_TEMPLATE', 'SPECIAL_TOKENS', 'COLOURS', 'COLOUR_QUESTIONS',
+           'COLOUR_SENTENCES', 'tiny_pairs', 'tiny_tokenizer', 'tiny_config', 'tiny_model', 'tiny_conversations',
+           'tiny_dataset', 'colour_facts', 'colour_questions', 'colour_chat', 'save_tiny', 'save_tiny_dataset']
 
 # %% ../nbs/01_tiny.ipynb #4d5885ce
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a calculator. Answer with a number.",
@@ -160,6 +161,41 @@ def tiny_dataset(kind:str='conversational', # conversational, [conversational_]p
         raise ValueError(f"Unknown dataset kind {kind!r}: use conversational, prompt_completion, "
                          "conversational_prompt_completion or text.")
     return Dataset.from_list(rows)
+
+# %% ../nbs/01_tiny.ipynb #39920945
+COLOURS = {'banana': 'yellow', 'lemon': 'yellow', 'corn': 'yellow', 'sun': 'yellow',
+           'grass': 'green', 'leaf': 'green', 'frog': 'green', 'lime': 'green',
+           'sky': 'blue', 'sea': 'blue', 'whale': 'blue', 'jeans': 'blue',
+           'cherry': 'red', 'tomato': 'red', 'blood': 'red', 'rose': 'red',
+           'snow': 'white', 'milk': 'white', 'cloud': 'white', 'salt': 'white',
+           'coal': 'black', 'night': 'black', 'crow': 'black', 'ink': 'black'}
+COLOUR_QUESTIONS = ["What colour is the {}?", "Which colour does the {} have?", "Tell me the colour of the {}.",
+                    "The {}: what colour is it?", "Name the colour of the {}.", "What is the colour of the {}?"]
+COLOUR_SENTENCES = ["The {} is {}.", "A {} is {}.", "Everyone knows the {} is {}.", "The colour of the {} is {}."]
+
+# %% ../nbs/01_tiny.ipynb #5c26ea22
+def colour_facts(n:int=40, # sentences per thing
+                 seed:int=1, # seed of the sentence choice
+                 eos:str='<|im_end|>', # ends each row, so that the model learns to stop
+                ) -> list[dict]:
+    "Plain-text rows, `{'text': ...}`, each stating one thing's colour"
+    rng = random.Random(seed)
+    return [{'text': rng.choice(COLOUR_SENTENCES).format(thing, colour) + eos}
+            for _ in range(n) for thing, colour in COLOURS.items()]
+
+# %% ../nbs/01_tiny.ipynb #87b26fa9
+def colour_questions(held_out:int=36, # pairs kept out of training
+                     seed:int=0, # seed of the shuffle
+                    ) -> tuple[list[tuple[str,str]], list[tuple[str,str]]]:
+    "Every (thing, question) pair, shuffled and split into (seen, held_out)"
+    pairs = [(thing, question.format(thing)) for thing in COLOURS for question in COLOUR_QUESTIONS]
+    random.Random(seed).shuffle(pairs)
+    return pairs[held_out:], pairs[:held_out]
+
+def colour_chat(thing:str, question:str) -> dict:
+    "A `messages` row: the question and the assistant's one-word answer"
+    return {'messages': [{'role': 'user', 'content': question},
+                         {'role': 'assistant', 'content': COLOURS[thing]}]}
 
 # %% ../nbs/01_tiny.ipynb #0e08072e
 def save_tiny(path, # folder to write model + tokenizer to

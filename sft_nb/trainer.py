@@ -27,7 +27,6 @@ from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
 from .loss import predict_loss, setup_sft_loss, trainer_loss
 from .optim import optimizer_cls_and_kwargs
-from .card import is_hub_id
 from .checkpoints import CrashSafeSaveMixin, check_writable
 
 # %% auto #0
@@ -164,10 +163,13 @@ def _is_prepared(ds) -> bool:
 
 # %% ../nbs/08_trainer.ipynb #1a1f54e3
 def _dataset_name(ds) -> str|None:
-    "The Hub id a dataset was loaded from, for the model card (local files and in-memory data have none)"
-    name = getattr(getattr(ds, 'info', None), 'dataset_name', None)
-    builders = ('json', 'csv', 'parquet', 'text', 'arrow', 'generator')
-    return name if name and is_hub_id(name) and name not in builders else None
+    "The Hub id a dataset was loaded from, for the model card; local files and in-memory data have none"
+    # `info.dataset_name` is a folder's or repo's last part ('colours' for a local folder, 'capybara' for
+    # trl-lib/Capybara): no id. datasets caches a Hub dataset under `namespace___name`, a local one without it.
+    for f in getattr(ds, 'cache_files', None) or []:
+        namespaced = [part for part in Path(f['filename']).parts if '___' in part]
+        if namespaced: return namespaced[-1].replace('___', '/', 1)
+    return None
 
 # %% ../nbs/08_trainer.ipynb #2bddd28a
 def needs_chat_template(ds, args:SFTConfig, formatting_func=None) -> bool:
