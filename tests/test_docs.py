@@ -271,3 +271,19 @@ def test_results_are_on_the_pages(site, server, browser):
     browser.get(urljoin(server, 'data.html'))
     marks = browser.find_elements('css selector', 'main mark')
     assert any(m.is_displayed() and m.size['width'] > 0 for m in marks), "data.html highlights no trained tokens"
+
+
+def test_tutorials_show_their_results(site, server, browser):
+    "The chat tutorial shows its highlighted row, its answers table and its loss curve; the QLoRA twin its results"
+    browser.get(urljoin(server, 'tutorials/chat_sft.html'))
+    main = browser.find_element('css selector', 'main')
+    assert any(m.is_displayed() for m in main.find_elements('css selector', 'mark')), "no highlighted tokens"
+    headers = [th.text for th in main.find_elements('css selector', 'table th')]
+    assert {'question', 'before', 'after', 'expected'} <= set(headers), headers
+    loaded = browser.execute_script(
+        "return [...document.querySelectorAll('main img')].filter(i => i.complete && i.naturalWidth > 0).length")
+    assert loaded >= 1, "chat_sft.html shows no loaded image (the loss curves)"
+    assert 'right before training: 0/36' in main.text
+    browser.get(urljoin(server, 'tutorials/qlora.html'))
+    text = browser.find_element('css selector', 'main').text
+    assert 'held-out questions right: 0/36 before' in text and 'NF4, nested GiB' in text
