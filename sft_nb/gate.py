@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['logger', 'GATE_TEXTS', 'gate_documents', 'gate_examples', 'doc_spans', 'evaluating', 'input_device', 'to_device',
-           'model_logits', 'packing_difference', 'compute_eps', 'gate_tolerance', 'stateful_layers', 'leak_message',
-           'check_packing', 'gate_log']
+           'model_logits', 'packing_difference', 'compute_eps', 'gate_tolerance', 'stateful_layers', 'model_name',
+           'leak_message', 'check_packing', 'gate_log']
 
 # %% ../nbs/05a_gate.ipynb #b07bef6d
 logger = logging.getLogger(__name__)
@@ -128,12 +128,18 @@ def gate_tolerance(eps:float) -> float:
     return max(1e-4, 8 * eps)
 
 # %% ../nbs/05a_gate.ipynb #49d1c54d
-_STATEFUL = ('mamba', 'deltanet', 'shortconv', 'linearattention', 'recurrent', 'rglru', 'ssm')
+_STATEFUL = ('mamba', 'deltanet', 'shortconv', 'linearattention', 'rglru', 'mixer')
 
 def stateful_layers(model) -> list[str]:
-    "Class names of the layers of `model` that carry state along a row (state-space, linear attention, conv)"
-    names = {type(m).__name__ for m in model.modules()}
-    return sorted(n for n in names if any(s in n.lower() for s in _STATEFUL) and 'norm' not in n.lower())
+    "Class names of the layers of `model` that can carry state along a row: recurrent mixers, causal convs"
+    names = set()
+    for m in model.modules():
+        name = type(m).__name__
+        has_conv = any(isinstance(c, torch.nn.Conv1d) for c in m.children())
+        named = any(s in name.lower() for s in _STATEFUL) and not any(
+            s in name.lower() for s in ('norm', 'decoderlayer', 'block'))
+        if has_conv or named: names.add(name)
+    return sorted(names)
 
 # %% ../nbs/05a_gate.ipynb #e4a10968
 _WHAT_TO_DO = ("Train with packing=False (and padding_free=False); or make the model keep documents apart: "
@@ -142,13 +148,18 @@ _WHAT_TO_DO = ("Train with packing=False (and padding_free=False); or make the m
                "(causal-conv1d, mamba-ssm, flash-linear-attention) with a transformers version that passes them. "
                "If you have checked that packing is safe for this model, set verify_packing=False.")
 
+def model_name(model) -> str:
+    "The model's class, and its wrapper's when PEFT wraps it"
+    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    return type(base).__name__ if base is model else f"{type(base).__name__} (in a {type(model).__name__})"
+
 def leak_message(model, # the model the gate ran
                  report:dict, # `packing_difference`'s, with `tolerance`, or `{'error': ...}`
                 ) -> str:
     "Why packing was refused on `model`, and what to do"
-    name = type(model).__name__
+    name = model_name(model)
     if 'error' in report:
-        what = f"it failed on the packed batch: {report['error']}"
+        what = f"it failed on the packed batch: {report['error'].rstrip('.')}"
     else:
         dtype = str(report['dtype']).replace('torch.', '')
         what = (f"its logits on a packed row differ from those of each document alone by up to "
@@ -181,6 +192,6 @@ def check_packing(model, # the model as it will train: PEFT-wrapped, quantized, 
 def gate_log(model, report:dict) -> str:
     "One line for the log: the verdict, the evidence and what it cost"
     dtype = str(report['dtype']).replace('torch.', '')
-    return (f"Packing gate: {type(model).__name__} keeps packed documents apart (largest logit difference "
+    return (f"Packing gate: {model_name(model)} keeps packed documents apart (largest logit difference "
             f"{report['relative']:.1e} of the scale, tolerance {report['tolerance']:.0e} for {dtype}; "
             f"checked in {report['seconds']:.2f} s).")

@@ -172,3 +172,14 @@ def test_trainer_trains_a_safe_model_packed(tmp_path, caplog):
     trainer.train()
     assert trainer.state.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_gate_runs_the_model_as_peft_wraps_it():
+    "LoRA with dropout: the gate runs it in eval mode (no dropout), and every module trains again after"
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(build('llama'), LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], lora_dropout=0.5))
+    model.train()
+    assert check_packing(model, collator(False), TOK, rows=2)['safe']
+    assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match=r"Packing is not safe on LlamaForCausalLM \(in a PeftModel"):
+        check_packing(model, OnesMaskCollator(TOK.pad_token_id, return_position_ids=True, block_diagonal=True), TOK)
