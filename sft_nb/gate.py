@@ -180,8 +180,7 @@ def check_packing(model, # the model as it will train: PEFT-wrapped, quantized, 
                  ) -> dict:
     "Refuse (`ValueError`) when `model` lets packed documents see each other; else the gate's report"
     start = time.perf_counter()
-    vocab = model.config.get_text_config().vocab_size
-    docs = gate_documents(tokenizer, vocab)
+    docs = gate_documents(tokenizer, getattr(model.config.get_text_config(), 'vocab_size', None))
     try: report = packing_difference(model, collator, docs, packed, rows)
     except Exception as e: raise ValueError(leak_message(model, {'error': f"{type(e).__name__}: {e}"})) from e
     report['tolerance'] = gate_tolerance(compute_eps(model, report['dtype']))
