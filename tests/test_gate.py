@@ -154,6 +154,14 @@ class OnesMaskCollator(DataCollatorForLanguageModeling):
         return {**batch, 'attention_mask': torch.ones_like(batch['input_ids'])}
 
 
+@pytest.mark.parametrize('flag', ['padding_free', 'eval_packing'])
+def test_trainer_gates_padding_free_and_eval_packing(tmp_path, flag):
+    "A Mamba-2 hybrid without its kernels: refused for padding-free batches and for packed eval batches alike"
+    with pytest.raises(ValueError, match=r"Packing is not safe on BambaForCausalLM: .*causal_conv1d.* BambaMixer"):
+        SFTTrainer(build('bamba'), _args(tmp_path, **{flag: True}), train_dataset=tiny_dataset(n=16),
+                   processing_class=TOK)
+
+
 def test_trainer_refuses_a_collator_that_leaks(tmp_path):
     collate = OnesMaskCollator(TOK.pad_token_id, return_position_ids=True, block_diagonal=True)
     with pytest.raises(ValueError, match="Packing is not safe on LlamaForCausalLM"):
