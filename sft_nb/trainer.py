@@ -247,8 +247,8 @@ def check_virtual_tokens(model, args:SFTConfig):
     if adds_virtual_tokens(model) and (args.packing or args.padding_free):
         raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then "
                          "drops `position_ids`, which keep packed documents apart, so they would attend to "
-                         "each other. Set `packing=False` and `padding_free=False`, or use LoRA or prefix "
-                         "tuning.")
+                         "each other. Set `packing=False` and `padding_free=False`, or use LoRA (prefix "
+                         "tuning's KV-cache prefix lets packed documents see each other too).")
 
 # %% ../nbs/08_trainer.ipynb #b2393d43
 def load_for_training(model:str|PreTrainedModel, # Hub id, local folder, or a loaded model

@@ -191,3 +191,12 @@ def test_gate_runs_the_model_as_peft_wraps_it():
     assert all(m.training for m in model.modules())
     with pytest.raises(ValueError, match=r"Packing is not safe on LlamaForCausalLM \(in a PeftModel"):
         check_packing(model, OnesMaskCollator(TOK.pad_token_id, return_position_ids=True, block_diagonal=True), TOK)
+
+
+def test_trainer_refuses_prefix_tuning_packed(tmp_path):
+    """Prefix tuning feeds its prefix as a KV cache, and with a cache transformers stops reading packed documents out
+    of position_ids: no static check knew, the gate does"""
+    from peft import PrefixTuningConfig
+    with pytest.raises(ValueError, match=r"Packing is not safe on LlamaForCausalLM \(in a PeftModelForCausalLM\)"):
+        SFTTrainer(build('llama'), _args(tmp_path, packing=True), train_dataset=tiny_dataset(n=16),
+                   processing_class=TOK, peft_config=PrefixTuningConfig(task_type='CAUSAL_LM', num_virtual_tokens=4))
