@@ -105,6 +105,7 @@ class SFTConfig(TrainingArguments):
     pad_to_multiple_of: int | str | None = _field(
         "auto", "Pad sequence lengths to a multiple of this. 'auto': 128 on Neuron, else none.")
     eval_packing: bool | None = _field(None, "Pack the eval dataset. None: same as `packing`.")
+    verify_packing: bool = _field(True, "Prove on the model, before training, that packed documents stay apart.")
     completion_only_loss: bool | None = _field(
         None, "Train only on completions of prompt-completion data. None: on for such data.")
     assistant_only_loss: bool = _field(

@@ -311,6 +311,11 @@ def _cu_seq_lens(position_ids:torch.Tensor) -> dict:
     longest = int(cu.diff().max())
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
 
+# %% ../nbs/05_packing.ipynb #a5e1d0c2
+def _seq_idx(position_ids:torch.Tensor) -> torch.Tensor:
+    "Document index of every token within its row `(B, T)`, as the Mamba and conv kernels take it"
+    return ((position_ids == 0).cumsum(-1) - 1).to(torch.int32)
+
 # %% ../nbs/05_packing.ipynb #0f0c5c5e
 @dataclass
 class DataCollatorForLanguageModeling(DataCollatorMixin):
@@ -367,7 +372,8 @@ def _rows(self:DataCollatorForLanguageModeling, ids, labels, docs, packed:bool) 
     positions = np.stack([position_ids_from_lengths(d) for d in tails])
     out['position_ids'] = torch.from_numpy(positions)  # (B, T)
     out['labels'][out['position_ids'] == 0] = -100
-    return {**out, **_cu_seq_lens(out['position_ids']), 'use_cache': False}
+    return {**out, **_cu_seq_lens(out['position_ids']), 'seq_idx': _seq_idx(out['position_ids']),
+            'use_cache': False}
 
 # %% ../nbs/05_packing.ipynb #de0acf0c
 @patch

@@ -33,8 +33,8 @@ from .checkpoints import CrashSafeSaveMixin, check_writable
 __all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'handling_signals',
            'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
            'check_data_before_loading', 'check_virtual_tokens', 'load_for_training', 'prepare_train_eval',
-           'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'SFTTrainer',
-           'pop_trl_metrics', 'tokens_per_second']
+           'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'gate_packing',
+           'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second']
 
 # %% ../nbs/08_trainer.ipynb #b13339ce
 logger = logging.getLogger(__name__)
@@ -249,8 +249,8 @@ def check_virtual_tokens(model, args:SFTConfig):
     if adds_virtual_tokens(model) and (args.packing or args.padding_free):
         raise ValueError("Prompt tuning and p-tuning put virtual tokens before the input and peft then "
                          "drops `position_ids`, which keep packed documents apart, so they would attend to "
-                         "each other. Set `packing=False` and `padding_free=False`, or use LoRA or prefix "
-                         "tuning.")
+                         "each other. Set `packing=False` and `padding_free=False`, or use LoRA (prefix "
+                         "tuning's KV-cache prefix lets packed documents see each other too).")
 
 # %% ../nbs/08_trainer.ipynb #b2393d43
 def load_for_training(model:str|PreTrainedModel, # Hub id, local folder, or a loaded model
@@ -359,6 +359,25 @@ def check_masks_have_labels(datasets:dict, data_collator) -> None:
                              "'labels' column (-100 for non-loss tokens), drop `data_collator` (sft_nb's "
                              "folds the masks in), or drop `skip_prepare_dataset`.")
 
+# %% ../nbs/08_trainer.ipynb #d1e2f3a2
+from .gate import check_packing, gate_log
+
+# %% ../nbs/08_trainer.ipynb #d1e2f3a3
+def gate_packing(trainer) -> dict|None:
+    "`sft_nb.gate.check_packing` on the trainer's model and collator when batches are packed; its report"
+    args = trainer.args
+    packed = (args.packing or args.eval_packing) and args.packing_strategy != 'wrapped'
+    if not args.verify_packing or not (packed or args.padding_free): return None
+    if args.deepspeed or args.fsdp:
+        logger.warning("Packing gate skipped: DeepSpeed and FSDP shard the model only when training starts. "
+                       "Check packing on the unsharded model (sft_nb.gate.check_packing).")
+        return None
+    rows = 2 if max(args.per_device_train_batch_size, args.per_device_eval_batch_size) > 1 else 1
+    with trainer.accelerator.autocast():  # the precision training computes in
+        report = check_packing(trainer.model, trainer.data_collator, trainer._tokenizer, packed, rows)
+    if args.process_index == 0: logger.warning(gate_log(trainer.model, report))
+    return report
+
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
 class SFTTrainer(CrashSafeSaveMixin, Trainer):
     "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed"
@@ -407,6 +426,7 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         setup_sft_loss(self)
         finish_trl_attributes(self, train_dataset_given)
+        gate_packing(self)
 
 # %% ../nbs/08_trainer.ipynb #8564120f
 @patch
