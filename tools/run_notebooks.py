@@ -20,8 +20,10 @@ QUIET = {'TQDM_DISABLE': '1', 'HF_DATASETS_DISABLE_PROGRESS_BARS': '1', 'HF_HUB_
 TMP_RE = re.compile(r'/tmp/(?:pytest-of-[\w-]+/)?[\w.-]*tmp[\w.-]*')
 ADDRESS_RE = re.compile(r' at 0x[0-9a-f]{6,}')
 SITE_RE = re.compile(r'\S*/site-packages/')
-# bitsandbytes' note about an optional package, on every import: noise on every page
-NOISE_RE = re.compile(r'^Failed to load CPU gemm_4bit_forward from kernels-community.*\n?', re.M)
+# bitsandbytes' note about an optional package, and DeepSpeed's choice of accelerator, printed on import where
+# they are installed: noise on every page, and on no page where they are not
+NOISE_RE = re.compile(r'^(?:Failed to load CPU gemm_4bit_forward from kernels-community'
+                      r'|\[[\d\- :,]+\] \[\w+\] \[real_accelerator\.py:\d+:\w+\]).*\n?', re.M)
 NUMBER_RE = re.compile(r'-?\d+\.\d+(?:e[-+]?\d+)?')
 # what a run measures rather than computes: Trainer's runtimes and rates, and durations anywhere
 TIMING_RE = re.compile(r"""('\w*(?:runtime|per_second|_time|total_flos)'\s*:\s*)'?[-\d.e+]+'?|\b\d+(?:\.\d+)?\s?(?:ms|µs|s)\b""")
@@ -110,6 +112,17 @@ def _same_text(saved:str, fresh:str) -> bool:
     return all(abs(float(a) - float(b)) <= 0.01 * max(abs(float(a)), abs(float(b))) + 1e-9 for a, b in pairs)
 
 
+def _first_difference(saved:list, fresh:list) -> str:
+    "The first line that differs between two cells' outputs, or how their kinds and counts differ"
+    if [x[:2] for x in saved] != [y[:2] for y in fresh]:
+        return f"saved outputs {[x[:2] for x in saved]} but it now gives {[y[:2] for y in fresh]}"
+    for x, y in zip(saved, fresh):
+        for n, (a, b) in enumerate(zip(x[2].splitlines() + [''], y[2].splitlines() + [''])):
+            if not _same_text(a, b):
+                return f"output line {n + 1} was {a[:400]!r} and is now {b[:400]!r}"
+    return "outputs differ"
+
+
 def differences(saved_nb:dict, fresh_nb:dict) -> list[str]:
     """Cells whose saved outputs no longer match what they compute now: printed text, results and displays (stderr
     holds warnings and logs that change with library versions; cells marked `# output varies` are not compared)"""
@@ -122,8 +135,7 @@ def differences(saved_nb:dict, fresh_nb:dict) -> list[str]:
         b = [_comparable(o) for o in fresh.get('outputs', []) if o.get('name') != 'stderr']
         same = len(a) == len(b) and all(x[:2] == y[:2] and _same_text(x[2], y[2]) for x, y in zip(a, b))
         if not same:
-            found.append(f"cell {i} ({source.splitlines()[0][:60] if source else ''}): saved {a!r:.300} "
-                         f"but it now gives {b!r:.300}")
+            found.append(f"cell {i} ({source.splitlines()[0][:60] if source else ''}): {_first_difference(a, b)}")
     return found
 
 
