@@ -15,8 +15,8 @@ __all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK',
            'load_named_dataset', 'load_mixture', 'load_data', 'train_split', 'resume_value', 'check_run_folder',
            'build_trainer', 'fit', 'train', 'run_training', 'claim_demo_dir', 'mark_demo_files', 'demo',
            'accelerate_config_path', 'launch_flags', 'launch', 'train_command', 'preview', 'preview_command',
-           'load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'env_report',
-           'env_command', 'main', 'cli']
+           'load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'export_command',
+           'env_report', 'env_command', 'main', 'cli']
 
 # %% ../nbs/09_cli.ipynb #207f5b9b
 COMMANDS = {
@@ -31,6 +31,8 @@ COMMANDS = {
     'generate': "answer one prompt: `sft-nb generate PATH --prompt 'What is 2 + 3?'`",
     'merge': ("merge a LoRA adapter into its base and save the full model: "
               "`sft-nb merge ADAPTER OUT`"),
+    'export': ("write a model (or adapter, merged) as a GGUF for llama.cpp, checked after writing: "
+               "`sft-nb export PATH --gguf q8_0`"),
     'env': "print versions and devices, for bug reports",
 }
 
@@ -594,6 +596,24 @@ def merge_command(argv:list[str]) -> Path:
     print(f"merged {adapter} into its base ({merged.config.name_or_path}); saved to {out}")
     return out
 
+# %% ../nbs/09_cli.ipynb #872b0997
+def export_command(argv:list[str]) -> dict:
+    "`sft-nb export PATH --gguf FORMAT`: a checked GGUF file of the model in PATH; the check's numbers"
+    p = argparse.ArgumentParser(prog='sft-nb export', description=COMMANDS['export'])
+    p.add_argument('path', help="a full or merged model folder, or an adapter folder (merged first)")
+    p.add_argument('--gguf', required=True, choices=('f16', 'bf16', 'q8_0', 'f32'), help="number format")
+    p.add_argument('--out', default=None, help="the .gguf file or folder (default PATH/model-FORMAT.gguf)")
+    p.add_argument('--no_verify', '--no-verify', action='store_true', help="skip the reload and comparison")
+    a = _parse(p, argv)
+    from sft_nb.gguf import save_gguf
+    with user_errors(): r = save_gguf(a.path, a.out, a.gguf, verify=not a.no_verify)
+    print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MiB)")
+    if 'max_logit_diff' in r:
+        print(f"checked: same token ids {r['same_token_ids']}, largest logit difference "
+              f"{r['max_logit_diff']:.2e} ({r['relative_logit_diff']:.1e} of the largest logit, "
+              f"tolerance {r['tolerance']:.0e}), greedy answers agree on {r['greedy_agreement']:.0%}")
+    return r
+
 # %% ../nbs/09_cli.ipynb #f3a89854
 _ENV_PACKAGES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate', 'tokenizers',
                  'safetensors', 'huggingface_hub', 'bitsandbytes', 'deepspeed', 'flash_attn',
@@ -636,7 +656,8 @@ def env_command(argv:list[str]) -> str:
 
 # %% ../nbs/09_cli.ipynb #1be283e8
 _RUNNERS = {'train': train_command, 'demo': demo, 'preview': preview_command, 'chat': chat_command,
-            'generate': generate_command, 'merge': merge_command, 'env': env_command}
+            'generate': generate_command, 'merge': merge_command, 'env': env_command,
+            'export': export_command}
 
 def main(argv:list[str]|None=None):
     "Run the `sft-nb` command `argv` (default `sys.argv[1:]`) and return what it made"
