@@ -157,6 +157,7 @@ def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata 
                method:str='SFT', # how it was trained
                tokens_seen:int|None=None, # input tokens the model was trained on
                subfolder:str|None=None, # where in `repo_id` the model is (e.g. `merged`)
+               sections:dict|None=None, # more `## title` -> markdown, e.g. sample answers
               ):
     "A `huggingface_hub.ModelCard` saying what the model is, how it was trained and how to load it"
     from huggingface_hub import ModelCard
@@ -176,6 +177,7 @@ def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata 
     hp = _hyperparameters(args, peft_config)
     if hp: lines += ['', '### Hyperparameters', '', _table(hp)]
     if loss_image: lines += ['', f"![Training loss]({loss_image})"]
+    for title, body in (sections or {}).items(): lines += ['', f"## {title}", '', body.strip()]
     lines += ['', '## Framework versions', '', _table(_versions())]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + '\n'.join(lines) + '\n')
 

@@ -245,7 +245,9 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     final_save = getattr(trainer, '_stage', None) is None
     merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
     if final_save and merge and hasattr(model, 'merge_and_unload'):
-        _write_merged(model, out/'merged', max_shard_size, processing_class)
+        # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
+        write_merged = getattr(trainer, 'write_merged', None) or _write_merged
+        write_merged(model, out/'merged', max_shard_size, processing_class)
     save_training_args(trainer.args, out)
     write_trainer_card(trainer, out)
 
@@ -270,7 +272,9 @@ def write_trainer_card(trainer, out:Path):
     info['tags'] = list(dict.fromkeys([*model_tags, *(card_info.get('tags') or [])]))
     write_model_card(out, **info)
     if (out/'merged'/'config.json').exists():
-        write_model_card(out/'merged', **{**info, 'is_peft': False, 'subfolder': 'merged'})
+        sections = {**info.get('sections', {}), **getattr(trainer, 'merged_card_sections', {})}
+        merged_info = {**info, 'is_peft': False, 'subfolder': 'merged', 'sections': sections}
+        write_model_card(out/'merged', **merged_info)
 
 # %% ../nbs/07b_checkpoints.ipynb #e0253e48
 def save_model_staged(trainer, save_model, output_dir=None, internal_call=False):

@@ -15,8 +15,8 @@ __all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK',
            'load_named_dataset', 'load_mixture', 'load_data', 'train_split', 'resume_value', 'check_run_folder',
            'build_trainer', 'fit', 'train', 'run_training', 'claim_demo_dir', 'mark_demo_files', 'demo',
            'accelerate_config_path', 'launch_flags', 'launch', 'train_command', 'preview', 'preview_command',
-           'load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'env_report',
-           'env_command', 'main', 'cli']
+           'load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'export_command',
+           'env_report', 'env_command', 'main', 'cli']
 
 # %% ../nbs/09_cli.ipynb #207f5b9b
 COMMANDS = {
@@ -31,6 +31,8 @@ COMMANDS = {
     'generate': "answer one prompt: `sft-nb generate PATH --prompt 'What is 2 + 3?'`",
     'merge': ("merge a LoRA adapter into its base and save the full model: "
               "`sft-nb merge ADAPTER OUT`"),
+    'export': ("write a model (or adapter, merged) as a GGUF for llama.cpp, checked after writing: "
+               "`sft-nb export PATH --gguf q8_0`"),
     'env': "print versions and devices, for bug reports",
 }
 
@@ -579,9 +581,9 @@ def merge_command(argv:list[str]) -> Path:
     p.add_argument('--dtype', default='auto', help="dtype of the base loaded for merging")
     a = _parse(p, argv)
     adapter, out = Path(a.adapter), Path(a.out)
-    from sft_nb.adapters import merge_adapters
+    from sft_nb.adapters import load_adapter
+    from sft_nb.answers import save_merged_model
     from sft_nb.models import load_tokenizer
-    from sft_nb.save import save_model
     with user_errors():
         if not (adapter/'adapter_config.json').is_file():
             raise FileNotFoundError(f"{adapter} holds no adapter_config.json, so it is not an adapter "
@@ -589,10 +591,32 @@ def merge_command(argv:list[str]) -> Path:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} already exists and is not empty: merge writes a new folder, "
                                   "give it another OUT.")
-        merged = merge_adapters(adapter, dtype=a.dtype)
-        save_model(merged, out, processing_class=load_tokenizer(str(adapter)))
-    print(f"merged {adapter} into its base ({merged.config.name_or_path}); saved to {out}")
+        model = load_adapter(adapter, is_trainable=False, dtype=a.dtype)
+        # checked against the adapter model on a few prompts; the numbers go into the card
+        r = save_merged_model(model, out, load_tokenizer(str(adapter)), dtype=a.dtype)
+    base = model.peft_config[model.active_adapter].base_model_name_or_path
+    print(f"merged {adapter} into its base ({base}); saved to {out}")
+    print(f"checked on {r['prompts']} prompts: largest logit difference {r['max_logit_diff']:.2e}, "
+          f"greedy answers agree on {r['greedy_agreement']:.0%}")
     return out
+
+# %% ../nbs/09_cli.ipynb #872b0997
+def export_command(argv:list[str]) -> dict:
+    "`sft-nb export PATH --gguf FORMAT`: a checked GGUF file of the model in PATH; the check's numbers"
+    p = argparse.ArgumentParser(prog='sft-nb export', description=COMMANDS['export'])
+    p.add_argument('path', help="a full or merged model folder, or an adapter folder (merged first)")
+    p.add_argument('--gguf', required=True, choices=('f16', 'bf16', 'q8_0', 'f32'), help="number format")
+    p.add_argument('--out', default=None, help="the .gguf file or folder (default PATH/model-FORMAT.gguf)")
+    p.add_argument('--no_verify', '--no-verify', action='store_true', help="skip the reload and comparison")
+    a = _parse(p, argv)
+    from sft_nb.gguf import save_gguf
+    with user_errors(): r = save_gguf(a.path, a.out, a.gguf, verify=not a.no_verify)
+    print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MiB)")
+    if 'max_logit_diff' in r:
+        print(f"checked: same token ids {r['same_token_ids']}, largest logit difference "
+              f"{r['max_logit_diff']:.2e} ({r['relative_logit_diff']:.1e} of the largest logit, "
+              f"tolerance {r['tolerance']:.0e}), greedy answers agree on {r['greedy_agreement']:.0%}")
+    return r
 
 # %% ../nbs/09_cli.ipynb #f3a89854
 _ENV_PACKAGES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate', 'tokenizers',
@@ -636,7 +660,8 @@ def env_command(argv:list[str]) -> str:
 
 # %% ../nbs/09_cli.ipynb #1be283e8
 _RUNNERS = {'train': train_command, 'demo': demo, 'preview': preview_command, 'chat': chat_command,
-            'generate': generate_command, 'merge': merge_command, 'env': env_command}
+            'generate': generate_command, 'merge': merge_command, 'env': env_command,
+            'export': export_command}
 
 def main(argv:list[str]|None=None):
     "Run the `sft-nb` command `argv` (default `sys.argv[1:]`) and return what it made"

@@ -19,8 +19,8 @@ from transformers.hf_argparser import string_to_bool
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'HALF_PRECISION_UPDATES', 'LAUNCH_KEYS', 'closest',
-           'check_choice', 'bf16_supported', 'SFTConfig', 'ModelConfig', 'ScriptArguments', 'DatasetConfig',
-           'DatasetMixtureConfig', 'load_recipe', 'parse_args', 'launch_options']
+           'check_choice', 'bf16_supported', 'SampleAnswersArguments', 'SFTConfig', 'ModelConfig', 'ScriptArguments',
+           'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe', 'parse_args', 'launch_options']
 
 # %% ../nbs/00_config.ipynb #98043308
 def closest(name:str, valid) -> str:
@@ -63,9 +63,24 @@ TRUNCATION_MODES = {'keep_start', 'keep_end'}
 HALF_PRECISION_UPDATES = {'kahan', 'stochastic', 'master', 'naive'}
 _ALIASES = {'chunked_nll': 'nll', 'bfd-requeue': 'bfd_split'}
 
+# %% ../nbs/00_config.ipynb #ad762a9c
+@dataclass
+class SampleAnswersArguments:
+    "`SFTConfig`'s fields for sample answers at each evaluation (not in TRL)"
+    eval_answer_count: int = _field(
+        0, "Before training and at each evaluation, answer this many prompts of the eval dataset in one "
+        "batched `generate`: in the log, TensorBoard and the model card. 0: off.")
+    eval_answer_prompts: list[str] | None = _field(
+        None, "Prompts to answer instead of the eval dataset's (user messages, or conversations).")
+    eval_answer_max_new_tokens: int = _field(64, "Longest sample answer, in tokens.")
+    eval_answer_generation_kwargs: dict | str | None = _field(
+        None, "More `generate` arguments for the sample answers, e.g. {\"do_sample\": true}. None: greedy.")
+    eval_answer_metrics: list[str] | None = _field(
+        None, "Scores of the answers against the eval rows' references: exact_match, contains.")
+
 # %% ../nbs/00_config.ipynb #3c58fc7a
 @dataclass
-class SFTConfig(TrainingArguments):
+class SFTConfig(SampleAnswersArguments, TrainingArguments):
     "Training arguments for `SFTTrainer`: TRL 1.16's `SFTConfig` fields and defaults, validated"
     learning_rate: float = _field(2e-5, "The initial learning rate for AdamW.")
     logging_steps: float = _field(

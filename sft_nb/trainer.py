@@ -36,6 +36,9 @@ __all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_tr
            'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'gate_packing',
            'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second']
 
+# %% ../nbs/08_trainer.ipynb #799befcb
+from .answers import answers_from_config, checked_merges
+
 # %% ../nbs/08_trainer.ipynb #b13339ce
 logger = logging.getLogger(__name__)
 
@@ -403,6 +406,7 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
                  **renamed, # arguments TRL renamed or moved to `SFTConfig`: refused, naming where
                 ):
         check_renamed(renamed)
+        eval_rows = eval_dataset  # as given: the prompts and references of sample answers
         args, train_dataset_given = _resolve_args(args, model), train_dataset
         check_before_training(args, train_dataset, eval_dataset, data_collator)
         model, processing_class = load_for_training(model, args, train_dataset, eval_dataset,
@@ -427,6 +431,8 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
         setup_sft_loss(self)
         finish_trl_attributes(self, train_dataset_given)
         gate_packing(self)
+        answers_from_config(self, eval_rows)  # sample answers at each evaluation, if asked
+        checked_merges(self, eval_rows)  # `save_merged_model`: a merge checked on eval prompts
 
 # %% ../nbs/08_trainer.ipynb #8564120f
 @patch

@@ -1,0 +1,95 @@
+"""After training, as a user runs it: `sft-nb export` (GGUF) and `sft-nb merge` in a subprocess, and an
+`SFTTrainer` run whose sample answers reach the log, TensorBoard and the model card (issue 23)."""
+import os, subprocess, sys
+from pathlib import Path
+import pytest
+from sft_nb.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1',
+       'TOKENIZERS_PARALLELISM': 'false'}
+
+def sft_nb(*args, code=0) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, '-m', 'sft_nb.cli', *map(str, args)], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert r.returncode == code, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+def test_export_gguf_command(tmp_path):
+    "Both tiny families, Q8_0: a file beside the model, the check printed and in the card; bad input is exit 2"
+    for arch in ('llama', 'qwen2'):
+        model = save_tiny(tmp_path/arch, arch=arch)
+        (model/'README.md').write_text("# tiny\n\n## Framework versions\n\n| | |\n")
+        r = sft_nb('export', model, '--gguf', 'q8_0')
+        assert (model/'model-q8_0.gguf').is_file()
+        assert 'greedy answers agree on 100%' in r.stdout, r.stdout
+        assert '| model-q8_0.gguf | Q8_0 |' in (model/'README.md').read_text()
+    r = sft_nb('export', tmp_path/'missing', '--gguf', 'f16', code=2)
+    assert 'is not a folder' in r.stderr and 'Traceback' not in r.stderr
+
+def test_merge_command_records_its_check(tmp_path):
+    "`sft-nb merge`: the merged model is compared with the adapter model; the numbers are printed and in the card"
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base = save_tiny(tmp_path/'base')
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules='all-linear'))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if 'lora_B' in name: p.normal_(0, 0.05)  # as after training: a fresh adapter merges to the base
+    lora.save_pretrained(tmp_path/'adapter')
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path/'adapter')
+    r = sft_nb('merge', tmp_path/'adapter', tmp_path/'merged')
+    assert 'greedy answers agree on 100%' in r.stdout, r.stdout
+    card = (tmp_path/'merged'/'README.md').read_text()
+    assert '## Merge check' in card and '| 16-bit base (kept) |' in card, card
+
+def test_sample_answers_in_log_tensorboard_and_card(tmp_path, caplog):
+    "SFTTrainer with `eval_answer_count`: answers before training and at each evaluation, in the log, in "
+    "TensorBoard's text panel, in `log_history` as scores, and in the saved model's card; they change with training"
+    import logging
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.answers import EvalAnswersCallback
+    from sft_nb.tiny import tiny_dataset
+    model = save_tiny(tmp_path/'model')
+    args = SFTConfig(tmp_path/'out', max_steps=8, learning_rate=3e-3, per_device_train_batch_size=8,
+                     eval_strategy='steps', eval_steps=4, logging_steps=4, report_to='tensorboard',
+                     save_strategy='no', use_cpu=True, eval_answer_count=3, eval_answer_max_new_tokens=8,
+                     eval_answer_metrics=['contains'])
+    with caplog.at_level(logging.INFO, logger='sft_nb.answers'):
+        trainer = SFTTrainer(str(model), args, train_dataset=tiny_dataset('conversational', 64),
+                             eval_dataset=tiny_dataset('conversational', 8, seed=7))
+        trainer.train()
+    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, EvalAnswersCallback))
+    assert [h['when'] for h in cb.history] == ['before training', 'step 4', 'step 8']
+    assert cb.history[0]['answers'] != cb.history[-1]['answers']
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Sample answers')]
+    assert len(logged) == 3 and '| prompt | reference | answer |' in logged[0], logged
+    assert [r['step'] for r in trainer.state.log_history if 'eval_answer_contains' in r] == [0, 4, 8]
+    events = EventAccumulator(str(next((tmp_path/'out'/'runs').iterdir())), size_guidance={'tensors': 0})
+    events.Reload()
+    tag = 'eval/answers/text_summary'  # transformers' TensorBoard callback files `eval_*` under `eval/`
+    assert tag in events.Tags()['tensors'], events.Tags()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors(tag)]
+    assert len(texts) == 3 and cb.prompts[1][-1]['content'] in texts[-1], texts
+    trainer.save_model()
+    card = (tmp_path/'out'/'README.md').read_text()
+    assert '## Sample answers' in card and '| prompt | reference | before training | after training |' in card
+
+def test_trainer_merged_save_is_checked(tmp_path):
+    "`save_merged_model=True`: SFTTrainer's merged/ folder comes from the checked merge, its numbers in that card"
+    from peft import LoraConfig
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.tiny import tiny_dataset
+    model = save_tiny(tmp_path/'model')
+    args = SFTConfig(tmp_path/'out', max_steps=2, learning_rate=1e-2, per_device_train_batch_size=8,
+                     report_to='none', save_strategy='no', use_cpu=True, save_merged_model=True)
+    trainer = SFTTrainer(str(model), args, train_dataset=tiny_dataset('conversational', 16),
+                         eval_dataset=tiny_dataset('conversational', 4, seed=7),
+                         peft_config=LoraConfig(r=4, target_modules='all-linear'))
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path/'out'/'merged'/'README.md').read_text()
+    assert '## Merge check' in card and 'on 4 held-out prompts' in card and '| 100% |' in card, card
+    assert '## Merge check' not in (tmp_path/'out'/'README.md').read_text()  # the adapter's card has no merge
