@@ -13,6 +13,7 @@ from .chat import DataFormatError, training_template
 from .formats import (TEMPLATE_COLUMNS, check_dataset, check_row, detect_format, first_row,
                             format_columns, to_chatml)
 from .tokens import Tokenize, check_markers
+from .formats import carries_weights
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
     swap = args.assistant_only_loss and fmt.startswith('conversational')
     return Tokenize(tokenizer, fmt, args.dataset_text_field, args.eos_token, completion_only,
                     args.assistant_only_loss, None if packing else args.max_length, args.truncation_mode,
-                    not packing, formatting_func, chat_template=training_template(tokenizer) if swap else None)
+                    not packing, formatting_func, chat_template=training_template(tokenizer) if swap else None,
+                    train_on_turns=getattr(args, 'train_on_turns', 'all'))
 
 # %% ../nbs/04d_data.ipynb #87599c5e
 def _all_dropped(dataset, t:Tokenize, args, name:str) -> DataFormatError:
@@ -107,6 +109,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
         logger.warning("The dataset is already tokenized (`input_ids`): `formatting_func` is ignored.")
         formatting_func = None
     t = make_tokenize(fmt, tokenizer, args, formatting_func, packing, columns)
+    t.weighted = args.assistant_only_loss and carries_weights(dataset)  # a `loss_weights` column
     used = format_columns(fmt, columns, args.dataset_text_field) + list(TEMPLATE_COLUMNS)
     unused = [c for c in columns if c not in used]
     if unused and (formatting_func is None or fmt == 'tokenized'):

@@ -475,7 +475,7 @@ def _set_signature_columns_if_needed(self:SFTTrainer):
     # private, but setting it is what this `Trainer` hook is for (TRL's override sets it too)
     if self._signature_columns is None:
         self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask',
-                                   'assistant_masks']
+                                   'assistant_masks', 'loss_weights']
 
 # %% ../nbs/08_trainer.ipynb #b7f16a0c
 SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)
