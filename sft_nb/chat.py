@@ -14,9 +14,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'GEN_OPEN', 'GEN_CLOSE', 'TURN_KEYS', 'DataFormatError', 'data_error', 'has_generation_markers',
-           'compile_marked', 'split_marked', 'reasoning_fields', 'ChatRenderer', 'assistant_turns', 'diff_spans',
-           'strip_turn_keys', 'chosen_turns', 'message_span', 'turn_spans', 'chat_template_file', 'stock_templates',
-           'nests', 'training_template']
+           'compile_marked', 'split_marked', 'reasoning_fields', 'ChatRenderer', 'NotNested', 'assistant_turns',
+           'diff_spans', 'strip_turn_keys', 'chosen_turns', 'message_span', 'turn_spans', 'chat_template_file',
+           'stock_templates', 'nests', 'training_template', 'split_turns']
 
 # %% ../nbs/04_chat.ipynb #be7ce1dc
 class DataFormatError(ValueError):
@@ -198,8 +198,11 @@ def _text_and_spans(self:ChatRenderer, template, messages, tools, kwargs, add_ge
                                               add_generation_prompt, **self._kw(kwargs))
 
 # %% ../nbs/04_chat.ipynb #6cc2ea73
+class NotNested(DataFormatError):
+    "The chat template renders a conversation's earlier turns differently once later turns follow"
+
 def _not_nested(row, j, what):
-    return DataFormatError(
+    return NotNested(
         f"Row {row}: the chat template does not render this conversation prefix by prefix: {what} "
         f"(assistant turn at messages[{j}]). Templates that rewrite earlier turns (e.g. Qwen 3 strips "
         "the reasoning of past turns) make the assistant spans impossible to derive by diffing. Either "
@@ -283,6 +286,13 @@ def _agree(a:str, b:str) -> int:
     "How many leading characters `a` and `b` share"
     return len(os.path.commonprefix([a, b]))
 
+def _changed(m:dict) -> dict:
+    "`m` with a different first character of its text"
+    c = m.get('content')
+    if not isinstance(c, str) or not c.strip(): return m
+    return {**m, 'content': ('y' if c.lstrip()[0] == 'x' else 'x') + c.lstrip()}
+
+# %% ../nbs/04_chat.ipynb #d3fb358f
 def message_span(render:ChatRenderer, # renders a conversation to text
                  messages:list, # the conversation
                  j:int, # the message
@@ -291,9 +301,10 @@ def message_span(render:ChatRenderer, # renders a conversation to text
                  tools=None, # tool schemas, passed to the template
                  kwargs:dict|None=None, # template kwargs, passed to the template
                 ) -> tuple[int,int]:
-    "Character span message `j` adds to `full`, trailing whitespace off"
+    "Character span of message `j`'s text and closing tokens in `full`, trailing whitespace off"
     inputs = dict(tools=tools, kwargs=kwargs)
-    start = 0 if j == 0 else _agree(_render_prefix(render, messages[:j], row, j, **inputs), full)
+    changed = [*messages[:j], _changed(messages[j]), *messages[j+1:]]
+    start = _agree(_render_prefix(render, changed, row, j, **inputs), full)
     end = _agree(_render_prefix(render, messages[:j+1], row, j, **inputs), full)
     return start, max(start, len(full[:end].rstrip()))
 
@@ -385,3 +396,36 @@ def training_template(tokenizer) -> str|None:
                    "tokenizer keeps its own template. To train on another template, set it with "
                    "`chat_template_path`.")
     return chat_template_file(f'{name}_training')
+
+# %% ../nbs/04_chat.ipynb #ad40101e
+def _split_row(render, msgs, j, chosen, prev, row, inputs) -> tuple[str, list, list]:
+    "The row for assistant turn `j`: text up to it, spans of it and of trained messages since `prev`"
+    before = _render_prefix(render, msgs[:j], row, j, add_generation_prompt=True, **inputs)
+    text = _render_prefix(render, msgs[:j+1], row, j, **inputs)
+    if not text.startswith(before):
+        raise _not_nested(row, j, "the generation prompt is not a prefix of the assistant turn")
+    others = [k for k in chosen if prev < k < j and msgs[k]['role'] != 'assistant']
+    spans = [message_span(render, msgs[:j+1], k, text, row, **inputs) for k in others]
+    spans.append((len(before), len(text.rstrip())))
+    weights = [chosen[k] for k in others] + [chosen[j]]
+    kept = [(s, w) for s, w in zip(spans, weights) if s[1] > s[0]]
+    return text, [s for s, _ in kept], [w for _, w in kept]
+
+# %% ../nbs/04_chat.ipynb #ec816e66
+def split_turns(render:ChatRenderer, # renders a conversation to text
+                messages:list, # the conversation, with its `train` / `weight` keys
+                row:int=0, # its row index, for errors
+                tools=None, # tool schemas, passed to the template
+                kwargs:dict|None=None, # template kwargs, passed to the template
+                last:bool=False, # `train_on_turns='last'`
+               ) -> list[tuple[str, list[tuple[int,int]], list[float]]]:
+    "One `(text, spans, weights)` per trained assistant turn: the conversation up to it, as inference renders it"
+    chosen = dict(chosen_turns(messages, last))
+    msgs = strip_turn_keys(messages)
+    inputs = dict(tools=tools, kwargs=kwargs)
+    out, prev = [], -1
+    for j in chosen:
+        if msgs[j]['role'] != 'assistant': continue
+        out.append(_split_row(render, msgs, j, chosen, prev, row, inputs))
+        prev = j
+    return out

@@ -88,6 +88,16 @@ def _prepare_dicts(dataset, *args, **kwargs):
     return type(dataset)({k: prepare_dataset(v, *args, **{**kwargs, 'dataset_name': k})
                           for k, v in dataset.items()})
 
+# %% ../nbs/04d_data.ipynb #c8a25701
+def _log_split(t:Tokenize, name:str):
+    "Say once how many conversations were split into one row per trained turn, and what it added"
+    s = t.split_stats
+    if not s['conversations']: return
+    logger.warning(f"The chat template renders earlier turns differently once later turns follow (e.g. it "
+                   f"drops past reasoning), so {s['conversations']} conversations of the {name} dataset "
+                   "were split into one row per trained assistant turn, each as inference renders it: "
+                   f"{s['rows']} rows and {s['tokens']} tokens added. Packing keeps the padding down.")
+
 # %% ../nbs/04d_data.ipynb #07388979
 def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a list of row dicts
                     processing_class, # a fast tokenizer, or a processor holding one
@@ -119,6 +129,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         _check_head(dataset, t, fmt, args)
     out = dataset.map(t, **kw)
+    _log_split(t, dataset_name)
     if isinstance(dataset, Dataset) and len(out) == 0:
         raise _all_dropped(dataset, t, args, dataset_name)
     if isinstance(dataset, Dataset) and len(out) < len(dataset):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from fastcore.basics import patch
 from .chat import DataFormatError, TURN_KEYS, data_error, diff_spans, strip_turn_keys, turn_spans
+from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
 
@@ -231,6 +232,7 @@ class Tokenize:
     weighted: bool = False # a `loss_weights` column: some message of the dataset has a `weight`
 
     def __post_init__(self):
+        self.split_stats = {'conversations': 0, 'rows': 0, 'tokens': 0}  # added by `split_turns`
         self.backend = fast_backend(self.tokenizer)
         self.eos = self.eos_token or self.tokenizer.eos_token
         conversations = self.fmt.startswith('conversational')
@@ -298,13 +300,38 @@ def _rendered(self:Tokenize, messages, row, field, tools, kw, spans:bool, **rend
     check_calls_rendered(out[0], messages, row, field)
     return out
 
+# %% ../nbs/04c_tokens.ipynb #f6f09f4e
+@patch
+def _conversation(self:Tokenize, messages, row, tools, kw, spans:bool) -> list[tuple]:
+    "`_rendered`'s `(text, spans, weights)` of a conversation, or one per trained turn where it doesn't nest"
+    try: return [self._rendered(messages, row, 'messages', tools, kw, spans)]
+    except NotNested:
+        found = split_turns(self.render, messages, row, tools, kw, self.train_on_turns == 'last')
+        return [(t, s, w if self.weighted else None) for t, s, w in found]
+
+@patch
+def _count_split(self:Tokenize, groups:list[int], encs):
+    "Add to `split_stats` the conversations split in a batch, and the rows and tokens they added"
+    start = 0
+    for n in groups:
+        if n > 1:
+            lengths = [len(e) for e in encs[start:start+n]]
+            self.split_stats['conversations'] += 1
+            self.split_stats['rows'] += n - 1
+            self.split_stats['tokens'] += sum(lengths) - max(lengths)
+        start += n
+
 # %% ../nbs/04c_tokens.ipynb #8feee7e9
 @patch
 def conversational(self:Tokenize, rows, idx):
     aol = self.assistant_only_loss
-    out = [self._rendered(r['messages'], i, 'messages', *_template_inputs(r), aol)
-           for r, i in zip(rows, idx)]
+    out, groups = [], []
+    for r, i in zip(rows, idx):
+        found = self._conversation(r['messages'], i, *_template_inputs(r), aol)
+        groups.append(len(found))
+        out += found
     encs = self.encode([t for t, _, _ in out], False)
+    self._count_split(groups, encs)
     masks = [[weighted_token_spans(e, s, w)] if aol else [] for e, (_, s, w) in zip(encs, out)]
     return [e.ids for e in encs], masks
 
