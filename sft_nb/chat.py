@@ -403,7 +403,13 @@ def _split_row(render, msgs, j, chosen, prev, row, inputs) -> tuple[str, list, l
     before = _render_prefix(render, msgs[:j], row, j, add_generation_prompt=True, **inputs)
     text = _render_prefix(render, msgs[:j+1], row, j, **inputs)
     if not text.startswith(before):
-        raise _not_nested(row, j, "the generation prompt is not a prefix of the assistant turn")
+        k = _agree(before, text)
+        raise DataFormatError(
+            f"Row {row}, field `messages[{j}]`: the chat template's generation prompt ends with "
+            f"{before[k-20:]!r}, but the template writes the turn as {text[k-20:k+20]!r}: no rendering of "
+            "this turn follows its inference prompt, so it can't be trained as inference runs it (DeepSeek-R1 "
+            "templates, e.g., drop the reasoning they prompt for). Put the reasoning where the template "
+            "renders it, or train with a template that does (`chat_template_path`).")
     others = [k for k in chosen if prev < k < j and msgs[k]['role'] != 'assistant']
     spans = [message_span(render, msgs[:j+1], k, text, row, **inputs) for k in others]
     spans.append((len(before), len(text.rstrip())))
