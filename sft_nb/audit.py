@@ -1,4 +1,4 @@
-"""Which turns train (all, the last, per message, weighted), on real chat templates, and an audit that training sees exactly what inference will.
+"""Which turns train (all, the last, per message, weighted), and an audit that training sees what inference will.
 
 Docs: https://sft-nb.github.io/sft_nb/audit.html.md"""
 
@@ -201,11 +201,15 @@ def warn_parity(dataset, # the raw train dataset
                 args, # the run's `SFTConfig`
                 sample:int=32, # conversations checked
                ) -> AuditReport|None:
-    "`audit_dataset` on the first rows, a warning per kind of mismatch; None where there is nothing to audit"
+    "`audit_dataset` on the first rows, a warning per kind of mismatch; None: nothing audited"
     from sft_nb.chat import DataFormatError
-    if not getattr(args, 'assistant_only_loss', False) or dataset is None: return None
+    text_only = not hasattr(processing_class, 'image_processor')  # images: the vision room's checks
+    if not getattr(args, 'assistant_only_loss', False) or dataset is None or not text_only: return None
     try: report = audit_dataset(dataset, processing_class, args, sample)
     except DataFormatError: return None  # `prepare_dataset` raises it, naming the row
+    except Exception as e:  # never silent, never in the way of training
+        logger.warning(f"Inference parity: the audit could not run ({type(e).__name__}: {e}).")
+        return None
     for kind, n in report.counts().items():
         if not n: continue
         first = next(m for m in report.mismatches if m.kind == kind)

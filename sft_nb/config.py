@@ -110,10 +110,7 @@ class SFTConfig(TrainingArguments):
         None, "Train only on completions of prompt-completion data. None: on for such data.")
     assistant_only_loss: bool = _field(
         False, "Train only on assistant turns of conversational data.")
-    # not in TRL, which trains every assistant turn (sft_nb.audit)
-    train_on_turns: str = _field(
-        "all", "With assistant_only_loss: which assistant turns train, all or last (the last "
-        "of each conversation). A message's own `train` key wins over this.")
+    train_on_turns: str = _field("all", "assistant_only_loss: all assistant turns train, or the last.")
     loss_type: str = _field("nll", "nll (negative log-likelihood) or dft (Dynamic Fine-Tuning).")
     activation_offloading: bool = _field(False, "Offload activations to the CPU.")
     overwrite_output_dir: bool = _field(
