@@ -406,10 +406,11 @@ def _split_row(render, msgs, j, chosen, prev, row, inputs) -> tuple[str, list, l
         k = _agree(before, text)
         raise DataFormatError(
             f"Row {row}, field `messages[{j}]`: the chat template's generation prompt ends with "
-            f"{before[k-20:]!r}, but the template writes the turn as {text[k-20:k+20]!r}: no rendering of "
-            "this turn follows its inference prompt, so it can't be trained as inference runs it (DeepSeek-R1 "
-            "templates, e.g., drop the reasoning they prompt for). Put the reasoning where the template "
-            "renders it, or train with a template that does (`chat_template_path`).")
+            f"{before[k-20:]!r}, but the template writes the turn as {text[k-20:k+20]!r}: no "
+            "rendering of this turn follows its inference prompt, so it can't be trained as "
+            "inference runs it (DeepSeek-R1 templates, e.g., drop the reasoning they prompt for). "
+            "Put the reasoning where the template renders it, or train with a template that does "
+            "(`chat_template_path`).")
     others = [k for k in chosen if prev < k < j and msgs[k]['role'] != 'assistant']
     spans = [message_span(render, msgs[:j+1], k, text, row, **inputs) for k in others]
     spans.append((len(before), len(text.rstrip())))
@@ -425,7 +426,7 @@ def split_turns(render:ChatRenderer, # renders a conversation to text
                 kwargs:dict|None=None, # template kwargs, passed to the template
                 last:bool=False, # `train_on_turns='last'`
                ) -> list[tuple[str, list[tuple[int,int]], list[float]]]:
-    "One `(text, spans, weights)` per trained assistant turn: the conversation up to it, as inference renders it"
+    "One `(text, spans, weights)` per trained assistant turn: the conversation up to it, as rendered"
     chosen = dict(chosen_turns(messages, last))
     msgs = strip_turn_keys(messages)
     inputs = dict(tools=tools, kwargs=kwargs)

@@ -221,7 +221,8 @@ def check_row(r:dict, # the row
         raise data_error(row, 'completion', completion, "a message list, like `prompt`", _MIXED)
     check_messages(r['prompt'], row, 'prompt')
     check_messages(r['completion'], row, 'completion', assistant_only_loss)
-    for field in ('prompt', 'completion'): _check_turn_keys_used(r[field], row, field, assistant_only_loss)
+    for field in ('prompt', 'completion'):
+        _check_turn_keys_used(r[field], row, field, assistant_only_loss)
 
 # %% ../nbs/04b_formats.ipynb #fcc25dd8
 def format_columns(fmt:str, # a format, from `detect_format`
