@@ -6,16 +6,17 @@ Docs: https://sft-nb.github.io/sft_nb/chat.html.md"""
 
 # %% ../nbs/04_chat.ipynb #a7e280bb
 from __future__ import annotations
-import functools, json, logging, re
+import functools, json, logging, os, re
 from importlib import resources
 from fastcore.basics import patch
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'GEN_OPEN', 'GEN_CLOSE', 'DataFormatError', 'data_error', 'has_generation_markers', 'compile_marked',
-           'split_marked', 'reasoning_fields', 'ChatRenderer', 'diff_spans', 'chat_template_file', 'stock_templates',
-           'nests', 'training_template']
+__all__ = ['logger', 'GEN_OPEN', 'GEN_CLOSE', 'TURN_KEYS', 'DataFormatError', 'data_error', 'has_generation_markers',
+           'compile_marked', 'split_marked', 'reasoning_fields', 'ChatRenderer', 'NotNested', 'assistant_turns',
+           'diff_spans', 'strip_turn_keys', 'chosen_turns', 'message_span', 'turn_spans', 'chat_template_file',
+           'stock_templates', 'nests', 'training_template', 'split_turns']
 
 # %% ../nbs/04_chat.ipynb #be7ce1dc
 class DataFormatError(ValueError):
@@ -197,8 +198,11 @@ def _text_and_spans(self:ChatRenderer, template, messages, tools, kwargs, add_ge
                                               add_generation_prompt, **self._kw(kwargs))
 
 # %% ../nbs/04_chat.ipynb #6cc2ea73
+class NotNested(DataFormatError):
+    "The chat template renders a conversation's earlier turns differently once later turns follow"
+
 def _not_nested(row, j, what):
-    return DataFormatError(
+    return NotNested(
         f"Row {row}: the chat template does not render this conversation prefix by prefix: {what} "
         f"(assistant turn at messages[{j}]). Templates that rewrite earlier turns (e.g. Qwen 3 strips "
         "the reasoning of past turns) make the assistant spans impossible to derive by diffing. Either "
@@ -217,15 +221,15 @@ def _render_prefix(render, messages, row, j, **kw):
                               "template.") from e
 
 # %% ../nbs/04_chat.ipynb #baeb51c1
-def diff_spans(render:ChatRenderer, # renders a conversation to text
-               messages:list, # the conversation
-               row:int=0, # its row index, for errors
-               tools=None, # tool schemas, passed to the template
-               kwargs:dict|None=None, # template kwargs, passed to the template
-              ) -> tuple[str, list[tuple[int,int]]]:
-    "The rendered conversation and the character span each assistant turn adds, by diffing prefixes"
+def assistant_turns(render:ChatRenderer, # renders a conversation to text
+                    messages:list, # the conversation
+                    row:int=0, # its row index, for errors
+                    tools=None, # tool schemas, passed to the template
+                    kwargs:dict|None=None, # template kwargs, passed to the template
+                   ) -> tuple[str, list[tuple[int, tuple[int,int]]]]:
+    "The rendered conversation and `(message index, character span)` of each non-empty assistant turn"
     full = render(messages, tools, kwargs)[0]
-    spans = []
+    turns = []
     template_inputs = dict(tools=tools, kwargs=kwargs)
     for j, m in enumerate(messages):
         if m['role'] != 'assistant': continue
@@ -238,8 +242,103 @@ def diff_spans(render:ChatRenderer, # renders a conversation to text
             raise _not_nested(row, j, "the conversation up to this turn renders differently once later "
                                       "turns follow")
         end = len(upto.rstrip())
-        if end > len(before): spans.append((len(before), end))
-    return full, spans
+        if end > len(before): turns.append((j, (len(before), end)))
+    return full, turns
+
+
+# %% ../nbs/04_chat.ipynb #1ab148f9
+def diff_spans(render:ChatRenderer, # renders a conversation to text
+               messages:list, # the conversation
+               row:int=0, # its row index, for errors
+               tools=None, # tool schemas, passed to the template
+               kwargs:dict|None=None, # template kwargs, passed to the template
+              ) -> tuple[str, list[tuple[int,int]]]:
+    "The rendered conversation and the character span each assistant turn adds, by diffing prefixes"
+    full, turns = assistant_turns(render, messages, row, tools, kwargs)
+    return full, [s for _, s in turns]
+
+# %% ../nbs/04_chat.ipynb #ebb48953
+TURN_KEYS = ('train', 'weight')
+
+def strip_turn_keys(messages:list) -> list:
+    "The messages without sft_nb's `train` / `weight` keys; the same list when none has one"
+    if not any(k in m for m in messages for k in TURN_KEYS): return messages
+    return [{k: v for k, v in m.items() if k not in TURN_KEYS} for m in messages]
+
+# %% ../nbs/04_chat.ipynb #92d7576c
+def chosen_turns(messages:list, # the conversation, with its `train` / `weight` keys
+                 last:bool=False, # only the last assistant turn trains, unless a message says otherwise
+                ) -> list[tuple[int, float]]:
+    "`(message index, loss weight)` of each message that trains"
+    roles = [m['role'] for m in messages]
+    final = max((j for j, r in enumerate(roles) if r == 'assistant'), default=None)
+    out = []
+    for j, m in enumerate(messages):
+        default = roles[j] == 'assistant' and (not last or j == final)
+        train = m.get('train')
+        if default if train is None else train:
+            weight = m.get('weight')
+            out.append((j, 1.0 if weight is None else float(weight)))
+    return out
+
+# %% ../nbs/04_chat.ipynb #a6ca32e3
+def _agree(a:str, b:str) -> int:
+    "How many leading characters `a` and `b` share"
+    return len(os.path.commonprefix([a, b]))
+
+def _changed(m:dict) -> dict:
+    "`m` with a different first character of its text"
+    c = m.get('content')
+    if not isinstance(c, str) or not c.strip(): return m
+    return {**m, 'content': ('y' if c.lstrip()[0] == 'x' else 'x') + c.lstrip()}
+
+# %% ../nbs/04_chat.ipynb #d3fb358f
+def message_span(render:ChatRenderer, # renders a conversation to text
+                 messages:list, # the conversation
+                 j:int, # the message
+                 full:str, # the whole conversation, rendered
+                 row:int=0, # its row index, for errors
+                 tools=None, # tool schemas, passed to the template
+                 kwargs:dict|None=None, # template kwargs, passed to the template
+                ) -> tuple[int,int]:
+    "Character span of message `j`'s text and closing tokens in `full`, trailing whitespace off"
+    inputs = dict(tools=tools, kwargs=kwargs)
+    changed = [*messages[:j], _changed(messages[j]), *messages[j+1:]]
+    start = _agree(_render_prefix(render, changed, row, j, **inputs), full)
+    end = _agree(_render_prefix(render, messages[:j+1], row, j, **inputs), full)
+    return start, max(start, len(full[:end].rstrip()))
+
+# %% ../nbs/04_chat.ipynb #56bd849d
+def _marked_turns(render, messages, row, tools, kwargs) -> tuple[str, dict]:
+    "Text and `{message index: span}` of the assistant turns, from the markers where they pair up"
+    text, marked = render(messages, tools, kwargs, markers=True)
+    assistants = [j for j, m in enumerate(messages) if m['role'] == 'assistant']
+    if len(marked) == len(assistants): return text, dict(zip(assistants, marked))
+    return text, dict(assistant_turns(render, messages, row, tools, kwargs)[1])
+
+# %% ../nbs/04_chat.ipynb #ab439826
+def turn_spans(render:ChatRenderer, # renders a conversation to text
+               messages:list, # the conversation, with its `train` / `weight` keys
+               row:int=0, # its row index, for errors
+               tools=None, # tool schemas, passed to the template
+               kwargs:dict|None=None, # template kwargs, passed to the template
+               last:bool=False, # `train_on_turns='last'`
+              ) -> tuple[str, list[tuple[int,int]], list[float]]:
+    "The rendered conversation, the span of each message that trains, and each span's loss weight"
+    chosen = chosen_turns(messages, last)
+    messages = strip_turn_keys(messages)
+    if render.markers: text, turns = _marked_turns(render, messages, row, tools, kwargs)
+    else:
+        text, found = assistant_turns(render, messages, row, tools, kwargs)
+        turns = dict(found)
+    spans, weights = [], []
+    for j, w in chosen:
+        span = turns.get(j) if messages[j]['role'] == 'assistant' else message_span(
+            render, messages, j, text, row, tools, kwargs)
+        if span is not None and span[1] > span[0]:
+            spans.append(span)
+            weights.append(w)
+    return text, spans, weights
 
 # %% ../nbs/04_chat.ipynb #831b4230
 def chat_template_file(name:str) -> str:
@@ -297,3 +396,43 @@ def training_template(tokenizer) -> str|None:
                    "tokenizer keeps its own template. To train on another template, set it with "
                    "`chat_template_path`.")
     return chat_template_file(f'{name}_training')
+
+# %% ../nbs/04_chat.ipynb #ad40101e
+def _split_row(render, msgs, j, chosen, prev, row, inputs) -> tuple[str, list, list]:
+    "The row for assistant turn `j`: text up to it, spans of it and of trained messages since `prev`"
+    before = _render_prefix(render, msgs[:j], row, j, add_generation_prompt=True, **inputs)
+    text = _render_prefix(render, msgs[:j+1], row, j, **inputs)
+    if not text.startswith(before):
+        k = _agree(before, text)
+        raise DataFormatError(
+            f"Row {row}, field `messages[{j}]`: the chat template's generation prompt ends with "
+            f"{before[k-20:]!r}, but the template writes the turn as {text[k-20:k+20]!r}: no "
+            "rendering of this turn follows its inference prompt, so it can't be trained as "
+            "inference runs it (DeepSeek-R1 templates, e.g., drop the reasoning they prompt for). "
+            "Put the reasoning where the template renders it, or train with a template that does "
+            "(`chat_template_path`).")
+    others = [k for k in chosen if prev < k < j and msgs[k]['role'] != 'assistant']
+    spans = [message_span(render, msgs[:j+1], k, text, row, **inputs) for k in others]
+    spans.append((len(before), len(text.rstrip())))
+    weights = [chosen[k] for k in others] + [chosen[j]]
+    kept = [(s, w) for s, w in zip(spans, weights) if s[1] > s[0]]
+    return text, [s for s, _ in kept], [w for _, w in kept]
+
+# %% ../nbs/04_chat.ipynb #ec816e66
+def split_turns(render:ChatRenderer, # renders a conversation to text
+                messages:list, # the conversation, with its `train` / `weight` keys
+                row:int=0, # its row index, for errors
+                tools=None, # tool schemas, passed to the template
+                kwargs:dict|None=None, # template kwargs, passed to the template
+                last:bool=False, # `train_on_turns='last'`
+               ) -> list[tuple[str, list[tuple[int,int]], list[float]]]:
+    "One `(text, spans, weights)` per trained assistant turn: the conversation up to it, as rendered"
+    chosen = dict(chosen_turns(messages, last))
+    msgs = strip_turn_keys(messages)
+    inputs = dict(tools=tools, kwargs=kwargs)
+    out, prev = [], -1
+    for j in chosen:
+        if msgs[j]['role'] != 'assistant': continue
+        out.append(_split_row(render, msgs, j, chosen, prev, row, inputs))
+        prev = j
+    return out

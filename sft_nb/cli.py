@@ -25,7 +25,7 @@ COMMANDS = {
     'demo': ("train the tiny built-in model on CPU for a minute, into a folder of its own "
              "(`sft-nb` alone)"),
     'preview': ("show prepared rows with trained tokens marked, token counts, truncation and packing; "
-                "loads no weights"),
+                "--audit: check trained turns against inference (sft_nb.audit); loads no weights"),
     'chat': ("chat with a saved model (full, merged or adapter folder), one line of stdin per turn: "
              "`sft-nb chat PATH`"),
     'generate': "answer one prompt: `sft-nb generate PATH --prompt 'What is 2 + 3?'`",
@@ -433,6 +433,7 @@ def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any forma
             args, # the `SFTConfig` of the run
             n_rows:int=3, # rows shown with their trained tokens marked
             sample:int=1000, # rows the figures are computed over
+            audit:bool=False, # also check trained turns against inference (`sft_nb.audit`)
            ) -> str:
     "How `dataset` will be prepared: rows with trained tokens marked, counts, truncation, packing"
     import numpy as np
@@ -458,10 +459,13 @@ def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any forma
     for i, row in enumerate(shown):
         t = show_trained(row, tokenizer)
         lines += [f"--- row {i}: {t.n_tokens} tokens, {t.n_trained} trained (in ⟦ ⟧) ---", str(t)]
+    if audit:
+        from sft_nb.audit import audit_dataset
+        lines.append(str(audit_dataset(head, tokenizer, args, sample)))
     return '\n'.join(lines)
 
 # %% ../nbs/09_cli.ipynb #15a54855
-_PREVIEW_USAGE = ("usage: sft-nb preview --config RECIPE.yaml [--rows 3] [--sample 1000] "
+_PREVIEW_USAGE = ("usage: sft-nb preview --config RECIPE.yaml [--rows 3] [--sample 1000] [--audit] "
                   "[--OPTION VALUE ...]")
 
 def preview_command(argv:list[str]) -> str:
@@ -469,6 +473,7 @@ def preview_command(argv:list[str]) -> str:
     p = argparse.ArgumentParser(prog='sft-nb preview', add_help=False)
     p.add_argument('--rows', type=int, default=3)
     p.add_argument('--sample', type=int, default=1000)
+    p.add_argument('--audit', action='store_true')
     if '-h' in argv or '--help' in argv:
         print(f"{_PREVIEW_USAGE}\n\n{COMMANDS['preview']}")
         return None
@@ -483,7 +488,7 @@ def preview_command(argv:list[str]) -> str:
         ds = train_split(load_data(script_args, mix), script_args)
         tok = load_tokenizer(model_args.model_name_or_path, training_args, model_args)
         tok = prepare_tokenizer(tok, None, training_args, needs_chat_template(ds, training_args))
-        report = preview(ds, tok, training_args, ours.rows, ours.sample)
+        report = preview(ds, tok, training_args, ours.rows, ours.sample, ours.audit)
     print(report)
     return report
 

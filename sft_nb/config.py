@@ -18,9 +18,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 # %% auto #0
-__all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'HALF_PRECISION_UPDATES', 'LAUNCH_KEYS', 'closest',
-           'check_choice', 'bf16_supported', 'SampleAnswersArguments', 'SFTConfig', 'ModelConfig', 'ScriptArguments',
-           'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe', 'parse_args', 'launch_options']
+__all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'TRAIN_ON_TURNS', 'HALF_PRECISION_UPDATES', 'LAUNCH_KEYS',
+           'closest', 'check_choice', 'bf16_supported', 'SampleAnswersArguments', 'SFTConfig', 'ModelConfig',
+           'ScriptArguments', 'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe', 'parse_args', 'launch_options']
 
 # %% ../nbs/00_config.ipynb #98043308
 def closest(name:str, valid) -> str:
@@ -60,6 +60,7 @@ def bf16_supported() -> bool:
 LOSS_TYPES = {'nll', 'dft'}
 PACKING_STRATEGIES = {'bfd', 'bfd_split', 'wrapped'}
 TRUNCATION_MODES = {'keep_start', 'keep_end'}
+TRAIN_ON_TURNS = {'all', 'last'}
 HALF_PRECISION_UPDATES = {'kahan', 'stochastic', 'master', 'naive'}
 _ALIASES = {'chunked_nll': 'nll', 'bfd-requeue': 'bfd_split'}
 
@@ -125,6 +126,7 @@ class SFTConfig(SampleAnswersArguments, TrainingArguments):
         None, "Train only on completions of prompt-completion data. None: on for such data.")
     assistant_only_loss: bool = _field(
         False, "Train only on assistant turns of conversational data.")
+    train_on_turns: str = _field("all", "assistant_only_loss: all assistant turns train, or the last.")
     loss_type: str = _field("nll", "nll (negative log-likelihood) or dft (Dynamic Fine-Tuning).")
     activation_offloading: bool = _field(False, "Offload activations to the CPU.")
     overwrite_output_dir: bool = _field(
@@ -182,6 +184,10 @@ def _check_sft_fields(self:SFTConfig):
     check_choice('packing_strategy', self.packing_strategy, PACKING_STRATEGIES)
     check_choice('truncation_mode', self.truncation_mode, TRUNCATION_MODES)
     check_choice('half_precision_updates', self.half_precision_updates, HALF_PRECISION_UPDATES)
+    check_choice('train_on_turns', self.train_on_turns, TRAIN_ON_TURNS)
+    if self.train_on_turns == 'last' and not self.assistant_only_loss:
+        raise ValueError("`train_on_turns='last'` picks among assistant turns, so it needs "
+                         "`assistant_only_loss=True`; set it, or leave train_on_turns='all'.")
     if self.max_length is not None and self.max_length < 1:
         raise ValueError("`max_length` must be a positive number of tokens or None (no "
                          f"truncation), got {self.max_length}.")

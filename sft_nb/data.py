@@ -13,6 +13,7 @@ from .chat import DataFormatError, training_template
 from .formats import (TEMPLATE_COLUMNS, check_dataset, check_row, detect_format, first_row,
                             format_columns, to_chatml)
 from .tokens import Tokenize, check_markers
+from .formats import carries_weights
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
     swap = args.assistant_only_loss and fmt.startswith('conversational')
     return Tokenize(tokenizer, fmt, args.dataset_text_field, args.eos_token, completion_only,
                     args.assistant_only_loss, None if packing else args.max_length, args.truncation_mode,
-                    not packing, formatting_func, chat_template=training_template(tokenizer) if swap else None)
+                    not packing, formatting_func, chat_template=training_template(tokenizer) if swap else None,
+                    train_on_turns=getattr(args, 'train_on_turns', 'all'))
 
 # %% ../nbs/04d_data.ipynb #87599c5e
 def _all_dropped(dataset, t:Tokenize, args, name:str) -> DataFormatError:
@@ -86,6 +88,16 @@ def _prepare_dicts(dataset, *args, **kwargs):
     return type(dataset)({k: prepare_dataset(v, *args, **{**kwargs, 'dataset_name': k})
                           for k, v in dataset.items()})
 
+# %% ../nbs/04d_data.ipynb #c8a25701
+def _log_split(t:Tokenize, name:str):
+    "Say once how many conversations were split into one row per trained turn, and what it added"
+    s = t.split_stats
+    if not s['conversations']: return
+    logger.warning(f"The chat template renders earlier turns differently once later turns follow (e.g. it "
+                   f"drops past reasoning), so {s['conversations']} conversations of the {name} dataset "
+                   "were split into one row per trained assistant turn, each as inference renders it: "
+                   f"{s['rows']} rows and {s['tokens']} tokens added. Packing keeps the padding down.")
+
 # %% ../nbs/04d_data.ipynb #07388979
 def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a list of row dicts
                     processing_class, # a fast tokenizer, or a processor holding one
@@ -107,6 +119,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
         logger.warning("The dataset is already tokenized (`input_ids`): `formatting_func` is ignored.")
         formatting_func = None
     t = make_tokenize(fmt, tokenizer, args, formatting_func, packing, columns)
+    t.weighted = args.assistant_only_loss and carries_weights(dataset)  # a `loss_weights` column
     used = format_columns(fmt, columns, args.dataset_text_field) + list(TEMPLATE_COLUMNS)
     unused = [c for c in columns if c not in used]
     if unused and (formatting_func is None or fmt == 'tokenized'):
@@ -116,6 +129,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         _check_head(dataset, t, fmt, args)
     out = dataset.map(t, **kw)
+    _log_split(t, dataset_name)
     if isinstance(dataset, Dataset) and len(out) == 0:
         raise _all_dropped(dataset, t, args, dataset_name)
     if isinstance(dataset, Dataset) and len(out) < len(dataset):

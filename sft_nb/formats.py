@@ -11,13 +11,15 @@ from typing import Callable
 from .chat import DataFormatError, data_error
 
 # %% auto #0
-__all__ = ['ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'detect_format', 'to_chatml', 'check_messages', 'check_row',
-           'format_columns', 'validate_tokenized', 'validate_dataset', 'first_row', 'check_dataset']
+__all__ = ['ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'TURN_KEYS', 'detect_format', 'to_chatml', 'check_messages', 'check_row',
+           'format_columns', 'validate_tokenized', 'validate_dataset', 'first_row', 'check_dataset', 'carries_weights']
 
 # %% ../nbs/04b_formats.ipynb #06126b85
 ROLES = ('system', 'developer', 'user', 'assistant', 'tool', 'ipython', 'function')
 TEMPLATE_COLUMNS = ('tools', 'chat_template_kwargs')
 MASK_COLUMNS = ('completion_mask', 'assistant_masks', 'labels')
+# per-message keys choosing what trains (sft_nb.audit); the template never sees them
+TURN_KEYS = ('train', 'weight')
 
 def _format_groups(text_field):
     return {'conversational': ('messages', 'conversations'),
@@ -107,6 +109,18 @@ def _check_tool_calls(calls, row, f):
             raise data_error(row, f"{f}[{k}]", c, f"a tool call, {_TOOL_CALLS}")
         _check_arguments(fn.get('arguments'), row, f"{f}[{k}].function.arguments")
 
+# %% ../nbs/04b_formats.ipynb #c60b2455
+def _check_turn_keys(m, row, f):
+    "A message's `train` (a bool) and `weight` (a finite number >= 0), where given"
+    import math
+    train, weight = m.get('train'), m.get('weight')
+    if train is not None and not isinstance(train, bool):
+        raise data_error(row, f"{f}.train", train, "true or false (does this message train?)")
+    if weight is None: return
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if not number or not math.isfinite(weight) or weight < 0:
+        raise data_error(row, f"{f}.weight", weight, "a finite number >= 0 (its tokens' loss weight)")
+
 # %% ../nbs/04b_formats.ipynb #4dfab1f1
 def _check_message(m, row, f, keys=('role', 'content')):
     role_key, content_key = keys
@@ -118,6 +132,7 @@ def _check_message(m, row, f, keys=('role', 'content')):
         raise data_error(row, f"{f}.{role_key}", role, f"one of {list(ROLES)}", hint)
     if m.get('tool_calls') is not None:
         _check_tool_calls(m['tool_calls'], row, f"{f}.tool_calls")
+    _check_turn_keys(m, row, f)
     c = m.get('content')
     if c is None and role == 'assistant' and m.get('tool_calls'): return
     if not isinstance(c, str): raise data_error(row, f"{f}.{content_key}", c, "a string")
@@ -169,6 +184,17 @@ def _check_tools(tools, row):
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise data_error(row, 'tools', tools, f"a list of tool schemas, {_TOOLS}")
 
+# %% ../nbs/04b_formats.ipynb #0f7a078a
+def _check_turn_keys_used(messages, row, field, assistant_only_loss):
+    "Refuse `train` / `weight` keys that would be ignored: they need `assistant_only_loss=True`"
+    if assistant_only_loss or not isinstance(messages, list): return
+    for j, m in enumerate(messages):
+        key = next((k for k in TURN_KEYS if isinstance(m, dict) and m.get(k) is not None), None)
+        if key is not None:
+            raise data_error(row, f"{field}[{j}].{key}", m[key], "no per-message training keys "
+                             "while assistant_only_loss=False (every token trains)",
+                             "Set assistant_only_loss=True so `train` and `weight` choose what trains.")
+
 # %% ../nbs/04b_formats.ipynb #de896c4e
 _MIXED = "Mixed formats: make both strings or both message lists."
 
@@ -184,6 +210,7 @@ def check_row(r:dict, # the row
     _check_tools(r.get('tools'), row)
     if fmt == 'conversational':
         field = 'messages' if 'messages' in r else 'conversations'
+        _check_turn_keys_used(r[field], row, field, assistant_only_loss)
         return check_messages(to_chatml(r[field]), row, field, assistant_only_loss)
     completion = r['completion']
     if fmt == 'prompt_completion':
@@ -194,6 +221,8 @@ def check_row(r:dict, # the row
         raise data_error(row, 'completion', completion, "a message list, like `prompt`", _MIXED)
     check_messages(r['prompt'], row, 'prompt')
     check_messages(r['completion'], row, 'completion', assistant_only_loss)
+    for field in ('prompt', 'completion'):
+        _check_turn_keys_used(r[field], row, field, assistant_only_loss)
 
 # %% ../nbs/04b_formats.ipynb #fcc25dd8
 def format_columns(fmt:str, # a format, from `detect_format`
@@ -234,6 +263,9 @@ def _suspect_conversations(column, need_assistant:bool):
         # calls are checked row by row: too varied for Arrow
         if flat.type.get_field_index('tool_calls') >= 0:
             msg_bad = pc.or_(msg_bad, pc.fill_null(flat.field('tool_calls').is_valid(), False))
+        for key in TURN_KEYS:  # their types and the setting they need: row by row too
+            if flat.type.get_field_index(key) >= 0:
+                msg_bad = pc.or_(msg_bad, pc.fill_null(flat.field(key).is_valid(), False))
         bad[parent[msg_bad.to_numpy(zero_copy_only=False)]] = True
         if need_assistant:
             has = np.zeros(n, bool)
@@ -414,3 +446,33 @@ def check_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict`, a dict
         tok = getattr(processing_class, 'tokenizer', processing_class)
         _validate_once(dataset, fmt, args, len(tok) if tok is not None else None)
     return fmt
+
+# %% ../nbs/04b_formats.ipynb #60b46a67
+_CONVERSATION_COLUMNS = ('messages', 'conversations', 'prompt', 'completion')
+
+def _weights_in_column(column) -> bool:
+    "Does an Arrow column of message lists hold a non-null `weight`?"
+    import pyarrow.compute as pc
+    for chunk in column.chunks:
+        weights = pc.struct_field(pc.list_flatten(chunk), 'weight')
+        if weights.null_count < len(weights): return True
+    return False
+
+def carries_weights(dataset, # a `Dataset` or `IterableDataset`
+                    head:int=64, # rows a stream is judged by
+                   ) -> bool:
+    "Does any message of `dataset` have a `weight` (so rows get a `loss_weights` column)?"
+    from datasets import Dataset
+    from itertools import islice
+    cols = [c for c in _CONVERSATION_COLUMNS if c in (dataset.column_names or [])]
+    weighs = lambda m: isinstance(m, dict) and m.get('weight') is not None
+    if isinstance(dataset, Dataset):
+        inner = {c: getattr(dataset.features[c], 'feature', None) for c in cols}
+        structs = [c for c in cols if isinstance(inner[c], dict)]
+        if any(_weights_in_column(dataset.data.column(c)) for c in structs if 'weight' in inner[c]):
+            return True
+        # messages stored otherwise (e.g. as JSON): read in Python
+        others = [c for c in cols if c not in structs and not _plain(dataset.features[c])]
+        return any(weighs(m) for c in others for ms in dataset[c] if isinstance(ms, list) for m in ms)
+    rows = islice(iter(dataset), head)
+    return any(weighs(m) for r in rows for c in cols if isinstance(r.get(c), list) for m in r[c])

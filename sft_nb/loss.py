@@ -34,6 +34,7 @@ def loss_from_logits(logits:torch.Tensor, # (N, V) logits of the labelled positi
                      targets:torch.Tensor, # (N,) their labels
                      loss_type:str='nll', # 'nll' or 'dft'
                      label_smoothing:float=0.0, # weight of the vocabulary's mean NLL
+                     weights:torch.Tensor|None=None, # (N,) each token's loss weight; None: all 1
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Summed per-token loss, top-1 hits and summed entropy, from full logits: reference and fallback"
     logp = logits.float().log_softmax(-1)                                # (N, V)
@@ -41,6 +42,7 @@ def loss_from_logits(logits:torch.Tensor, # (N, V) logits of the labelled positi
     per_token = -logp_t * (logp_t.exp().detach() if loss_type == 'dft' else 1)
     if label_smoothing:
         per_token = (1 - label_smoothing) * per_token - label_smoothing * logp.mean(-1)
+    if weights is not None: per_token = per_token * weights
     entropy = -(logp.exp() * logp).sum(-1)                               # (N,)
     return per_token.sum(), (logits.argmax(-1) == targets).sum(), entropy.detach().sum()
 
@@ -53,7 +55,7 @@ def _logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 # %% ../nbs/06_loss.ipynb #2690585c
-def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0):
+def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, tw=None):
     "Loss, hits and entropy of a chunk of tokens; with `grads` (gh, gw, gb), add d loss / d inputs to them"
     n = len(t)
     z = _logits(h, weight, bias, zbuf[:n])                               # (n, V)
@@ -65,16 +67,21 @@ def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0):
     entropy = log_z - (e[:, None] @ z[:, :, None]).view(-1) / s  # batched dot: no (n, V) temporary
     logp_t = z.gather(-1, t[:, None]).view(-1) - log_z
     w = logp_t.exp() if dft else torch.ones_like(logp_t)
-    loss = -(w * logp_t).sum()
+    if tw is None: loss = -(w * logp_t).sum()
+    else: loss = -(w * logp_t * tw).sum()  # times 1 is exact: weights of 1 change no bit
     if smoothing:  # plus the vocabulary's mean NLL
-        loss = (1 - smoothing) * loss + smoothing * (log_z - z.mean(-1)).sum()
+        mean_nll = log_z - z.mean(-1)
+        loss = (1 - smoothing) * loss + smoothing * (mean_nll if tw is None else mean_nll * tw).sum()
     if grads is not None:
         kept = w * (1 - smoothing)
         # w * (softmax - onehot), in place of e; smoothed: (1-eps) of it,
-        # plus eps * (softmax - 1/V) for the vocabulary's mean NLL
-        dz = e.mul_(((kept + smoothing) / s)[:, None])
+        # plus eps * (softmax - 1/V) for the vocabulary's mean NLL; all times the token's weight
+        scale = (kept + smoothing) / s
+        if tw is not None: scale, kept = scale * tw, kept * tw
+        dz = e.mul_(scale[:, None])
         dz[torch.arange(n), t] -= kept
-        if smoothing: dz.sub_(smoothing / z.size(-1))
+        if smoothing and tw is None: dz.sub_(smoothing / z.size(-1))
+        elif smoothing: dz.sub_((smoothing / z.size(-1)) * tw[:, None])
         if softcap: dz.mul_(1 - z.div_(softcap).square_())
         gh, gw, gb = grads
         if gh is not None: gh.copy_(dz.to(weight.dtype) @ weight)
@@ -87,7 +94,7 @@ class ChunkedLMHead(torch.autograd.Function):
     "Summed loss, hits and entropy of `hidden @ weight.T + bias` at `targets`, `chunk` tokens at a time"
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, dft=False, softcap=None, chunk=64,
-                smoothing=0.0):
+                smoothing=0.0, token_weights=None):
         need = ctx.needs_input_grad
         gh = hidden.new_empty(hidden.shape) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
@@ -101,8 +108,9 @@ class ChunkedLMHead(torch.autograd.Function):
         for i in range(0, len(targets), chunk):
             sl = slice(i, i + chunk)
             chunk_grads = (None if gh is None else gh[sl], gw, gb) if want else None
+            tw = None if token_weights is None else token_weights[sl]
             l, c, e = _chunk(hidden[sl].to(weight.dtype), weight, bias, targets[sl], dft, softcap,
-                             chunk_grads, zbuf, ebuf, smoothing)
+                             chunk_grads, zbuf, ebuf, smoothing, tw)
             loss += l
             hits += c
             ent += e
@@ -115,7 +123,7 @@ class ChunkedLMHead(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         del ctx.grads
         scaled = [None if x is None else x * g.to(x.dtype) for x in (gh, gw, gb)]
-        return *scaled, None, None, None, None, None
+        return *scaled, None, None, None, None, None, None
 
 # %% ../nbs/06_loss.ipynb #5dae53c5
 def _unwrap(model):
@@ -176,7 +184,7 @@ def hidden_states_from_head(model):
 # %% ../nbs/06_loss.ipynb #698ddbc9
 def _model_inputs(inputs:dict, router:bool=False) -> dict:
     "The model's forward inputs: no labels (we compute the loss), no cache, router logits for the aux loss"
-    out = {k: v for k, v in inputs.items() if k not in ('labels', 'shift_labels')}
+    out = {k: v for k, v in inputs.items() if k not in ('labels', 'shift_labels', 'loss_weights')}
     out['use_cache'] = False
     return out | {'output_router_logits': True} if router else out
 
@@ -197,6 +205,13 @@ def _targets(inputs:dict) -> torch.Tensor:
     labels = inputs['labels']
     return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], 1)
 
+def _target_weights(inputs:dict, targets:torch.Tensor) -> torch.Tensor|None:
+    "Each target's loss weight (B, T), from `loss_weights` laid out as `labels` (or `shift_labels`)"
+    w = inputs.get('loss_weights')
+    if w is None: return None
+    if 'shift_labels' in inputs: return torch.nn.functional.pad(w, (0, targets.size(1) - w.size(1)))
+    return torch.cat([w[:, 1:], w.new_zeros((w.size(0), 1))], 1)
+
 def _last(out, T:int) -> torch.Tensor:
     "The model output's last `T` positions (prompt-tuning PEFT prepends virtual tokens)"
     x = out.logits if hasattr(out, 'logits') else out[0]
@@ -211,7 +226,7 @@ def _log_once(key, msg):
     logger.warning(msg)
 
 # %% ../nbs/06_loss.ipynb #59f20e4b
-def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smoothing=0.0):
+def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smoothing=0.0, tw=None):
     with hidden_states_from_head(model) as (called, softcap):
         out = model(**_model_inputs(inputs, router))
     if len(called) != 1: return None
@@ -219,16 +234,19 @@ def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smooth
     chunk = chunk_tokens or max(16, CHUNK_ELEMENTS // head.weight.size(0))
     h = hidden[mask.to(hidden.device)].to(head.weight.device)  # (N, H): labelled positions only
     t = targets[mask].to(head.weight.device)
-    loss_hits_entropy = ChunkedLMHead.apply(h, head.weight, head.bias, t, dft, softcap, chunk, smoothing)
+    tw = None if tw is None else tw.to(head.weight.device, torch.float32)
+    loss_hits_entropy = ChunkedLMHead.apply(h, head.weight, head.bias, t, dft, softcap, chunk, smoothing,
+                                            tw)
     return *loss_hits_entropy, _aux(out, router)
 
 # %% ../nbs/06_loss.ipynb #785dc6fd
-def _unfused(model, inputs, targets, mask, dft, router=False, smoothing=0.0):
+def _unfused(model, inputs, targets, mask, dft, router=False, smoothing=0.0, tw=None):
     out = model(**_model_inputs(inputs, router))
     logits = _last(out, targets.size(1))                                    # (B, T, V)
     t = targets[mask].to(logits.device)
     loss_type = 'dft' if dft else 'nll'
-    loss_hits_entropy = loss_from_logits(logits[mask.to(logits.device)], t, loss_type, smoothing)
+    tw = None if tw is None else tw.to(logits.device, torch.float32)
+    loss_hits_entropy = loss_from_logits(logits[mask.to(logits.device)], t, loss_type, smoothing, tw)
     return *loss_hits_entropy, _aux(out, router)
 
 # %% ../nbs/06_loss.ipynb #996ea9b8
@@ -247,15 +265,17 @@ def sft_loss(model, # causal LM, possibly PEFT- or DDP-wrapped
         raise ValueError(f"sft_loss needs 'labels' in the batch; it has {sorted(inputs)}.")
     targets = _targets(inputs)
     mask = targets != IGNORE_INDEX                                             # (B, T)
+    weights = _target_weights(inputs, targets)                                 # (B, T) or None
+    tw = None if weights is None else weights[mask]                            # (N,)
     blocker, out, router = fused_head_blocker(model), None, router_aux_loss_coef != 0
     dft = loss_type == 'dft'
     if blocker is None:
-        out = _fused(model, inputs, targets, mask, dft, chunk_tokens, router, label_smoothing)
+        out = _fused(model, inputs, targets, mask, dft, chunk_tokens, router, label_smoothing, tw)
     if out is None:
         name = type(_unwrap(model)).__name__
         _log_once(name, f"sft_loss: {name} computes full logits (slower, more memory) because "
                         f"{blocker or 'its forward did not call the LM head exactly once'}.")
-        out = _unfused(model, inputs, targets, mask, dft, router, label_smoothing)
+        out = _unfused(model, inputs, targets, mask, dft, router, label_smoothing, tw)
     loss_sum, n_correct, entropy_sum, aux = out
     n_labelled = mask.sum()
     denom = n_labelled if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)

@@ -337,6 +337,7 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
         packed = self.block_diagonal and 'seq_lengths' in examples[0]
         if self.padding_free: out = self._flat(ids, labels, docs)
         else: out = self._rows(ids, labels, docs, packed)
+        if 'loss_weights' in examples[0]: out['loss_weights'] = self._loss_weights(examples, out['labels'])
         if self.predict_first_token:
             out['shift_labels'] = torch.nn.functional.pad(out['labels'], (0, 1), value=-100)  # (B, T+1)
         return out
@@ -390,3 +391,13 @@ def _flat(self:DataCollatorForLanguageModeling, ids, labels, docs) -> dict:
     doc_index = torch.arange(n_docs, dtype=torch.int32)
     seq_idx = torch.repeat_interleave(doc_index, cu['cu_seq_lens_q'].diff())
     return {**out, **cu, 'seq_idx': seq_idx[None]}
+
+# %% ../nbs/05_packing.ipynb #e90599f9
+@patch
+def _loss_weights(self:DataCollatorForLanguageModeling, examples, labels:torch.Tensor) -> torch.Tensor:
+    "Each token's loss weight, in the layout of `labels` `(B, T)`, 0 on padding"
+    rows = [np.asarray(ex['loss_weights'], dtype=np.float32) for ex in examples]
+    if self.padding_free: rows = [np.concatenate(rows)]
+    out = np.zeros(tuple(labels.shape), dtype=np.float32)
+    for i, r in enumerate(rows): out[i, :len(r)] = r
+    return torch.from_numpy(out)

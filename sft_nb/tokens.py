@@ -10,13 +10,15 @@ import json, traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 from fastcore.basics import patch
-from .chat import DataFormatError, data_error, diff_spans
+from .chat import DataFormatError, TURN_KEYS, data_error, diff_spans, strip_turn_keys, turn_spans
+from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
 
 # %% auto #0
-__all__ = ['fast_backend', 'token_spans', 'span_mask', 'common_prefix_length', 'mask_spans', 'ranges_mask', 'assemble',
-           'template_error', 'check_calls_rendered', 'Tokenize', 'check_markers']
+__all__ = ['fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
+           'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
+           'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -52,6 +54,16 @@ def span_mask(enc, spans:list[tuple[int,int]]) -> list[int]:
     for a, b in token_spans(enc, spans): mask[a:b] = [1] * (b - a)
     return mask
 
+# %% ../nbs/04c_tokens.ipynb #7e2881b6
+def weighted_token_spans(enc, # a `tokenizers.Encoding`
+                         spans:list[tuple[int,int]], # character spans [start, end)
+                         weights:list[float]|None=None, # one per span; None: plain ranges
+                        ) -> list[tuple]:
+    "`token_spans`, each range `(a, b, weight)` when `weights` are given"
+    ranges = token_spans(enc, spans)
+    if weights is None: return ranges
+    return [(a, b, w) for (a, b), w in zip(ranges, weights)]
+
 # %% ../nbs/04c_tokens.ipynb #21493557
 def common_prefix_length(a:list, b:list) -> int:
     "Number of leading items `a` and `b` share"
@@ -84,6 +96,20 @@ def ranges_mask(n:int, # length of the flat array
     np.add.at(delta, np.asarray(ends, np.int64), -1)
     return np.cumsum(delta[:-1]) > 0
 
+# %% ../nbs/04c_tokens.ipynb #a053f5db
+def range_weights(n:int, # length of the flat array
+                  off, # row offsets into it
+                  masks:list[list], # per row, masks as `assemble` takes them
+                 ):
+    "float32 array of length `n`: 1, and `w` inside each mask range `(a, b, w)` of its row"
+    import numpy as np
+    out = np.ones(n, np.float32)
+    for o, m in zip(off[:-1].tolist(), masks):
+        for level in m:
+            for r in level:
+                if len(r) == 3: out[o + r[0]:o + r[1]] = r[2]
+    return out
+
 # %% ../nbs/04c_tokens.ipynb #7f4c5699
 def assemble(ids:list[list[int]], # token ids of each row
              # per row, masks (lists of token ranges [a, b)); a token is trained where all allow it
@@ -92,8 +118,9 @@ def assemble(ids:list[list[int]], # token ids of each row
              truncation_mode:str='keep_start', # or 'keep_end'
              drop_untrained:bool=True, # drop rows left without a trained token
              given:list|None=None, # per row, labels to use as they are, or None
+             weighted:bool=False, # also each token's loss weight: a range `(a, b, w)` gives w, else 1
             ) -> tuple:
-    "Flat `input_ids`, `labels` (-100: no loss) and row offsets of a batch, masked and truncated"
+    "Flat `input_ids`, `labels` (-100: no loss), row offsets (and weights) of a batch, masked and truncated"
     import numpy as np
     from itertools import chain
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
@@ -108,8 +135,8 @@ def assemble(ids:list[list[int]], # token ids of each row
                 starts.append(o)
                 ends.append(e)
             else:
-                starts += [o + a for a, _ in m[level]]
-                ends += [o + b for _, b in m[level]]
+                starts += [o + r[0] for r in m[level]]
+                ends += [o + r[1] for r in m[level]]
         trained &= ranges_mask(n, starts, ends)
     labels = np.where(trained, flat, -100)
     for r, g in enumerate(given or []):
@@ -117,28 +144,30 @@ def assemble(ids:list[list[int]], # token ids of each row
     keep = lens if max_length is None else np.minimum(lens, max_length)
     lo = off[:-1] if truncation_mode == 'keep_start' else off[1:] - keep
     sel = ranges_mask(n, lo, lo + keep)
-    flat, labels = flat[sel], labels[sel]
+    cols = [flat, labels] + ([range_weights(n, off, masks)] if weighted else [])
+    cols = [c[sel] for c in cols]
     if drop_untrained:
-        counts = np.concatenate([[0], np.cumsum(labels != -100)])
+        counts = np.concatenate([[0], np.cumsum(cols[1] != -100)])
         ends = np.cumsum(keep)
         alive = counts[ends] - counts[ends - keep] > 0
         if not alive.all():
             kept = np.repeat(alive, keep)
-            flat, labels, keep = flat[kept], labels[kept], keep[alive]
+            cols, keep = [c[kept] for c in cols], keep[alive]
     out_off = np.zeros(len(keep) + 1, np.int64)
     np.cumsum(keep, out=out_off[1:])
-    return flat, labels, out_off
+    return cols[0], cols[1], out_off, *cols[2:]
 
 # %% ../nbs/04c_tokens.ipynb #3e776493
-def _arrow(flat, labels, off):
+def _arrow(flat, labels, off, weights=None):
     import numpy as np, pyarrow as pa
     o = pa.array(off.astype(np.int32))
-    return pa.table({'input_ids': pa.ListArray.from_arrays(o, flat),
-                     'labels': pa.ListArray.from_arrays(o, labels)})
+    cols = {'input_ids': flat, 'labels': labels, 'loss_weights': weights}
+    return pa.table({k: pa.ListArray.from_arrays(o, v) for k, v in cols.items() if v is not None})
 
-def _lists(flat, labels, off):
+def _lists(flat, labels, off, weights=None):
     cut = lambda x: [x[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
-    return {'input_ids': cut(flat), 'labels': cut(labels)}
+    cols = {'input_ids': flat, 'labels': labels, 'loss_weights': weights}
+    return {k: cut(v) for k, v in cols.items() if v is not None}
 
 # %% ../nbs/04c_tokens.ipynb #052678c9
 def _template_line(e:BaseException) -> int|None:
@@ -199,8 +228,11 @@ class Tokenize:
     arrow: bool = True # return an Arrow table (`Dataset.map`); a dict for `IterableDataset.map`
     # render conversations with this instead of the tokenizer's (`training_template`)
     chat_template: str|None = None
+    train_on_turns: str = 'all' # with assistant_only_loss: 'all' assistant turns, or the 'last'
+    weighted: bool = False # a `loss_weights` column: some message of the dataset has a `weight`
 
     def __post_init__(self):
+        self.split_stats = {'conversations': 0, 'rows': 0, 'tokens': 0}  # added by `split_turns`
         self.backend = fast_backend(self.tokenizer)
         self.eos = self.eos_token or self.tokenizer.eos_token
         conversations = self.fmt.startswith('conversational')
@@ -214,6 +246,15 @@ class Tokenize:
         "Rendered text and assistant spans: from the template's markers, else by diffing prefixes"
         if self.render.markers: return self.render(messages, tools, kwargs, markers=True)
         return diff_spans(self.render, messages, row, tools, kwargs)
+
+    def turns(self, messages, row, tools=None, kwargs=None) -> tuple[str, list, list|None]:
+        "Text, the spans that train and their loss weights (None: unweighted), as chosen per message"
+        chosen = self.train_on_turns == 'last' or any(m.get(k) is not None for m in messages
+                                                      for k in TURN_KEYS)
+        if not chosen: return *self.spans(strip_turn_keys(messages), row, tools, kwargs), None
+        text, spans, weights = turn_spans(self.render, messages, row, tools, kwargs,
+                                          self.train_on_turns == 'last')
+        return text, spans, weights if self.weighted else None
 
 # %% ../nbs/04c_tokens.ipynb #53e0ab0b
 @patch
@@ -248,10 +289,10 @@ def prompt_completion(self:Tokenize, rows, idx):
 # %% ../nbs/04c_tokens.ipynb #956dec34
 @patch
 def _rendered(self:Tokenize, messages, row, field, tools, kw, spans:bool, **render_kw) -> tuple:
-    "Text (and assistant spans) of a conversation; a template that fails or drops tool calls names the row"
+    "Text (spans that train, their weights) of a conversation; a failing template names the row"
     try:
-        if spans: out = self.spans(messages, row, tools, kw)
-        else: out = self.render(messages, tools, kw, **render_kw)[0], []
+        if spans: out = self.turns(messages, row, tools, kw)
+        else: out = self.render(strip_turn_keys(messages), tools, kw, **render_kw)[0], [], None
     except DataFormatError:
         raise
     except Exception as e:
@@ -259,14 +300,39 @@ def _rendered(self:Tokenize, messages, row, field, tools, kw, spans:bool, **rend
     check_calls_rendered(out[0], messages, row, field)
     return out
 
+# %% ../nbs/04c_tokens.ipynb #f6f09f4e
+@patch
+def _conversation(self:Tokenize, messages, row, tools, kw, spans:bool) -> list[tuple]:
+    "`_rendered`'s `(text, spans, weights)` of a conversation, or one per trained turn where it doesn't nest"
+    try: return [self._rendered(messages, row, 'messages', tools, kw, spans)]
+    except NotNested:
+        found = split_turns(self.render, messages, row, tools, kw, self.train_on_turns == 'last')
+        return [(t, s, w if self.weighted else None) for t, s, w in found]
+
+@patch
+def _count_split(self:Tokenize, groups:list[int], encs):
+    "Add to `split_stats` the conversations split in a batch, and the rows and tokens they added"
+    start = 0
+    for n in groups:
+        if n > 1:
+            lengths = [len(e) for e in encs[start:start+n]]
+            self.split_stats['conversations'] += 1
+            self.split_stats['rows'] += n - 1
+            self.split_stats['tokens'] += sum(lengths) - max(lengths)
+        start += n
+
 # %% ../nbs/04c_tokens.ipynb #8feee7e9
 @patch
 def conversational(self:Tokenize, rows, idx):
     aol = self.assistant_only_loss
-    out = [self._rendered(r['messages'], i, 'messages', *_template_inputs(r), aol)
-           for r, i in zip(rows, idx)]
-    encs = self.encode([t for t, _ in out], False)
-    masks = [[token_spans(e, s)] if aol else [] for e, (_, s) in zip(encs, out)]
+    out, groups = [], []
+    for r, i in zip(rows, idx):
+        found = self._conversation(r['messages'], i, *_template_inputs(r), aol)
+        groups.append(len(found))
+        out += found
+    encs = self.encode([t for t, _, _ in out], False)
+    self._count_split(groups, encs)
+    masks = [[weighted_token_spans(e, s, w)] if aol else [] for e, (_, s, w) in zip(encs, out)]
     return [e.ids for e in encs], masks
 
 # %% ../nbs/04c_tokens.ipynb #353af6d8
@@ -279,9 +345,10 @@ def conversational_prompt_completion(self:Tokenize, rows, idx):
         prompts.append(prompt[0])
         fulls.append(self._rendered(r['prompt'] + r['completion'], i, 'completion', tools, kw,
                                     self.assistant_only_loss))
-    ids, completions, encs = self._completion_masks(prompts, [t for t, _ in fulls], False)
+    ids, completions, encs = self._completion_masks(prompts, [t for t, _, _ in fulls], False)
     assistant = None
-    if self.assistant_only_loss: assistant = [token_spans(e, s) for e, (_, s) in zip(encs, fulls)]
+    if self.assistant_only_loss:
+        assistant = [weighted_token_spans(e, s, w) for e, (_, s, w) in zip(encs, fulls)]
     return ids, [([c] if self.completion_only_loss else []) + ([assistant[k]] if assistant else [])
                  for k, c in enumerate(completions)]
 
@@ -308,7 +375,8 @@ def __call__(self:Tokenize, batch:dict, idx:list[int]) -> dict:
         for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
     ids, masks = getattr(self, self.fmt)(rows, idx)
     given = [r.get('labels') for r in rows] if self.fmt == 'tokenized' else None
-    out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given)
+    out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given,
+                   self.weighted)
     return _arrow(*out) if self.arrow else _lists(*out)
 
 # %% ../nbs/04c_tokens.ipynb #4b86e845

@@ -24,6 +24,7 @@ from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_
 from .formats import check_dataset, detect_format, first_row
 from .data import prepare_dataset
 from .packing import DataCollatorForLanguageModeling, pack_dataset
+from .audit import warn_parity
 from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
 from .loss import predict_loss, setup_sft_loss, trainer_loss
 from .optim import optimizer_cls_and_kwargs
@@ -287,6 +288,7 @@ def load_for_training(model:str|PreTrainedModel, # Hub id, local folder, or a lo
 def prepare_train_eval(train_dataset, eval_dataset, processing_class, args:SFTConfig,
                        formatting_func=None) -> tuple:
     "`prepare_for_training` of both datasets, main process first"
+    if formatting_func is None: warn_parity(train_dataset, processing_class, args)  # 04f_audit
     with args.main_process_first(desc="preparing datasets"):
         train = prepare_for_training(train_dataset, processing_class, args, formatting_func, args.packing,
                                      'train')
@@ -503,7 +505,7 @@ def _set_signature_columns_if_needed(self:SFTTrainer):
     # private, but setting it is what this `Trainer` hook is for (TRL's override sets it too)
     if self._signature_columns is None:
         self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask',
-                                   'assistant_masks']
+                                   'assistant_masks', 'loss_weights']
 
 # %% ../nbs/08_trainer.ipynb #b7f16a0c
 SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)

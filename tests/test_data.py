@@ -104,10 +104,11 @@ def test_qwen3_nesting_error_and_training_template():
         ds = multi if kind == 'conversational' else tiny_dataset(kind, n=24)
         same(ours(ds, tok, assistant_only_loss=True), trl_prepare(ds, tok, assistant_only_loss=True))
     assert tok.chat_template == qwen3  # TRL leaves the tokenizer's template alone too
-    # an unrecognised template that doesn't nest keeps the error, which names the fix
+    # an unrecognised template that doesn't nest: one row per assistant turn, each as inference renders it (issue 20)
     odd = template_tokenizer(qwen3 + '{# a copy #}', ['<think>', '</think>'], None, '<|im_end|>')
-    with pytest.raises(DataFormatError, match="qwen3_training.jinja"):
-        ours(multi, odd, assistant_only_loss=True)
+    split = ours(multi, odd, assistant_only_loss=True, max_length=None)
+    upto = [r['messages'][:j+1] for r in multi for j, m in enumerate(r['messages']) if m['role'] == 'assistant']
+    assert split['input_ids'][:] == [odd.apply_chat_template(m, return_dict=True)['input_ids'] for m in upto]
     # with the training template set by hand: markers and prefix diff agree (prepare_dataset checks it), and TRL agrees
     tok.chat_template = (TEMPLATES/'qwen3_training.jinja').read_text()
     same(ours(multi, tok, assistant_only_loss=True), trl_prepare(multi, tok, assistant_only_loss=True))

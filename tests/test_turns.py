@@ -1,0 +1,63 @@
+"Which turns train, end to end through SFTTrainer: per-message weights reach the loss, packed or not (issue 20)"
+import logging, math
+import pytest, torch
+from datasets import Dataset
+from sft_nb.config import SFTConfig
+from sft_nb.tiny import CHATML_TEMPLATE, tiny_model, tiny_tokenizer
+from sft_nb.trainer import SFTTrainer
+
+CHAT = [{'role': 'user', 'content': 'What is 1 + 2?'}, {'role': 'assistant', 'content': '3'},
+        {'role': 'user', 'content': 'What is 2 + 2?'}, {'role': 'assistant', 'content': '4'}]
+
+
+def _trainer(tmp_path, rows, **kw):
+    torch.manual_seed(0)
+    args = SFTConfig(output_dir=str(tmp_path), report_to=[], assistant_only_loss=True, max_length=64,
+                     per_device_train_batch_size=4, use_cpu=True, max_steps=2, logging_steps=1,
+                     save_strategy='no', **kw)
+    return SFTTrainer(tiny_model(), args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tiny_tokenizer(CHATML_TEMPLATE))
+
+
+def _first_batch_loss(trainer):
+    "The loss `compute_loss` gives the first training batch, without a step"
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad(): return trainer.compute_loss(trainer.model, batch).item(), batch
+
+
+@pytest.mark.parametrize('packing', [False, True])
+def test_weights_scale_the_trained_loss(tmp_path, packing):
+    "A weight of 2 on every trained message doubles the loss of the same batch; 1 leaves it bit for bit"
+    weighted = lambda w: [{'messages': [CHAT[0], {**CHAT[1], 'weight': w}, CHAT[2], {**CHAT[3], 'weight': w}]}] * 8
+    plain, batch = _first_batch_loss(_trainer(tmp_path/'a', [{'messages': CHAT}] * 8, packing=packing))
+    assert 'loss_weights' not in batch
+    one, batch = _first_batch_loss(_trainer(tmp_path/'b', weighted(1.0), packing=packing))
+    assert 'loss_weights' in batch and one == plain
+    two, _ = _first_batch_loss(_trainer(tmp_path/'c', weighted(2.0), packing=packing))
+    assert math.isclose(two, 2 * plain, rel_tol=1e-6)
+
+
+def test_flags_and_last_turn_train(tmp_path):
+    "Context-only turns, a trained user turn and `train_on_turns='last'` train and change the weights"
+    rows = [{'messages': [CHAT[0], {**CHAT[1], 'train': False}, {**CHAT[2], 'train': True, 'weight': 0.5},
+                          CHAT[3]]}] * 8
+    trainer = _trainer(tmp_path, rows, train_on_turns='last')
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
+    assert len(logged) == 2 and all(math.isfinite(x) for x in logged)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_trainer_warns_on_inference_mismatch(tmp_path, caplog):
+    "Qwen 3's stock template trains on TRL's variant, whose history differs from inference: said once, then trained"
+    from sft_nb.chat import chat_template_file
+    args = SFTConfig(output_dir=str(tmp_path), report_to=[], assistant_only_loss=True, max_length=64,
+                     use_cpu=True, max_steps=1, save_strategy='no')
+    with caplog.at_level(logging.WARNING, logger='sft_nb.audit'):
+        SFTTrainer(tiny_model(), args=args, train_dataset=Dataset.from_list([{'messages': CHAT}] * 4),
+                   processing_class=tiny_tokenizer(chat_template_file('qwen3')))
+    said = [r.getMessage() for r in caplog.records if r.name == 'sft_nb.audit']
+    assert len(said) == 1 and "in 4 of 8 trained turns of the first 4 conversations" in said[0]
+    assert "the tokens before the turn differ" in said[0]
