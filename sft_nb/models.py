@@ -146,13 +146,14 @@ def check_vlm_support(model, # model or config
                       args:SFTConfig|None=None,
                       dataset_sample:dict|None=None, # one row of the training data
                      ) -> None:
-    "Raise a clear error when a vision-language model is asked for what sft_nb doesn't support yet"
-    if not is_vlm(model): return
+    "Raise a clear error for images given to a text-only model, and for packing a VLM's batches"
     name = getattr(getattr(model, 'config', model), 'name_or_path', '') or type(model).__name__
-    if dataset_sample is not None and ({'image', 'images'} & set(dataset_sample)):
-        raise NotImplementedError(f"{name} is a vision-language model and the dataset has images: "
-                                  "sft_nb trains VLMs on text only for now. Use TRL's SFTTrainer for "
-                                  "image data, or drop the image column.")
+    images = dataset_sample is not None and bool({'image', 'images'} & set(dataset_sample))
+    if images and not is_vlm(model):
+        raise ValueError(f"The dataset has images (an `image` or `images` column), but {name} is a text-only "
+                         "model, which would train on the text alone. Train a vision-language model, or drop "
+                         "the column.")
+    if not is_vlm(model): return
     for flag in ('packing', 'padding_free'):
         if args is not None and getattr(args, flag, False):
             raise NotImplementedError(f"`{flag}=True` is not supported for vision-language models "
