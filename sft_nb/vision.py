@@ -419,9 +419,10 @@ def __call__(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> dic
 # %% ../nbs/04e_vision.ipynb #c4e8ee25
 def _check_processor(processing_class, name:str, col:str) -> None:
     if not hasattr(processing_class, 'image_processor'):
-        raise ValueError(f"Field `{col}`: the {name} dataset has images, but the processing class is a text "
-                         f"tokenizer ({type(processing_class).__name__}), so the model is not a vision-language "
-                         "model. Train a VLM (its processor is loaded with it), or drop the column.")
+        raise ValueError(f"Field `{col}`: the {name} dataset is vision-related (it has an `{col}` column), but "
+                         f"the processing class is a text tokenizer ({type(processing_class).__name__}), so the "
+                         "model is not a vision-language model. Train a VLM (its processor is loaded with it), "
+                         "or drop the column.")
     if not getattr(processing_class, 'chat_template', None):
         raise ValueError(f"The processor {type(processing_class).__name__} has no chat template, which the "
                          f"{name} dataset's conversations with images need. Pass `chat_template_path` (a "
