@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 
 from .config import SFTConfig
-from .models import check_vlm_support, load_model, load_tokenizer, prepare_model
+from .models import check_vlm_support, is_vlm, load_model, load_tokenizer, prepare_model
 from .models import prepare_tokenizer
 from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
 from .formats import check_dataset, detect_format, first_row
@@ -334,6 +334,7 @@ def finish_trl_attributes(trainer, train_dataset=None) -> None:
     parallelism = trainer.accelerator.parallelism_config
     trainer._tp_size = parallelism.tp_size if parallelism is not None else 1
     trainer.card_info = {'method': 'SFT', 'dataset_name': _dataset_name(train_dataset)}
+    if is_vlm(trainer.model): trainer.card_info['pipeline_tag'] = 'image-text-to-text'
 
 # %% ../nbs/08_trainer.ipynb #c5d6e7f8
 def _named(eval_dataset) -> dict:

@@ -98,6 +98,7 @@ def test_lora_trains_language_model_saves_processor_and_merges(tmp_path):
     files = {f.name for f in (tmp_path/'adapter').iterdir()}
     assert {'adapter_model.safetensors', 'processor_config.json', 'chat_template.jinja'} <= files, files
     assert type(transformers.AutoProcessor.from_pretrained(tmp_path/'adapter')).__name__ == 'LlavaProcessor'
+    assert 'pipeline_tag: image-text-to-text' in (tmp_path/'adapter'/'README.md').read_text()
     batch = DataCollatorForVisionLanguageModeling(t.processing_class)(list(t.train_dataset.select(range(4))))
     batch.pop('labels')
     t.model.eval()
@@ -137,3 +138,20 @@ def test_bad_input_fails_before_the_model_loads(tmp_path):
     packed = sft_nb.SFTConfig(output_dir=str(tmp_path/'o'), report_to=[], packing=True)
     with pytest.raises(ValueError, match='packing=True'):
         sft_nb.SFTTrainer(str(tmp_path/'absent'), args=packed, train_dataset=Dataset.from_list(_rows(2)), processing_class=p)
+
+def test_qlora_on_cpu_keeps_the_vision_side_in_full_precision(tmp_path):
+    "bitsandbytes 4-bit on CPU: the language model quantized and adapted, vision tower and projector plain and frozen"
+    from peft import LoraConfig
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    q4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32)
+    args = sft_nb.SFTConfig(output_dir=str(tmp_path/'out'), report_to=[], max_steps=3, per_device_train_batch_size=2,
+                            learning_rate=1e-2, save_strategy='no', logging_steps=1, use_cpu=True)
+    t = sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(_rows(6)), quantization_config=q4,
+                          peft_config=LoraConfig(r=4, target_modules='all-linear'))
+    kind = lambda end: next(type(m).__name__ for n, m in t.model.named_modules() if n.endswith(end))
+    assert kind('vision_tower.encoder.layers.0.mlp.fc1') == kind('multi_modal_projector.linear_1') == 'Linear'
+    assert kind('language_model.layers.0.self_attn.q_proj.base_layer') == 'Linear4bit'
+    assert not [n for n, p in t.model.named_parameters() if p.requires_grad and 'language_model' not in n]
+    t.train()
+    losses = _losses(t)
+    assert len(losses) == 3 and all(l == l for l in losses)
