@@ -23,7 +23,7 @@ __all__ = ['logger', 'TINY_VLM_TOKENS', 'TINY_VLM_IMAGE', 'IMAGE_COLUMNS', 'TEXT
            'tiny_vlm_config', 'save_tiny_vlm', 'load_image', 'check_image', 'row_images', 'multimodal_messages',
            'count_image_parts', 'image_placeholder', 'image_column', 'is_vision_dataset', 'VisionTokenize',
            'make_vision_tokenize', 'prepare_vision_dataset', 'expand_images', 'DataCollatorForVisionLanguageModeling',
-           'check_vision_dataset', 'vision_lora_targets', 'vision_peft_config']
+           'check_vision_dataset', 'vision_lora_targets', 'vision_peft_config', 'image_reply', 'load_processor']
 
 # %% ../nbs/04e_vision.ipynb #5078999a
 def vlm_chat_template(image:str, # what one image part renders as, e.g. '<image>'
@@ -490,3 +490,35 @@ def vision_peft_config(model, peft_config):
     cfg = copy.deepcopy(peft_config)
     cfg.target_modules = vision_lora_targets(model)
     return cfg
+
+# %% ../nbs/04e_vision.ipynb #459b272b
+def image_reply(model, processor,
+                messages:list[dict], # the conversation so far, ending with a user turn
+                images:list=(), # PIL images or file paths, shown before the first user text
+                max_new_tokens:int=128,
+                temperature:float=0.0, # 0: greedy
+                min_new_tokens:int=0, # tokens to generate before an end of turn may stop it
+               ) -> str:
+    "A vision-language model's next assistant turn after `messages` and `images`"
+    pics = [load_image(x, None, '--image') for x in images]
+    text = processor.apply_chat_template(multimodal_messages(messages, len(pics)), tokenize=False,
+                                         add_generation_prompt=True)
+    enc = processor(text=[text], images=[pics] if pics else None, return_tensors='pt', add_special_tokens=False)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**enc.to(model.device), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             pad_token_id=processor.tokenizer.pad_token_id, **sampling)
+    return processor.tokenizer.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
+
+# %% ../nbs/04e_vision.ipynb #cbf089da
+def load_processor(path, # a model or adapter folder saved with its processor
+                   tokenizer=None, # what `load_tokenizer` gave for `path`: used when it is a processor
+                  ):
+    "The processor saved in `path`, for `--image`; a clear error for a text-only model"
+    if hasattr(tokenizer, 'image_processor'): return tokenizer
+    import transformers
+    try: processor = transformers.AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError): processor = None  # no processor files: the same answer as a text one
+    if hasattr(processor, 'image_processor'): return processor
+    raise ValueError(f"--image needs a vision-language model saved with its processor, and {path} has none "
+                     f"(a text model, or a processor without images). Drop --image, or pass a VLM folder.")
