@@ -155,3 +155,50 @@ def test_qlora_on_cpu_keeps_the_vision_side_in_full_precision(tmp_path):
     t.train()
     losses = _losses(t)
     assert len(losses) == 3 and all(l == l for l in losses)
+
+def _colour_rows(n, seed):
+    "Pictures filled with a shade of one colour; the answer is its name (the text alone can't tell)"
+    import random
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        name = rng.choice(list(COLOURS))
+        shade = tuple(min(255, max(0, c + rng.randint(-40, 40))) for c in COLOURS[name])
+        image = Image.new('RGB', (rng.randint(16, 28), rng.randint(16, 28)), shade)
+        rows.append({'image': image, 'messages': [{'role': 'user', 'content': 'Which colour is this picture?'},
+                                                  {'role': 'assistant', 'content': name}]})
+    return rows
+
+def _accuracy(model, processor, rows):
+    "Share of pictures whose colour name the model scores highest among the four"
+    from sft_nb.vision import multimodal_messages
+    model.eval()
+    hits = 0
+    for r in rows:
+        prompt = multimodal_messages(r['messages'][:1], 1)
+        scores = {}
+        for name in COLOURS:
+            msgs = prompt + [{'role': 'assistant', 'content': [{'type': 'text', 'text': name}]}]
+            text = processor.apply_chat_template(msgs, tokenize=False)
+            enc = processor(text=[text], images=[[r['image']]], return_tensors='pt', add_special_tokens=False)
+            n_prompt = len(processor(text=[processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)],
+                                     images=[[r['image']]], add_special_tokens=False)['input_ids'][0])
+            with torch.no_grad(): logp = model(**enc).logits[0, :-1].log_softmax(-1)
+            ids = enc['input_ids'][0, 1:]
+            scores[name] = logp[n_prompt - 1:].gather(1, ids[n_prompt - 1:, None]).sum().item()
+        hits += max(scores, key=scores.get) == r['messages'][1]['content']
+    return hits / len(rows)
+
+def test_learns_to_name_the_colour(tmp_path):
+    "A task only the picture can answer: held-out accuracy rises from chance to near certain"
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    args = sft_nb.SFTConfig(output_dir=str(tmp_path/'out'), report_to=[], num_train_epochs=3, per_device_train_batch_size=8,
+                            learning_rate=5e-3, save_strategy='no', assistant_only_loss=True, eval_strategy='no', seed=0)
+    t = sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(_colour_rows(96, 0)),
+                          eval_dataset=Dataset.from_list(_colour_rows(16, 1)))
+    held_out = _colour_rows(24, 2)
+    before = _accuracy(t.model, t.processing_class, held_out)
+    loss_before = t.evaluate()['eval_loss']
+    t.train()
+    after = _accuracy(t.model, t.processing_class, held_out)
+    assert t.evaluate()['eval_loss'] < loss_before
+    assert before <= 0.5 and after >= 0.9, (before, after)
