@@ -202,3 +202,17 @@ def test_learns_to_name_the_colour(tmp_path):
     after = _accuracy(t.model, t.processing_class, held_out)
     assert t.evaluate()['eval_loss'] < loss_before
     assert before <= 0.5 and after >= 0.9, (before, after)
+
+def test_streaming_images_and_text_only_data_on_a_vlm(tmp_path):
+    "An IterableDataset of images trains (tokenized as it streams); a VLM trains on text-only data through the text path"
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    runs = {'stream': Dataset.from_list(_rows(8)).to_iterable_dataset(),
+            'text': Dataset.from_list([{'messages': r['messages']} for r in _rows(8)])}
+    for name, ds in runs.items():
+        args = sft_nb.SFTConfig(output_dir=str(tmp_path/name), report_to=[], max_steps=2, per_device_train_batch_size=4,
+                                save_strategy='no', logging_steps=1, learning_rate=1e-3)
+        t = sft_nb.SFTTrainer(str(path), args=args, train_dataset=ds)
+        assert t._is_vision_dataset == (name == 'stream')
+        before = t.model.model.language_model.layers[0].mlp.up_proj.weight.detach().clone()
+        t.train()
+        assert len(_losses(t)) == 2 and not torch.equal(before, t.model.model.language_model.layers[0].mlp.up_proj.weight)
