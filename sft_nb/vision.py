@@ -41,10 +41,11 @@ def vlm_chat_template(image:str, # what one image part renders as, e.g. '<image>
 # %% ../nbs/04e_vision.ipynb #19d54b61
 TINY_VLM_TOKENS = {'qwen2_vl': ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
                    'llava': ["<image>"],
-                   'idefics3': ["<image>", "<fake_token_around_image>", "<global-img>"]}
+                   'idefics3': ["<image>", "<fake_token_around_image>", "<global-img>"],
+                   'gemma3': ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]}
 
 TINY_VLM_IMAGE = {'qwen2_vl': "<|vision_start|><|image_pad|><|vision_end|>", 'llava': "<image>",
-                  'idefics3': "<image>"}
+                  'idefics3': "<image>", 'gemma3': "<start_of_image>"}
 
 def _qwen2_vl_processor_class():
     "Qwen2-VL's processor without its video half (which needs torchvision): images are all SFT uses"
@@ -59,7 +60,7 @@ def _qwen2_vl_processor_class():
             transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
     return TinyQwen2VLProcessor
 
-def tiny_processor(family:str='llava'): # 'qwen2_vl', 'llava' or 'idefics3'
+def tiny_processor(family:str='llava'): # 'qwen2_vl', 'llava', 'idefics3' or 'gemma3'
     "A real processor of `family`: sft_nb's tiny tokenizer plus image tokens, a small image processor"
     import transformers
     from sft_nb.tiny import tiny_tokenizer
@@ -75,6 +76,15 @@ def tiny_processor(family:str='llava'): # 'qwen2_vl', 'llava' or 'idefics3'
         return transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4,
                                            vision_feature_select_strategy='default', num_additional_image_tokens=1,
                                            chat_template=template)
+    if family == 'gemma3':
+        # Gemma's own tokenizer names its image tokens (`boi_token`, ...); the tiny one is told them here
+        tok.boi_token, tok.eoi_token, tok.image_token = TINY_VLM_TOKENS['gemma3']
+        tok.boi_token_id = tok.convert_tokens_to_ids(tok.boi_token)
+        tok.eoi_token_id = tok.convert_tokens_to_ids(tok.eoi_token)
+        tok.image_token_id = tok.convert_tokens_to_ids(tok.image_token)
+        ip = transformers.Gemma3ImageProcessor(size={'height': 16, 'width': 16})
+        return transformers.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4,
+                                            chat_template=template)
     ip = transformers.Idefics3ImageProcessor(do_image_splitting=False, size={'longest_edge': 32},
                                              max_image_size={'longest_edge': 32})
     return transformers.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4,
@@ -102,13 +112,21 @@ def tiny_vlm_config(family:str, tokenizer, hidden_size:int=64):
                                           num_attention_heads=2, image_size=16, patch_size=4)
         return transformers.LlavaConfig(vision_config=v, text_config=text, image_token_id=ids("<image>"),
                                         tie_word_embeddings=True)
+    if family == 'gemma3':
+        t = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2*hidden_size,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64)
+        v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 image_size=16, patch_size=4)
+        return transformers.Gemma3Config(text_config=t, vision_config=v, mm_tokens_per_image=4,
+                                         boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                                         image_token_index=ids("<image_soft_token>"))
     v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
              image_size=32, patch_size=4)
     return transformers.Idefics3Config(vision_config=v, text_config=text.to_dict(), scale_factor=4,
                                        image_token_id=ids("<image>"), tie_word_embeddings=True)
 
 def save_tiny_vlm(path, # folder to write the model and processor to
-                  family:str='llava', # 'qwen2_vl', 'llava' or 'idefics3'
+                  family:str='llava', # 'qwen2_vl', 'llava', 'idefics3' or 'gemma3'
                   seed:int=0):
     "Write a tiny VLM of `family` and its processor to `path`, loadable with `from_pretrained`"
     import transformers
