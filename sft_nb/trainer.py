@@ -400,7 +400,8 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
                                                              args, formatting_func)
         if data_collator is None and self._is_vision_dataset:
             data_collator = DataCollatorForVisionLanguageModeling(processing_class, args.max_length,
-                                                                  args.truncation_mode, args.pad_to_multiple_of)
+                                                                  args.truncation_mode, args.pad_to_multiple_of,
+                                                                  args=args)
         if data_collator is None:
             data_collator = default_collator(self._tokenizer, args, self.completion_only_loss, model)
         if self._skip_prepare_dataset:
@@ -486,6 +487,8 @@ def _set_signature_columns_if_needed(self:SFTTrainer):
     if self._signature_columns is None:
         self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask',
                                    'assistant_masks', 'images', 'image']
+        if self._is_vision_dataset and self._skip_prepare_dataset:  # raw rows, tokenized by the collator
+            self._signature_columns += ['messages', 'prompt', 'completion']
 
 # %% ../nbs/08_trainer.ipynb #b7f16a0c
 SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)

@@ -360,6 +360,7 @@ class DataCollatorForVisionLanguageModeling:
     truncation_mode: str = 'keep_start' # or 'keep_end'
     pad_to_multiple_of: int|None = None # pad the batch's length to a multiple of this
     pad_token_id: int|None = None # default: the processor's tokenizer's
+    args: object = None # an `SFTConfig`, to tokenize raw rows (with `skip_prepare_dataset`, as TRL's recipes set)
     images_dropped: int = 0 # images truncation cut off so far
 
     def __post_init__(self):
@@ -415,6 +416,7 @@ def _pad(rows:list[dict], pad_token_id:int, multiple:int|None) -> dict:
 # %% ../nbs/04e_vision.ipynb #2f4dc2d6
 @patch
 def torch_call(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> dict:
+    if 'input_ids' not in rows[0]: rows = self._tokenized(rows)
     images = [[load_image(x) for x in row_images(r)] for r in rows]
     flat = [im for ims in images for im in ims]
     expanded, pixels = expand_images(self.processor, self.placeholder, flat)
@@ -433,6 +435,19 @@ def torch_call(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> d
 
 @patch
 def __call__(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> dict: return self.torch_call(rows)
+
+@patch
+def _tokenized(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> list[dict]:
+    "Raw rows (TRL's recipes skip dataset preparation for images) tokenized here, as `map` would have"
+    if self.args is None:
+        raise ValueError("The collator got raw rows (no `input_ids`): prepare them with `prepare_vision_dataset`, "
+                         "or build the collator with `args=` (the `SFTConfig`) to tokenize them per batch.")
+    columns = list(rows[0])
+    t = make_vision_tokenize(detect_format(columns, rows[0], self.args.dataset_text_field), self.processor,
+                             self.args, columns)
+    t.tokenize.arrow = False
+    out = t({c: [r.get(c) for r in rows] for c in columns}, list(range(len(rows))))
+    return [{**r, 'input_ids': i, 'labels': l} for r, i, l in zip(rows, out['input_ids'], out['labels'])]
 
 # %% ../nbs/04e_vision.ipynb #c4e8ee25
 def _check_processor(processing_class, name:str, col:str) -> None:

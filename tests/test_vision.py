@@ -216,3 +216,16 @@ def test_streaming_images_and_text_only_data_on_a_vlm(tmp_path):
         before = t.model.model.language_model.layers[0].mlp.up_proj.weight.detach().clone()
         t.train()
         assert len(_losses(t)) == 2 and not torch.equal(before, t.model.model.language_model.layers[0].mlp.up_proj.weight)
+
+def test_skip_prepare_dataset_tokenizes_raw_rows_per_batch(tmp_path):
+    "TRL's VLM recipes set skip_prepare_dataset=True: raw rows reach the collator, which tokenizes them; same losses"
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    losses = {}
+    for skip in (False, True):
+        args = sft_nb.SFTConfig(output_dir=str(tmp_path/str(skip)), report_to=[], max_steps=3, per_device_train_batch_size=4,
+                                save_strategy='no', logging_steps=1, learning_rate=1e-3, assistant_only_loss=True,
+                                dataset_kwargs={'skip_prepare_dataset': skip})
+        t = sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(_rows(12)))
+        t.train()
+        losses[skip] = _losses(t)
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)
