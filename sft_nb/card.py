@@ -134,12 +134,12 @@ def _what(base:str|None, is_peft:bool) -> str:
     return "a LoRA adapter" if is_peft else "a fine-tuned causal language model"
 
 # %% ../nbs/06b_card.ipynb #d91eca7f
-def _card_data(base, repo_id, is_peft, dataset_name, tags, license):
+def _card_data(base, repo_id, is_peft, dataset_name, tags, license, pipeline_tag='text-generation'):
     "The card's metadata: what the Hub indexes"
     from huggingface_hub import ModelCardData
     tags = list(dict.fromkeys(['sft', 'sft_nb', *(['lora'] if is_peft else []), *(tags or [])]))
     return ModelCardData(base_model=base, library_name='peft' if is_peft else 'transformers',
-                         license=license, tags=tags, pipeline_tag='text-generation',
+                         license=license, tags=tags, pipeline_tag=pipeline_tag,
                          datasets=[dataset_name] if is_hub_id(dataset_name) else None,
                          model_name=Path(repo_id).name if repo_id else None)
 
@@ -158,11 +158,12 @@ def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata 
                tokens_seen:int|None=None, # input tokens the model was trained on
                subfolder:str|None=None, # where in `repo_id` the model is (e.g. `merged`)
                sections:dict|None=None, # more `## title` -> markdown, e.g. sample answers
+               pipeline_tag:str='text-generation', # the Hub's task: 'image-text-to-text' for a VLM
               ):
     "A `huggingface_hub.ModelCard` saying what the model is, how it was trained and how to load it"
     from huggingface_hub import ModelCard
     base = base_model if is_hub_id(base_model) else None
-    data = _card_data(base, repo_id, is_peft, dataset_name, tags, license)
+    data = _card_data(base, repo_id, is_peft, dataset_name, tags, license, pipeline_tag)
     on = f" on {_dataset_words(dataset_name)}." if dataset_name else "."
     quickstart = _QUICKSTART[is_peft].format(where=_where(repo_id, subfolder))
     lines = [f"# {Path(repo_id).name if repo_id else 'Model'}", '',

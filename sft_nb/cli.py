@@ -540,6 +540,8 @@ def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
                    help="tokens before an end of turn may stop the answer")
     p.add_argument('--temperature', type=float, default=0.0, help="0: greedy decoding")
     p.add_argument('--dtype', default='auto')
+    p.add_argument('--image', action='append', default=[],
+                   help="an image file shown before the first user message (repeatable; a vision-language model)")
     return p
 
 # %% ../nbs/09_cli.ipynb #95681025
@@ -550,13 +552,22 @@ def _parse(parser:argparse.ArgumentParser, argv:list) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 # %% ../nbs/09_cli.ipynb #d56bd1e8
+def _answer(a:argparse.Namespace, model, tok, msgs:list[dict]) -> str:
+    "The reply to `msgs`: with `--image` (or a VLM's processor) through `sft_nb.vision.image_reply`"
+    if not a.image and not hasattr(tok, 'image_processor'):
+        return reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
+    from sft_nb.vision import image_reply, load_processor
+    with user_errors(): processor = load_processor(a.path, tok)
+    with user_errors():
+        return image_reply(model, processor, msgs, a.image, a.max_new_tokens, a.temperature, a.min_new_tokens)
+
 def generate_command(argv:list[str]) -> str:
     "`sft-nb generate PATH --prompt TEXT`: print the model's answer"
     a = _parse(_generation_parser('sft-nb generate', prompt=True), argv)
     with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
     system = [{'role': 'system', 'content': a.system}] if a.system else []
     msgs = system + [{'role': 'user', 'content': a.prompt}]
-    answer = reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
+    answer = _answer(a, model, tok, msgs)
     print(answer)
     return answer
 
@@ -572,7 +583,7 @@ def chat_command(argv:list[str], lines=None) -> list[dict]:
     for line in (sys.stdin if lines is None else lines):
         if not line.strip(): continue
         msgs.append({'role': 'user', 'content': line.strip()})
-        answer = reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
+        answer = _answer(a, model, tok, msgs)
         msgs.append({'role': 'assistant', 'content': answer})
         print(msgs[-1]['content'], flush=True)
     return msgs

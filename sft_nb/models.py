@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #fb3b3adb
 from __future__ import annotations
-import logging, os
+import copy, logging, os
 from pathlib import Path
 
 import torch
@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'PAD_CANDIDATES', 'NEW_TOKENS_ATTR', 'CHATML_GENERATION_TEMPLATE', 'check_model_path', 'resolve_dtype',
            'check_dtype', 'config_dtype', 'is_vlm', 'model_class', 'check_vlm_support', 'get_quantization_config',
-           'keep_bnb_layout', 'packing_problems', 'warn_packing', 'prepare_model', 'model_init_kwargs', 'load_model',
-           'pick_pad_token', 'sync_model_with_tokenizer', 'add_chatml_template', 'clone_chat_template',
-           'prepare_tokenizer', 'load_tokenizer']
+           'keep_bnb_layout', 'packing_problems', 'warn_packing', 'prepare_model', 'model_init_kwargs',
+           'vision_skip_modules', 'load_model', 'pick_pad_token', 'sync_model_with_tokenizer', 'add_chatml_template',
+           'clone_chat_template', 'prepare_tokenizer', 'load_tokenizer']
 
 # %% ../nbs/02_models.ipynb #99b61050
 def _looks_local(name:str) -> bool:
@@ -146,13 +146,14 @@ def check_vlm_support(model, # model or config
                       args:SFTConfig|None=None,
                       dataset_sample:dict|None=None, # one row of the training data
                      ) -> None:
-    "Raise a clear error when a vision-language model is asked for what sft_nb doesn't support yet"
-    if not is_vlm(model): return
+    "Raise a clear error for images given to a text-only model, and for packing a VLM's batches"
     name = getattr(getattr(model, 'config', model), 'name_or_path', '') or type(model).__name__
-    if dataset_sample is not None and ({'image', 'images'} & set(dataset_sample)):
-        raise NotImplementedError(f"{name} is a vision-language model and the dataset has images: "
-                                  "sft_nb trains VLMs on text only for now. Use TRL's SFTTrainer for "
-                                  "image data, or drop the image column.")
+    images = dataset_sample is not None and bool({'image', 'images'} & set(dataset_sample))
+    if images and not is_vlm(model):
+        raise ValueError(f"The dataset has images (an `image` or `images` column), but {name} is a text-only "
+                         "model, which would train on the text alone. Train a vision-language model, or drop "
+                         "the column.")
+    if not is_vlm(model): return
     for flag in ('packing', 'padding_free'):
         if args is not None and getattr(args, flag, False):
             raise NotImplementedError(f"`{flag}=True` is not supported for vision-language models "
@@ -277,6 +278,22 @@ def _load_config(name:str, kw:dict):
                       f"Hub{searched} did not provide it. Check the id and revision, log in for gated "
                       f"models, or pass a local folder.\n{e}") from None
 
+# %% ../nbs/02_models.ipynb #a1f0e3c2
+def vision_skip_modules(config) -> list[str]:
+    "A VLM's modules outside its language model (vision tower, projector), and its LM head, by name"
+    with torch.device('meta'): model = model_class(config)._from_config(config)
+    decoder, inner = model.get_decoder(), model.get_submodule('model')
+    # full names: bitsandbytes matches them from the start of each module's name
+    return [f"model.{n}" for n, m in inner.named_children() if m is not decoder] + ['lm_head']
+
+def _skip_vision(kw:dict, config) -> dict:
+    "`kw` whose bitsandbytes config leaves a VLM's vision side unquantized, unless it names its own skips"
+    q = kw.get('quantization_config')
+    if q is None or not is_vlm(config) or getattr(q, 'llm_int8_skip_modules', True) is not None: return kw
+    q = copy.deepcopy(q)
+    q.llm_int8_skip_modules = vision_skip_modules(config)
+    return {**kw, 'quantization_config': q}
+
 # %% ../nbs/02_models.ipynb #80306b77
 @delegates(PreTrainedModel.from_pretrained, keep=True)
 def load_model(model_name_or_path, # Hub id or local folder
@@ -291,6 +308,7 @@ def load_model(model_name_or_path, # Hub id or local folder
     dtype = config_dtype(config) if kw['dtype'] == 'auto' else kw['dtype']
     check_dtype(dtype, _target_device(kw, args))
     kw = _placement(kw, config, args)
+    kw = _skip_vision(kw, config)
     cls = model_class(config)
     if is_vlm(config): logger.info(f"{name} is a vision-language model: loading it with {cls.__name__}.")
     return prepare_model(cls.from_pretrained(name, **kw), args)

@@ -18,11 +18,13 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 
 from .config import SFTConfig
-from .models import check_vlm_support, load_model, load_tokenizer, prepare_model
+from .models import check_vlm_support, is_vlm, load_model, load_tokenizer, prepare_model
 from .models import prepare_tokenizer
 from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
 from .formats import check_dataset, detect_format, first_row
 from .data import prepare_dataset
+from .vision import (DataCollatorForVisionLanguageModeling, check_vision_dataset,
+                            is_vision_dataset, prepare_vision_dataset, vision_peft_config)
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .audit import warn_parity
 from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
@@ -207,7 +209,9 @@ def prepare_for_training(ds, # a dataset in any format sft_nb.data takes, or a d
         return {k: prepare_for_training(v, processing_class, args, formatting_func, packing,
                                         f"{name}/{k}")
                 for k, v in ds.items()}
-    if _is_prepared(ds):
+    if is_vision_dataset(ds) and not _is_prepared(ds):
+        ds = prepare_vision_dataset(ds, processing_class, args, name)  # packing is refused before
+    elif _is_prepared(ds):
         check_dataset(ds, args, processing_class, name=name)  # lengths and ids, on Arrow
     else:
         ds = prepare_dataset(ds, processing_class, args, formatting_func=formatting_func, packing=packing,
@@ -225,8 +229,10 @@ def check_data_before_loading(args:SFTConfig, train_dataset, eval_dataset, proce
                               formatting_func=None) -> None:
     "Every data error the data alone can tell, before the model loads (`sft_nb.data.check_dataset`)"
     if (args.dataset_kwargs or {}).get('skip_prepare_dataset', False): return
-    check_dataset(train_dataset, args, processing_class, formatting_func, 'train')
-    check_dataset(eval_dataset, args, processing_class, formatting_func, 'eval')
+    evals = {f'eval/{k}': v for k, v in eval_dataset.items()} if isinstance(eval_dataset, dict) else None
+    for name, ds in {'train': train_dataset, **(evals or {'eval': eval_dataset})}.items():
+        if is_vision_dataset(ds): check_vision_dataset(ds, args, processing_class, name)
+        else: check_dataset(ds, args, processing_class, formatting_func, name)
 
 # %% ../nbs/08_trainer.ipynb #f2a3b4c5
 def _quantization(args:SFTConfig, quantization_config) -> dict:
@@ -279,7 +285,7 @@ def load_for_training(model:str|PreTrainedModel, # Hub id, local folder, or a lo
     chat = needs_chat_template(train_dataset, args, formatting_func)
     processing_class = prepare_tokenizer(processing_class, model, args, chat)
     if peft_config is not None or is_peft_model(model):
-        model = apply_peft(model, peft_config, args)
+        model = apply_peft(model, vision_peft_config(model, peft_config), args)
         if args.process_index == 0: logger.warning(trainable_report(model))
     check_virtual_tokens(model, args)
     return model, processing_class
@@ -335,6 +341,7 @@ def finish_trl_attributes(trainer, train_dataset=None) -> None:
     parallelism = trainer.accelerator.parallelism_config
     trainer._tp_size = parallelism.tp_size if parallelism is not None else 1
     trainer.card_info = {'method': 'SFT', 'dataset_name': _dataset_name(train_dataset)}
+    if is_vlm(trainer.model): trainer.card_info['pipeline_tag'] = 'image-text-to-text'
 
 # %% ../nbs/08_trainer.ipynb #c5d6e7f8
 def _named(eval_dataset) -> dict:
@@ -418,6 +425,10 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
         if not self._skip_prepare_dataset:
             train_dataset, eval_dataset = prepare_train_eval(train_dataset, eval_dataset, processing_class,
                                                              args, formatting_func)
+        if data_collator is None and self._is_vision_dataset:
+            data_collator = DataCollatorForVisionLanguageModeling(processing_class, args.max_length,
+                                                                  args.truncation_mode, args.pad_to_multiple_of,
+                                                                  args=args)
         if data_collator is None:
             data_collator = default_collator(self._tokenizer, args, self.completion_only_loss, model)
         if self._skip_prepare_dataset:
@@ -505,7 +516,10 @@ def _set_signature_columns_if_needed(self:SFTTrainer):
     # private, but setting it is what this `Trainer` hook is for (TRL's override sets it too)
     if self._signature_columns is None:
         self._signature_columns = ['input_ids', 'labels', 'seq_lengths', 'completion_mask',
-                                   'assistant_masks', 'loss_weights']
+                                   'assistant_masks', 'loss_weights', 'images', 'image']
+        if self._is_vision_dataset and self._skip_prepare_dataset:  # raw rows, tokenized by the collator
+            self._signature_columns += ['messages', 'prompt', 'completion']
+
 
 # %% ../nbs/08_trainer.ipynb #b7f16a0c
 SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)
