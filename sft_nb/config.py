@@ -19,8 +19,9 @@ from transformers.hf_argparser import string_to_bool
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'PACKING_STRATEGIES', 'TRUNCATION_MODES', 'TRAIN_ON_TURNS', 'HALF_PRECISION_UPDATES', 'LAUNCH_KEYS',
-           'closest', 'check_choice', 'bf16_supported', 'SampleAnswersArguments', 'SFTConfig', 'ModelConfig',
-           'ScriptArguments', 'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe', 'parse_args', 'launch_options']
+           'closest', 'check_choice', 'bf16_supported', 'SampleAnswersArguments', 'SFTNBArguments', 'SFTConfig',
+           'ModelConfig', 'ScriptArguments', 'DatasetConfig', 'DatasetMixtureConfig', 'load_recipe', 'parse_args',
+           'launch_options']
 
 # %% ../nbs/00_config.ipynb #98043308
 def closest(name:str, valid) -> str:
@@ -79,9 +80,23 @@ class SampleAnswersArguments:
     eval_answer_metrics: list[str] | None = _field(
         None, "Scores of the answers against the eval rows' references: exact_match, contains.")
 
+# %% ../nbs/00_config.ipynb #6786747c
+@dataclass
+class SFTNBArguments:
+    "`SFTConfig`'s other fields that TRL does not have"
+    verify_packing: bool = _field(
+        True, "Prove on the model, before training, that packed documents stay apart (sft_nb.gate).")
+    train_on_turns: str = _field(
+        "all", "With assistant_only_loss: all assistant turns train, or only the last (sft_nb.audit).")
+    # TRL trains float32 weights (sft_nb.optim)
+    half_precision_updates: str = _field(
+        "kahan", "How full fine-tuning's AdamW updates bfloat16/float16 weights: kahan "
+        "(compensated: every step kept, 2 extra bytes a weight), stochastic (rounding), master "
+        "(float32 copies) or naive (rounded to nearest: small steps are lost).")
+
 # %% ../nbs/00_config.ipynb #3c58fc7a
 @dataclass
-class SFTConfig(SampleAnswersArguments, TrainingArguments):
+class SFTConfig(SFTNBArguments, SampleAnswersArguments, TrainingArguments):
     "Training arguments for `SFTTrainer`: TRL 1.16's `SFTConfig` fields and defaults, validated"
     learning_rate: float = _field(2e-5, "The initial learning rate for AdamW.")
     logging_steps: float = _field(
@@ -121,12 +136,10 @@ class SFTConfig(SampleAnswersArguments, TrainingArguments):
     pad_to_multiple_of: int | str | None = _field(
         "auto", "Pad sequence lengths to a multiple of this. 'auto': 128 on Neuron, else none.")
     eval_packing: bool | None = _field(None, "Pack the eval dataset. None: same as `packing`.")
-    verify_packing: bool = _field(True, "Prove on the model, before training, that packed documents stay apart.")
     completion_only_loss: bool | None = _field(
         None, "Train only on completions of prompt-completion data. None: on for such data.")
     assistant_only_loss: bool = _field(
         False, "Train only on assistant turns of conversational data.")
-    train_on_turns: str = _field("all", "assistant_only_loss: all assistant turns train, or the last.")
     loss_type: str = _field("nll", "nll (negative log-likelihood) or dft (Dynamic Fine-Tuning).")
     activation_offloading: bool = _field(False, "Offload activations to the CPU.")
     overwrite_output_dir: bool = _field(
@@ -135,11 +148,6 @@ class SFTConfig(SampleAnswersArguments, TrainingArguments):
         False, "With adapters, also save the merged full model in `<output_dir>/merged`.")
     max_shard_size: str = _field(
         "5GB", "Shard saved weights above this size (an index file lists the shards).")
-    # not in TRL, which trains float32 weights (sft_nb.optim)
-    half_precision_updates: str = _field(
-        "kahan", "How full fine-tuning's AdamW updates bfloat16/float16 weights: kahan "
-        "(compensated: every step kept, 2 extra bytes a weight), stochastic (rounding), master "
-        "(float32 copies) or naive (rounded to nearest: small steps are lost).")
 
 # %% ../nbs/00_config.ipynb #57cfef04
 @patch
