@@ -9,6 +9,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 from transformers import TrainerCallback
 from sft_nb import SFTConfig, SFTTrainer
+from sft_nb.loss import fused_head_blocker
 from sft_nb.save import verify_saved
 from sft_nb.tiny import tiny_dataset
 
@@ -73,6 +74,7 @@ finally:
         with open(f"{a.record}.rank{trainer.args.process_index}", "w") as f:
             json.dump({'log': trainer.state.log_history, 'step': trainer.state.global_step,
                        'engine': engine(trainer),
+                       'head_blocker': fused_head_blocker(trainer.model_wrapped),
                        'world': trainer.args.world_size}, f)
 final = os.path.join(a.out, 'final')
 trainer.save_model(final)

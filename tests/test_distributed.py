@@ -90,6 +90,8 @@ def _scenario(tmp:Path, factory, config:Path, port:int, lora:bool, engine:str):
     _run(tmp/'killed', *extra, '--resume', '--record', str(tmp/'resumed.json'), config=config, port=port + 2)
     plain, whole, resumed = _record(ptmp/'plain.json'), _record(tmp/'whole.json'), _record(tmp/'resumed.json')
     for rec in (whole, resumed): assert rec['engine'] == engine and rec['world'] == 2, rec['engine']
+    if engine == 'fsdp2': assert whole['head_blocker'] is None  # the chunked, label-only LM head is kept
+    if 'zero3' in config.name: assert 'ZeRO-3' in whole['head_blocker']  # still full logits there
     assert set(_losses(plain)) == set(_losses(whole)) == set(_losses(resumed)) == set(range(1, 7))
     for step, loss in _losses(plain).items():  # two ranks of 4 rows = one process of 8 rows
         assert _losses(whole)[step] == pytest.approx(loss, rel=1e-4), step
