@@ -131,10 +131,22 @@ def _unwrap(model):
     while hasattr(model, 'module') and isinstance(model.module, nn.Module): model = model.module
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
+# %% ../nbs/06_loss.ipynb #a1a5568f
+def _fsdp2_linear(head) -> bool:
+    "An nn.Linear that FSDP2's `fully_shard` made its own unit (its class becomes `FSDPLinear`)"
+    from torch.distributed.fsdp import FSDPModule
+    bases = [b for b in type(head).__bases__ if b is not FSDPModule]
+    return isinstance(head, FSDPModule) and bases == [nn.Linear]
+
+def _fsdp2_reshards(head) -> bool:
+    "Does the FSDP2 unit of `head` free its gathered weight after forward? (torch has no public accessor)"
+    group = getattr(head._get_fsdp_state(), '_fsdp_param_group', None)
+    return group is None or getattr(group, 'post_forward_mesh_info', True) is not None
+
 # %% ../nbs/06_loss.ipynb #0a349848
 def _head_candidates(head) -> list[nn.Linear]|None:
     "Plain `nn.Linear`s the LM head may dispatch to (PEFT `modules_to_save` keeps copies), or None"
-    if type(head) is nn.Linear: return [head]
+    if type(head) is nn.Linear or _fsdp2_linear(head): return [head]
     if hasattr(head, 'modules_to_save') and hasattr(head, 'original_module'):
         mods = [head.original_module, *head.modules_to_save.values()]
         if all(type(m) is nn.Linear for m in mods): return mods
@@ -154,6 +166,8 @@ def fused_head_blocker(model) -> str|None:
         return f"it soft-caps its logits and {cfg.model_type!r} is not in SOFTCAP_MODEL_TYPES"
     if any(type(m).__name__ == 'FullyShardedDataParallel' for m in model.modules()):
         return "FSDP1 shards its weights outside forward (FSDP2, `fsdp_version: 2`, keeps the chunked head)"
+    if _fsdp2_linear(head) and _fsdp2_reshards(head):
+        return "FSDP2 reshards the LM head's unit after forward (accelerate's keeps it gathered)"
     if any(hasattr(p, 'ds_id') for m in _head_candidates(head) for p in m.parameters()):
         return "DeepSpeed ZeRO-3 partitions the LM head's weights outside forward"
     return None

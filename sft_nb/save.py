@@ -256,11 +256,24 @@ def checkpoint_bytes(model, # the model being trained
     moments = 0 if save_only_model else 2 * 4 * trained  # fp32 Adam m and v
     return weights + moments
 
+# %% ../nbs/07_save.ipynb #8438ca89
+def _drop_gathered_ties(model, state_dict:dict) -> dict:
+    "`state_dict` without the copies of weights `model` ties to another (e.g. lm_head to embed_tokens)"
+    import torch
+    ties = getattr(model, 'all_tied_weights_keys', None) or {}  # {target: source}, transformers 5
+    copies = set()
+    for target, source in ties.items():
+        if target in state_dict and source in state_dict:
+            if torch.equal(state_dict[target], state_dict[source]): copies.add(target)
+    return {k: v for k, v in state_dict.items() if k not in copies}
+
 # %% ../nbs/07_save.ipynb #6359196a
 def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
     from peft import PeftModel
     if isinstance(model, PeftModel): model.save_pretrained(path, state_dict=state_dict)
-    else: model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
+    else:
+        if state_dict is not None: state_dict = _drop_gathered_ties(model, state_dict)
+        model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
     generation_config = getattr(model, 'generation_config', None)
     if generation_config is not None and not (path/'generation_config.json').exists():
         generation_config.save_pretrained(path)
