@@ -44,6 +44,38 @@ def test_merge_command_records_its_check(tmp_path):
     card = (tmp_path/'merged'/'README.md').read_text()
     assert '## Merge check' in card and '| 16-bit base (kept) |' in card, card
 
+def test_merge_command_qlora_builds_both_merges(tmp_path):
+    "`sft-nb merge --load_in_4bit`: a QLoRA adapter is merged onto the 16-bit and onto the dequantized 4-bit "
+    "base, both measured against the 4-bit model it was trained on; the closer is kept, printed and in the card"
+    import re
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    base = save_tiny(tmp_path/'base')
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                                          bnb_4bit_compute_dtype=torch.float32)
+    base4 = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb)
+    qlora = get_peft_model(base4, LoraConfig(r=4, target_modules='all-linear'))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in qlora.named_parameters():
+            if 'lora_B' in name: p.normal_(0, 0.05)  # as after training
+    qlora.save_pretrained(tmp_path/'adapter')
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path/'adapter')
+    r = sft_nb('merge', tmp_path/'adapter', tmp_path/'merged', '--load_in_4bit', '--dtype', 'float32')
+    card = (tmp_path/'merged'/'README.md').read_text()
+    rows = dict(re.findall(r'\| (16-bit base|dequantized 4-bit base)(?: \(kept\))? \| ([0-9.e+-]+) \|', card))
+    assert sorted(rows) == ['16-bit base', 'dequantized 4-bit base'], card
+    kept = min(rows, key=lambda k: float(rows[k]))
+    assert f'| {kept} (kept) |' in card and card.count('(kept)') == 1, card
+    assert f'merged onto the {kept}:' in r.stdout, r.stdout
+    from sft_nb.answers import merge_candidates
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'merged', dtype=torch.float32)
+    assert getattr(merged.config, 'quantization_config', None) is None  # a plain 16-bit model
+    expected = merge_candidates(qlora, torch.float32)[kept].state_dict()  # the kept merge, rebuilt here
+    saved = merged.state_dict()
+    assert max((saved[k] - v).abs().max().item() for k, v in expected.items() if k in saved) < 1e-6
+
 def test_sample_answers_in_log_tensorboard_and_card(tmp_path, caplog):
     "SFTTrainer with `eval_answer_count`: answers before training and at each evaluation, in the log, in "
     "TensorBoard's text panel, in `log_history` as scores, and in the saved model's card; they change with training"
