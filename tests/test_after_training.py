@@ -125,3 +125,33 @@ def test_trainer_merged_save_is_checked(tmp_path):
     card = (tmp_path/'out'/'merged'/'README.md').read_text()
     assert '## Merge check' in card and 'on 4 held-out prompts' in card and '| 100% |' in card, card
     assert '## Merge check' not in (tmp_path/'out'/'README.md').read_text()  # the adapter's card has no merge
+
+def test_sample_answers_under_ddp(tmp_path):
+    "Two processes over gloo through the real launcher, `eval_answer_*` set: every round's answers are the "
+    "single process's, logged once (by the main process), scores logged once a round, one card section"
+    import json
+    import yaml
+    from sft_nb.cli import accelerate_config_path
+    cfg = yaml.safe_load(accelerate_config_path('multi_gpu').read_text())
+    # the multi_gpu profile starts 2 processes with torchrun; on CPU (use_cpu in SFTConfig) accelerate makes them
+    # MULTI_CPU over gloo and wraps the model in DDP (a MULTI_CPU profile would start one process without mpirun)
+    cfg.update(num_processes=2, mixed_precision='no')
+    (tmp_path/'ddp.yaml').write_text(yaml.safe_dump(cfg))
+    script = str(ROOT/'tests'/'answers_ddp_script.py')
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(tmp_path/'ddp.yaml'),
+              '--main_process_port', '29671']
+    for name, cmd in [('ddp', [*launch, script]), ('plain', [sys.executable, script, '--per_device', '8'])]:
+        save_tiny(tmp_path/name/'base')
+        r = subprocess.run([*cmd, str(tmp_path/name)], capture_output=True, text=True, env=ENV, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rec = lambda name, rank: json.loads((tmp_path/name/f'record.rank{rank}.json').read_text())
+    plain, main, other = rec('plain', 0), rec('ddp', 0), rec('ddp', 1)
+    assert (plain['world'], main['world'], other['world']) == (1, 2, 2)
+    rounds = lambda r: [(h['when'], h['answers']) for h in r['history']]
+    assert [w for w, _ in rounds(plain)] == ['before training', 'step 2', 'step 4']
+    assert rounds(main) == rounds(plain) == rounds(other)  # two ranks of 4 rows = one process of 8 rows
+    assert len(main['logged']) == 3 and other['logged'] == [], (main['logged'], other['logged'])
+    steps = [h['step'] for h in main['log_history'] if 'eval_answer_contains' in h]
+    assert steps == [0, 2, 4], main['log_history']
+    card = (tmp_path/'ddp'/'run'/'README.md').read_text()
+    assert card.count('## Sample answers') == 1 and plain['history'][-1]['answers'][0] in card, card
