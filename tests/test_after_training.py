@@ -155,3 +155,35 @@ def test_sample_answers_under_ddp(tmp_path):
     assert steps == [0, 2, 4], main['log_history']
     card = (tmp_path/'ddp'/'run'/'README.md').read_text()
     assert card.count('## Sample answers') == 1 and plain['history'][-1]['answers'][0] in card, card
+
+LLAMA_CPP = ("needs llama-cpp-python (llama.cpp's own runtime), which compiles llama.cpp from source on "
+             "install and is therefore not in the dev extra: CMAKE_ARGS='-DGGML_NATIVE=OFF' "
+             "pip install llama-cpp-python")
+
+def _llama_cpp_greedy(llm, ids:list[int], max_new_tokens:int, eos:int) -> list[int]:
+    "llama.cpp's greedy continuation of `ids` (temperature 0, no repetition penalty), stopping after the end"
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if token == eos or len(out) == max_new_tokens: break
+    return out
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', ['llama', 'qwen2'])
+def test_gguf_answers_in_llama_cpp(tmp_path, arch):
+    "llama.cpp itself loads the exported F16 GGUF, splits the chat prompts into the same ids, and answers "
+    "greedily as transformers does"
+    llama_cpp = pytest.importorskip('llama_cpp', reason=LLAMA_CPP)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sft_nb.gguf import GGUF_PROMPTS, _greedy, _prompt_texts, save_gguf
+    folder = save_tiny(tmp_path/arch, arch=arch)
+    r = save_gguf(folder, dtype='f16')
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    llm = llama_cpp.Llama(model_path=r['path'], n_ctx=256, n_threads=1, seed=0, verbose=False)
+    for text in _prompt_texts(tok, GGUF_PROMPTS):
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        expected = _greedy(model, torch.tensor([ids]), tok, 8)
+        assert _llama_cpp_greedy(llm, ids, 8, tok.eos_token_id) == expected, text
