@@ -588,6 +588,22 @@ def chat_command(argv:list[str], lines=None) -> list[dict]:
         print(msgs[-1]['content'], flush=True)
     return msgs
 
+# %% ../nbs/09_cli.ipynb #66d2ae71
+def _add_qlora_flags(p:argparse.ArgumentParser):
+    "`ModelConfig`'s flags for a base quantized in training (QLoRA), as `trl sft` spells them"
+    p.add_argument('--load_in_4bit', '--load-in-4bit', action='store_true',
+                   help="the adapter was trained with QLoRA: load its base in 4 bits as in training, "
+                        "merge onto both the 16-bit and the dequantized 4-bit weights, keep the closer")
+    p.add_argument('--bnb_4bit_quant_type', default='nf4', choices=('nf4', 'fp4'),
+                   help="the 4-bit type used in training")
+    p.add_argument('--use_bnb_nested_quant', action='store_true', help="training used double quantization")
+
+def _merge_model_args(a:argparse.Namespace):
+    "How `sft-nb merge` loads the adapter's base: its dtype, and quantized as in training if asked"
+    from sft_nb.config import ModelConfig
+    return ModelConfig(dtype=a.dtype, load_in_4bit=a.load_in_4bit, bnb_4bit_quant_type=a.bnb_4bit_quant_type,
+                       use_bnb_nested_quant=a.use_bnb_nested_quant)
+
 # %% ../nbs/09_cli.ipynb #66fbb86b
 def merge_command(argv:list[str]) -> Path:
     "`sft-nb merge ADAPTER OUT`: the adapter merged into its base, saved in the new folder OUT"
@@ -595,6 +611,7 @@ def merge_command(argv:list[str]) -> Path:
     p.add_argument('adapter', help="a folder holding adapter_config.json (as `save_model` writes)")
     p.add_argument('out', help="a new (or empty) folder for the merged model")
     p.add_argument('--dtype', default='auto', help="dtype of the base loaded for merging")
+    _add_qlora_flags(p)
     a = _parse(p, argv)
     adapter, out = Path(a.adapter), Path(a.out)
     from sft_nb.adapters import load_adapter
@@ -607,11 +624,12 @@ def merge_command(argv:list[str]) -> Path:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} already exists and is not empty: merge writes a new folder, "
                                   "give it another OUT.")
-        model = load_adapter(adapter, is_trainable=False, dtype=a.dtype)
+        model = load_adapter(adapter, model_args=_merge_model_args(a), is_trainable=False)
         # checked against the adapter model on a few prompts; the numbers go into the card
         r = save_merged_model(model, out, load_tokenizer(str(adapter)), dtype=a.dtype)
     base = model.peft_config[model.active_adapter].base_model_name_or_path
     print(f"merged {adapter} into its base ({base}); saved to {out}")
+    print(f"merged onto the {r['merged_onto']}: {r['why']}")
     print(f"checked on {r['prompts']} prompts: largest logit difference {r['max_logit_diff']:.2e}, "
           f"greedy answers agree on {r['greedy_agreement']:.0%}")
     return out

@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/gguf.html.md"""
 
 # %% ../nbs/07c_gguf.ipynb #385e6064
 from __future__ import annotations
-import json, logging, os, uuid
+import json, logging, os, re, uuid
 from pathlib import Path
 
 # %% auto #0
@@ -139,12 +139,8 @@ def _token_table(tokenizer, vocab_size:int) -> tuple[list[str], list]:
     return tokens, [kind(i) for i in range(vocab_size)]
 
 # %% ../nbs/07c_gguf.ipynb #d0f63291
-def _add_tokenizer(writer, tokenizer, vocab_size:int):
-    bpe = json.loads(tokenizer.backend_tokenizer.to_str())['model']
-    if bpe.get('type') != 'BPE' or bpe.get('byte_fallback'):
-        fallback = ' with byte fallback (sentencepiece style)' if bpe.get('byte_fallback') else ''
-        raise ValueError(f"save_gguf writes byte-level BPE tokenizers; this one is "
-                         f"{bpe.get('type')}{fallback}. Convert it with llama.cpp's convert_hf_to_gguf.py.")
+def _add_bpe_tokenizer(writer, tokenizer, bpe:dict, vocab_size:int):
+    "Byte-level BPE as llama.cpp's `gpt2` kind: tokens, kinds, merges, the pre-tokenizer's name"
     tokens, kinds = _token_table(tokenizer, vocab_size)
     writer.add_tokenizer_model('gpt2')
     writer.add_tokenizer_pre(_pre(tokenizer))
@@ -161,6 +157,62 @@ def _add_special(writer, tokenizer):
     adds_bos = bool(getattr(tokenizer, 'add_bos_token', False))
     writer.add_add_bos_token(tokenizer.bos_token_id is not None and adds_bos)
     if tokenizer.chat_template: writer.add_chat_template(tokenizer.chat_template)
+
+# %% ../nbs/07c_gguf.ipynb #4cd9cc4b
+def _merge_ranks(bpe:dict) -> dict[str, int]:
+    "Each piece the merges build, with the rank of the first merge that builds it"
+    ranks = {}
+    for rank, merge in enumerate(bpe['merges']):
+        left, right = merge.split(' ') if isinstance(merge, str) else merge
+        ranks.setdefault(left + right, rank)
+    return ranks
+
+# %% ../nbs/07c_gguf.ipynb #79008cf7
+def _spm_vocab(tokenizer, bpe:dict, vocab_size:int) -> tuple[list[str], list[float], list]:
+    "(tokens, scores, kinds) of a sentencepiece-style tokenizer, as llama.cpp's `llama` kind stores them"
+    import gguf
+    T = gguf.TokenType
+    tokens, kinds = _token_table(tokenizer, vocab_size)
+    ranks = _merge_ranks(bpe)
+    lowest = -float(len(ranks))
+    scores = []
+    for i, token in enumerate(tokens):
+        if kinds[i] == T.NORMAL and re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', token): kinds[i] = T.BYTE
+        if i == tokenizer.unk_token_id: kinds[i] = T.UNKNOWN
+        if token in ranks: scores.append(-float(ranks[token]))
+        elif kinds[i] == T.NORMAL: scores.append(lowest - i)
+        else: scores.append(0.0)
+    return tokens, scores, kinds
+
+# %% ../nbs/07c_gguf.ipynb #856513d2
+def _prefix_space(tokenizer) -> bool:
+    "Does `tokenizer` put a space marker before the text, as sentencepiece's `add_dummy_prefix`?"
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = spec.get('pre_tokenizer') or {}
+    metaspace = [pre, *pre.get('pretokenizers', [])]
+    prepends = [p for p in metaspace if p.get('type') == 'Metaspace' and p.get('prepend_scheme') != 'never']
+    return bool(prepends) or '"Prepend"' in json.dumps(spec.get('normalizer') or {})
+
+# %% ../nbs/07c_gguf.ipynb #2ad55558
+def _add_spm_tokenizer(writer, tokenizer, bpe:dict, vocab_size:int):
+    "Sentencepiece-style BPE as llama.cpp's `llama` kind: tokens, scores, kinds, no merges"
+    tokens, scores, kinds = _spm_vocab(tokenizer, bpe, vocab_size)
+    writer.add_tokenizer_model('llama')
+    writer.add_tokenizer_pre('default')
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(kinds)
+    writer.add_add_space_prefix(_prefix_space(tokenizer))
+    _add_special(writer, tokenizer)
+
+def _add_tokenizer(writer, tokenizer, vocab_size:int):
+    model = json.loads(tokenizer.backend_tokenizer.to_str())['model']
+    if model.get('type') != 'BPE':
+        raise ValueError(f"save_gguf writes BPE tokenizers (byte-level, or sentencepiece-style with byte "
+                         f"fallback); this one is {model.get('type')}. Convert it with llama.cpp's "
+                         "convert_hf_to_gguf.py.")
+    if model.get('byte_fallback'): _add_spm_tokenizer(writer, tokenizer, model, vocab_size)
+    else: _add_bpe_tokenizer(writer, tokenizer, model, vocab_size)
 
 # %% ../nbs/07c_gguf.ipynb #b9cfcaf6
 _FILE_TYPES = {'f32': 'ALL_F32', 'f16': 'MOSTLY_F16', 'bf16': 'MOSTLY_BF16', 'q8_0': 'MOSTLY_Q8_0'}
@@ -234,6 +286,16 @@ def _load_gguf(path:Path):
     model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(**where)
 
+# %% ../nbs/07c_gguf.ipynb #4b68e27f
+def _check_loadable(path:Path, config):
+    "Refuse, in words, a file transformers' GGUF loader is known to rebuild with the wrong shapes"
+    head_dim = getattr(config, 'head_dim', None)
+    if getattr(config, 'model_type', None) == 'qwen3' and head_dim not in (None, 128):
+        raise ValueError(f"{path.name}: this Qwen3 has head_dim={head_dim}; transformers' GGUF loader "
+                         "assumes 128 for Qwen3, so the file cannot be checked by reloading it. llama.cpp "
+                         "reads the head size written in the file (attention.key_length): pass verify=False "
+                         "(or --no-verify) to keep it unchecked.")
+
 # %% ../nbs/07c_gguf.ipynb #2a508d2e
 def verify_gguf(path, # the .gguf file
                 model, # the model it was written from
@@ -244,6 +306,7 @@ def verify_gguf(path, # the .gguf file
                ) -> dict:
     "Reload `path` with transformers' GGUF loader and compare it with `model`: ids, logits, answers"
     path = Path(path)
+    _check_loadable(path, model.config)
     reloaded, reloaded_tok = _load_gguf(path)
     texts = _prompt_texts(tokenizer, prompts or GGUF_PROMPTS)
     same_ids, diff, scale, agree = True, 0.0, 0.0, 0
@@ -350,7 +413,8 @@ def save_gguf(model_or_path, # a model (or `PeftModel`), or a saved model / adap
     if tokenizer is None:
         raise ValueError("save_gguf needs the tokenizer of a model object: tokenizer=...")
     path = _gguf_path(out, folder, dtype)
-    tmp = path.with_name(f"_tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = path.parent/f"_tmp-gguf-{uuid.uuid4().hex[:8]}"/path.name  # its own name, in messages too
+    tmp.parent.mkdir()
     try:
         write_gguf(model, tokenizer, tmp, dtype)
         report = dict(dtype=dtype, bytes=tmp.stat().st_size)
@@ -358,6 +422,7 @@ def save_gguf(model_or_path, # a model (or `PeftModel`), or a saved model / adap
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
+        tmp.parent.rmdir()
     report = {**report, 'file': path.name, 'path': str(path)}
     if verify: _gguf_card(path.parent, report)
     return report

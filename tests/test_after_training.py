@@ -44,6 +44,38 @@ def test_merge_command_records_its_check(tmp_path):
     card = (tmp_path/'merged'/'README.md').read_text()
     assert '## Merge check' in card and '| 16-bit base (kept) |' in card, card
 
+def test_merge_command_qlora_builds_both_merges(tmp_path):
+    "`sft-nb merge --load_in_4bit`: a QLoRA adapter is merged onto the 16-bit and onto the dequantized 4-bit "
+    "base, both measured against the 4-bit model it was trained on; the closer is kept, printed and in the card"
+    import re
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    base = save_tiny(tmp_path/'base')
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                                          bnb_4bit_compute_dtype=torch.float32)
+    base4 = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb)
+    qlora = get_peft_model(base4, LoraConfig(r=4, target_modules='all-linear'))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in qlora.named_parameters():
+            if 'lora_B' in name: p.normal_(0, 0.05)  # as after training
+    qlora.save_pretrained(tmp_path/'adapter')
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path/'adapter')
+    r = sft_nb('merge', tmp_path/'adapter', tmp_path/'merged', '--load_in_4bit', '--dtype', 'float32')
+    card = (tmp_path/'merged'/'README.md').read_text()
+    rows = dict(re.findall(r'\| (16-bit base|dequantized 4-bit base)(?: \(kept\))? \| ([0-9.e+-]+) \|', card))
+    assert sorted(rows) == ['16-bit base', 'dequantized 4-bit base'], card
+    kept = min(rows, key=lambda k: float(rows[k]))
+    assert f'| {kept} (kept) |' in card and card.count('(kept)') == 1, card
+    assert f'merged onto the {kept}:' in r.stdout, r.stdout
+    from sft_nb.answers import merge_candidates
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'merged', dtype=torch.float32)
+    assert getattr(merged.config, 'quantization_config', None) is None  # a plain 16-bit model
+    expected = merge_candidates(qlora, torch.float32)[kept].state_dict()  # the kept merge, rebuilt here
+    saved = merged.state_dict()
+    assert max((saved[k] - v).abs().max().item() for k, v in expected.items() if k in saved) < 1e-6
+
 def test_sample_answers_in_log_tensorboard_and_card(tmp_path, caplog):
     "SFTTrainer with `eval_answer_count`: answers before training and at each evaluation, in the log, in "
     "TensorBoard's text panel, in `log_history` as scores, and in the saved model's card; they change with training"
@@ -93,3 +125,65 @@ def test_trainer_merged_save_is_checked(tmp_path):
     card = (tmp_path/'out'/'merged'/'README.md').read_text()
     assert '## Merge check' in card and 'on 4 held-out prompts' in card and '| 100% |' in card, card
     assert '## Merge check' not in (tmp_path/'out'/'README.md').read_text()  # the adapter's card has no merge
+
+def test_sample_answers_under_ddp(tmp_path):
+    "Two processes over gloo through the real launcher, `eval_answer_*` set: every round's answers are the "
+    "single process's, logged once (by the main process), scores logged once a round, one card section"
+    import json
+    import yaml
+    from sft_nb.cli import accelerate_config_path
+    cfg = yaml.safe_load(accelerate_config_path('multi_gpu').read_text())
+    # the multi_gpu profile starts 2 processes with torchrun; on CPU (use_cpu in SFTConfig) accelerate makes them
+    # MULTI_CPU over gloo and wraps the model in DDP (a MULTI_CPU profile would start one process without mpirun)
+    cfg.update(num_processes=2, mixed_precision='no')
+    (tmp_path/'ddp.yaml').write_text(yaml.safe_dump(cfg))
+    script = str(ROOT/'tests'/'answers_ddp_script.py')
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(tmp_path/'ddp.yaml'),
+              '--main_process_port', '29671']
+    for name, cmd in [('ddp', [*launch, script]), ('plain', [sys.executable, script, '--per_device', '8'])]:
+        save_tiny(tmp_path/name/'base')
+        r = subprocess.run([*cmd, str(tmp_path/name)], capture_output=True, text=True, env=ENV, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rec = lambda name, rank: json.loads((tmp_path/name/f'record.rank{rank}.json').read_text())
+    plain, main, other = rec('plain', 0), rec('ddp', 0), rec('ddp', 1)
+    assert (plain['world'], main['world'], other['world']) == (1, 2, 2)
+    rounds = lambda r: [(h['when'], h['answers']) for h in r['history']]
+    assert [w for w, _ in rounds(plain)] == ['before training', 'step 2', 'step 4']
+    assert rounds(main) == rounds(plain) == rounds(other)  # two ranks of 4 rows = one process of 8 rows
+    assert len(main['logged']) == 3 and other['logged'] == [], (main['logged'], other['logged'])
+    steps = [h['step'] for h in main['log_history'] if 'eval_answer_contains' in h]
+    assert steps == [0, 2, 4], main['log_history']
+    card = (tmp_path/'ddp'/'run'/'README.md').read_text()
+    assert card.count('## Sample answers') == 1 and plain['history'][-1]['answers'][0] in card, card
+
+LLAMA_CPP = ("needs llama-cpp-python (llama.cpp's own runtime), which compiles llama.cpp from source on "
+             "install and is therefore not in the dev extra: CMAKE_ARGS='-DGGML_NATIVE=OFF' "
+             "pip install llama-cpp-python")
+
+def _llama_cpp_greedy(llm, ids:list[int], max_new_tokens:int, eos:int) -> list[int]:
+    "llama.cpp's greedy continuation of `ids` (temperature 0, no repetition penalty), stopping after the end"
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if token == eos or len(out) == max_new_tokens: break
+    return out
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', ['llama', 'qwen2'])
+def test_gguf_answers_in_llama_cpp(tmp_path, arch):
+    "llama.cpp itself loads the exported F16 GGUF, splits the chat prompts into the same ids, and answers "
+    "greedily as transformers does"
+    llama_cpp = pytest.importorskip('llama_cpp', reason=LLAMA_CPP)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sft_nb.gguf import GGUF_PROMPTS, _greedy, _prompt_texts, save_gguf
+    folder = save_tiny(tmp_path/arch, arch=arch)
+    r = save_gguf(folder, dtype='f16')
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    llm = llama_cpp.Llama(model_path=r['path'], n_ctx=256, n_threads=1, seed=0, verbose=False)
+    for text in _prompt_texts(tok, GGUF_PROMPTS):
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        expected = _greedy(model, torch.tensor([ids]), tok, 8)
+        assert _llama_cpp_greedy(llm, ids, 8, tok.eos_token_id) == expected, text
