@@ -4,12 +4,12 @@ per rank; the same script also runs as one plain process for the reference run.
 
 python distributed_script.py OUT_DIR [--lora] [--max_steps N] [--save_steps N] [--kill_at STEP] [--resume] [--record FILE]
 """
-import argparse, json, os, signal
+import argparse, json, os, resource, signal
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 from transformers import TrainerCallback
 from sft_nb import SFTConfig, SFTTrainer
-from sft_nb.loss import fused_head_blocker
+import sft_nb.loss
 from sft_nb.save import verify_saved
 from sft_nb.tiny import tiny_dataset
 
@@ -22,6 +22,7 @@ p.add_argument('--per_device', type=int, default=4)
 p.add_argument('--kill_at', type=int, default=0)
 p.add_argument('--resume', action='store_true')
 p.add_argument('--record', default='')
+p.add_argument('--full_logits', action='store_true', help="the loss's fallback: the model's full [B, T, V] logits")
 a = p.parse_args()
 torch.set_num_threads(1)
 
@@ -39,6 +40,9 @@ def fsdp_on_cpu():
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
     AcceleratorState.__init__ = patched
+
+if a.full_logits:
+    sft_nb.loss.fused_head_blocker = lambda model: 'the test asked for full logits (--full_logits)'
 
 if os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() == 'true': fsdp_on_cpu()
 
@@ -67,6 +71,11 @@ def engine(trainer) -> str:
     if trainer.is_deepspeed_enabled and type(wrapped).__name__ == 'DeepSpeedEngine': return 'deepspeed'
     return type(wrapped).__name__
 
+def rss_mib() -> float:
+    "This process's resident memory now, MiB"
+    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+before_train = rss_mib()
 try:
     trainer.train(resume_from_checkpoint=True if a.resume else None)
 finally:
@@ -74,8 +83,9 @@ finally:
         with open(f"{a.record}.rank{trainer.args.process_index}", "w") as f:
             json.dump({'log': trainer.state.log_history, 'step': trainer.state.global_step,
                        'engine': engine(trainer),
-                       'head_blocker': fused_head_blocker(trainer.model_wrapped),
-                       'world': trainer.args.world_size}, f)
+                       'head_blocker': sft_nb.loss.fused_head_blocker(trainer.model_wrapped),
+                       'world': trainer.args.world_size, 'rss_before_train_mib': before_train,
+                       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 final = os.path.join(a.out, 'final')
 trainer.save_model(final)
 # The saved folder must reload to the model that trained: the live (sharded) model's logits, computed on every rank since
