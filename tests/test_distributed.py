@@ -10,7 +10,7 @@ import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from sft_nb.tiny import save_tiny
+from sft_nb.tiny import save_tiny, tiny_dataset
 
 HERE = Path(__file__).parent
 SCRIPT = HERE/'distributed_script.py'
@@ -23,7 +23,7 @@ def _config(tmp:Path, profile:str, changes:dict) -> Path:
     import yaml
     from sft_nb.cli import accelerate_config_path
     cfg = yaml.safe_load(accelerate_config_path(profile).read_text())
-    cfg.update(changes)
+    for k, v in changes.items(): cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
     path = tmp/f'{profile}.yaml'
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -109,6 +109,69 @@ def test_fsdp2_two_processes_resume_and_save(tmp_path, tmp_path_factory, adapter
     config = _config(tmp_path, 'fsdp2', FSDP2_CPU)
     port = {'full': 29611, 'lora': 29621}[adapter]
     _scenario(tmp_path, tmp_path_factory, config, port, adapter == 'lora', engine='fsdp2')
+
+def test_fsdp2_sharded_checkpoints_resume_and_save(tmp_path, tmp_path_factory):
+    """`fsdp_state_dict_type: SHARDED_STATE_DICT`: each checkpoint holds every rank's shards (torch.distributed.checkpoint),
+    a resume from them continues to the uninterrupted run's losses and weights, and the final save, which transformers
+    leaves empty under this type, holds the gathered full model (sft_nb's `save_gathered_if_sharded`)."""
+    sharded = {**FSDP2_CPU, 'fsdp_config': {'fsdp_state_dict_type': 'SHARDED_STATE_DICT'}}
+    config = _config(tmp_path, 'fsdp2', sharded)
+    _scenario(tmp_path, tmp_path_factory, config, 29681, False, engine='fsdp2')
+    checkpoint = tmp_path/'killed'/'run'/'checkpoint-3'
+    assert sorted(p.name for p in (checkpoint/'pytorch_model_fsdp_0').glob('*.distcp')) == ['__0_0.distcp', '__1_0.distcp']
+    assert not (checkpoint/'model.safetensors').exists()  # shards only: no rank gathered the model
+
+def test_fsdp_profile_run_as_ddp_says_so(tmp_path):
+    "On CPU accelerate runs an FSDP profile as DDP without a word; sft_nb's trainer warns that nothing is sharded"
+    save_tiny(tmp_path/'ddp'/'base')
+    config = _config(tmp_path, 'fsdp2', FSDP2_CPU)
+    r = _run(tmp_path/'ddp', '--as_accelerate_does', '--max_steps', '1', '--save_steps', '10',
+             '--record', str(tmp_path/'ddp.json'), config=config, port=29691)
+    assert _record(tmp_path/'ddp.json')['engine'] == 'DistributedDataParallel'
+    assert r.stderr.count('accelerate was asked for FSDP but runs MULTI_CPU') == 2  # once per process
+
+def _two_nodes(tmp:Path, *flags, port:int) -> list:
+    """Two `torchrun --nnodes 2 --nproc_per_node 1` invocations on 127.0.0.1, one per simulated node; each node has its
+    own folder (the model, the run, the saves) and its own datasets cache, as node-local disks would"""
+    procs = []
+    for node in (0, 1):
+        out = tmp/f'node{node}'
+        save_tiny(out/'base')
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT),
+               'HF_DATASETS_CACHE': str(out/'datasets')}
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1',
+               '--node_rank', str(node), '--master_addr', '127.0.0.1', '--master_port', str(port),
+               str(SCRIPT), str(out), *flags]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs): assert p.returncode == 0, o[-2000:] + e[-6000:]
+    return [tmp/'node0', tmp/'node1']
+
+@pytest.mark.parametrize('each_node', [False, True])
+def test_two_nodes_simulated(tmp_path, tmp_path_factory, each_node):
+    """Two nodes of one process each: global ranks 0 and 1, each its node's local main; each rank trains on its own
+    half of every global batch (no row twice, none lost: the losses are one process's with the whole batch); each node
+    prepares the dataset itself, into its own cache; the model and its card are written once (node 0), or once per
+    node with `save_on_each_node`."""
+    data = tmp_path/'train.jsonl'
+    tiny_dataset(n=128).to_json(str(data))
+    extra = ['--save_on_each_node'] if each_node else []
+    rec = tmp_path/'rec.json'
+    nodes = _two_nodes(tmp_path, '--data_file', str(data), '--record', str(rec), *extra,
+                       port=29701 + each_node)
+    r0, r1 = _record(rec, 0), _record(rec, 1)
+    assert (r0['node'], r1['node'], r0['local_rank'], r1['local_rank'], r0['world']) == ('0', '1', 0, 0, 2)
+    assert len(r0['rows']) == len(r1['rows']) == 6 and all(len(b) == 4 for b in r0['rows'] + r1['rows'])
+    seen = [tuple(row) for b in r0['rows'] + r1['rows'] for row in b]
+    assert len(set(seen)) == len(seen) == 48  # 6 steps x 2 ranks x 4 rows, none twice
+    plain = _record(_plain(tmp_path_factory, False)/'plain.json')
+    for step, loss in _losses(plain).items(): assert _losses(r0)[step] == pytest.approx(loss, rel=1e-4), step
+    caches = [sorted(p.name for p in (n/'datasets').rglob('cache-*.arrow')) for n in nodes]
+    assert caches[0] and caches[0] == caches[1]  # the same preparation, done on each node into its own cache
+    for node in nodes:
+        written = (node/'final'/'model.safetensors').exists(), (node/'final'/'README.md').exists()
+        assert written == ((True, True) if node.name == 'node0' or each_node else (False, False)), (node, written)
+    assert _last(r0, 'num_tokens') == _last(plain, 'num_tokens')
 
 # DeepSpeed on CPU: its CPU accelerator with gloo, the Trainer's torch AdamW as a client optimizer. The profiles are
 # sft_nb's (TRL's) with 2 processes and no bf16; ZeRO-3 keeps zero3_init_flag and the 16-bit gathered save.
