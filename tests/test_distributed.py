@@ -144,7 +144,8 @@ def _two_nodes(tmp:Path, *flags, port:int) -> list:
                str(SCRIPT), str(out), *flags]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs): assert p.returncode == 0, o[-2000:] + e[-6000:]
+    failed = [f'node {i}:\n{e[-4000:]}' for i, (p, (o, e)) in enumerate(zip(procs, outs)) if p.returncode]
+    assert not failed, '\n'.join(failed)
     return [tmp/'node0', tmp/'node1']
 
 @pytest.mark.parametrize('each_node', [False, True])
@@ -161,13 +162,15 @@ def test_two_nodes_simulated(tmp_path, tmp_path_factory, each_node):
                        port=29701 + each_node)
     r0, r1 = _record(rec, 0), _record(rec, 1)
     assert (r0['node'], r1['node'], r0['local_rank'], r1['local_rank'], r0['world']) == ('0', '1', 0, 0, 2)
-    assert len(r0['rows']) == len(r1['rows']) == 6 and all(len(b) == 4 for b in r0['rows'] + r1['rows'])
-    seen = [tuple(row) for b in r0['rows'] + r1['rows'] for row in b]
+    trained = r0['rows'][:6] + r1['rows'][:6]  # the batches of the 6 steps (accelerate collates one more ahead)
+    assert len(trained) == 12 and all(len(b) == 4 for b in trained)
+    seen = [tuple(row) for b in trained for row in b]
     assert len(set(seen)) == len(seen) == 48  # 6 steps x 2 ranks x 4 rows, none twice
     plain = _record(_plain(tmp_path_factory, False)/'plain.json')
     for step, loss in _losses(plain).items(): assert _losses(r0)[step] == pytest.approx(loss, rel=1e-4), step
     caches = [sorted(p.name for p in (n/'datasets').rglob('cache-*.arrow')) for n in nodes]
-    assert caches[0] and caches[0] == caches[1]  # the same preparation, done on each node into its own cache
+    # each node prepared the dataset into its own cache (the fingerprints differ: each loads its own tokenizer copy)
+    assert len(caches[0]) == len(caches[1]) >= 1, caches
     for node in nodes:
         written = (node/'final'/'model.safetensors').exists(), (node/'final'/'README.md').exists()
         assert written == ((True, True) if node.name == 'node0' or each_node else (False, False)), (node, written)
