@@ -18,8 +18,8 @@ __all__ = ['logger', 'MODEL_FILES', 'CHECKPOINT_STATE', 'check_writable', 'check
            'rotate_checkpoints', 'unwrapped', 'trainer_hub_api', 'check_trainer_output_dir', 'create_hub_repo',
            'fresh_stage', 'write_staged_checkpoint', 'fix_best_checkpoint', 'publish_checkpoint', 'pushing_folders',
            'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path',
-           'write_trainer_card', 'save_model_staged', 'update_card', 'push_trainer', 'should_push_checkpoint',
-           'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'CrashSafeSaveMixin']
+           'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card', 'push_trainer',
+           'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07b_checkpoints.ipynb #a527c9f5
 logger = logging.getLogger(__name__)
@@ -276,6 +276,18 @@ def write_trainer_card(trainer, out:Path):
         merged_info = {**info, 'is_peft': False, 'subfolder': 'merged', 'sections': sections}
         write_model_card(out/'merged', **merged_info)
 
+# %% ../nbs/07b_checkpoints.ipynb #93136084
+def _fsdp_sharded(trainer) -> bool:
+    "FSDP with `SHARDED_STATE_DICT`, under which transformers' `save_model` writes no weights"
+    plugin = getattr(trainer.accelerator.state, 'fsdp_plugin', None)
+    return bool(trainer.is_fsdp_enabled) and 'SHARDED_STATE_DICT' in str(getattr(plugin, 'state_dict_type', ''))
+
+def save_gathered_if_sharded(trainer, output_dir):
+    "Under FSDP `SHARDED_STATE_DICT`, gather a full state dict (every rank joins) and write it in `output_dir`"
+    if not _fsdp_sharded(trainer): return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.args.should_save: trainer._save(output_dir, state_dict=state_dict)
+
 # %% ../nbs/07b_checkpoints.ipynb #e0253e48
 def save_model_staged(trainer, save_model, output_dir=None, internal_call=False):
     "Trainer's `save_model`: its own `save_model` into a staging folder, moved into `output_dir`"
@@ -286,6 +298,7 @@ def save_model_staged(trainer, save_model, output_dir=None, internal_call=False)
     cleanup = stage if trainer.args.should_save else None
     with _explained(dest, _UNTOUCHED, need, cleanup):
         save_model(str(stage), _internal_call=True)
+        save_gathered_if_sharded(trainer, str(stage))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         _move_into(stage, dest)

@@ -168,13 +168,32 @@ def fused_head_blocker(model) -> str|None:
         return "FSDP1 shards its weights outside forward (FSDP2, `fsdp_version: 2`, keeps the chunked head)"
     if _fsdp2_linear(head) and _fsdp2_reshards(head):
         return "FSDP2 reshards the LM head's unit after forward (accelerate's keeps it gathered)"
-    if any(hasattr(p, 'ds_id') for m in _head_candidates(head) for p in m.parameters()):
-        return "DeepSpeed ZeRO-3 partitions the LM head's weights outside forward"
     return None
+
+# %% ../nbs/06_loss.ipynb #e2314fe8
+def _zero3(head) -> bool:
+    "Are `head`'s parameters partitioned by DeepSpeed ZeRO-3 (they carry a `ds_id`)?"
+    return any(hasattr(p, 'ds_id') for p in head.parameters())
+
+class _GatheredHeadGrad(torch.autograd.Function):
+    "A 0 that depends on a ZeRO-3 head's parameters; its backward hands them the chunked head's gradients"
+    @staticmethod
+    def forward(ctx, head, weight, bias):
+        ctx.head = head
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        leaves = ctx.head.__dict__.pop('_sft_nb_leaves', None)
+        if leaves is None:
+            raise RuntimeError("sft_loss: a ZeRO-3 LM head had no chunked-loss gradient to hand back: "
+                               "its forward ran inside `hidden_states_from_head` without `_apply_head`.")
+        return None, *(None if x is None else x.grad for x in leaves)
 
 # %% ../nbs/06_loss.ipynb #95d67057
 def _zero_from(head) -> torch.Tensor:
     "A 0 that depends on the head's parameters: DDP (`find_unused_parameters`) waits for their gradients"
+    if _zero3(head): return _GatheredHeadGrad.apply(head, head.weight, head.bias)
     x = head.weight.view(-1)[0] if head.bias is None else head.weight.view(-1)[0] + head.bias[0]
     return x * 0
 
@@ -239,18 +258,29 @@ def _log_once(key, msg):
     _logged.add(key)
     logger.warning(msg)
 
+# %% ../nbs/06_loss.ipynb #3c1442c3
+def _apply_head(head, h, t, *rest):
+    "ChunkedLMHead on `head`; a ZeRO-3 head's weight gathered once, its gradient handed back in backward"
+    if not _zero3(head): return ChunkedLMHead.apply(h, head.weight, head.bias, t, *rest)
+    import deepspeed
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    with deepspeed.zero.GatheredParameters(params):  # read only: no rank modifies them
+        w, b = (None if p is None else p.detach().requires_grad_(p.requires_grad) for p in (head.weight, head.bias))
+        out = ChunkedLMHead.apply(h, w, b, t, *rest)
+    if torch.is_grad_enabled() and head.weight.requires_grad: head._sft_nb_leaves = [w, b]
+    return out
+
 # %% ../nbs/06_loss.ipynb #59f20e4b
 def _fused(model, inputs, targets, mask, dft, chunk_tokens, router=False, smoothing=0.0, tw=None):
     with hidden_states_from_head(model) as (called, softcap):
         out = model(**_model_inputs(inputs, router))
     if len(called) != 1: return None
     hidden, head = _last(out, targets.size(1)), called[0]                  # (B, T, H)
-    chunk = chunk_tokens or max(16, CHUNK_ELEMENTS // head.weight.size(0))
+    chunk = chunk_tokens or max(16, CHUNK_ELEMENTS // head.out_features)  # ZeRO-3: weight is empty here
     h = hidden[mask.to(hidden.device)].to(head.weight.device)  # (N, H): labelled positions only
     t = targets[mask].to(head.weight.device)
     tw = None if tw is None else tw.to(head.weight.device, torch.float32)
-    loss_hits_entropy = ChunkedLMHead.apply(h, head.weight, head.bias, t, dft, softcap, chunk, smoothing,
-                                            tw)
+    loss_hits_entropy = _apply_head(head, h, t, dft, softcap, chunk, smoothing, tw)
     return *loss_hits_entropy, _aux(out, router)
 
 # %% ../nbs/06_loss.ipynb #785dc6fd

@@ -267,13 +267,25 @@ def _drop_gathered_ties(model, state_dict:dict) -> dict:
             if torch.equal(state_dict[target], state_dict[source]): copies.add(target)
     return {k: v for k, v in state_dict.items() if k not in copies}
 
+# %% ../nbs/07_save.ipynb #192d7de6
+@contextmanager
+def _writes_here(model):
+    "Within the block `model.save_pretrained` writes on this process even when it is not global rank 0"
+    if not hasattr(model, 'should_save_on_this_rank'):
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try: yield
+    finally: del model.should_save_on_this_rank
+
 # %% ../nbs/07_save.ipynb #6359196a
 def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
     from peft import PeftModel
     if isinstance(model, PeftModel): model.save_pretrained(path, state_dict=state_dict)
     else:
         if state_dict is not None: state_dict = _drop_gathered_ties(model, state_dict)
-        model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
+        with _writes_here(model):
+            model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
     generation_config = getattr(model, 'generation_config', None)
     if generation_config is not None and not (path/'generation_config.json').exists():
         generation_config.save_pretrained(path)
@@ -286,7 +298,7 @@ def _write_merged(model, path:Path, max_shard_size='5GB', processing_class=None)
         raise ValueError(f"merged=True needs a PeftModel, got {type(model).__name__}: "
                          "a full model is already merged.")
     merged = merged_copy(model)
-    merged.save_pretrained(path, max_shard_size=max_shard_size)
+    with _writes_here(merged): merged.save_pretrained(path, max_shard_size=max_shard_size)
     if processing_class is not None: processing_class.save_pretrained(path)
     verify_saved(path, merged)
 

@@ -37,7 +37,7 @@ __all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_tr
            'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
            'check_data_before_loading', 'check_virtual_tokens', 'load_for_training', 'prepare_train_eval',
            'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'gate_packing',
-           'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second']
+           'warn_engine_downgrade', 'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second']
 
 # %% ../nbs/08_trainer.ipynb #799befcb
 from .answers import answers_from_config, checked_merges
@@ -390,6 +390,20 @@ def gate_packing(trainer) -> dict|None:
     if args.process_index == 0: logger.warning(gate_log(trainer.model, report))
     return report
 
+# %% ../nbs/08_trainer.ipynb #987ba445
+def warn_engine_downgrade(accelerator) -> str|None:
+    "The warning (logged) when accelerate was asked for FSDP or DeepSpeed but wraps the model otherwise"
+    import os
+    asked = [name for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DEEPSPEED', 'ACCELERATE_USE_DEEPSPEED'))
+             if os.environ.get(var, 'false').lower() == 'true']
+    got = str(accelerator.distributed_type).split('.')[-1]
+    if not asked or asked[0] == got: return None
+    msg = (f"accelerate was asked for {asked[0]} but runs {got} (DDP: the whole model, gradients and optimizer state "
+           f"on every process, nothing sharded); accelerate builds FSDP only on an accelerator, and skips "
+           f"DeepSpeed with `use_cpu`. Check the profile (`sft-nb --accelerate_config`) and `use_cpu`.")
+    logger.warning(msg)
+    return msg
+
 # %% ../nbs/08_trainer.ipynb #8bb5dc1e
 class SFTTrainer(CrashSafeSaveMixin, Trainer):
     "Supervised fine-tuning with TRL's `SFTTrainer` arguments: full, LoRA or QLoRA; padded or packed"
@@ -442,6 +456,7 @@ class SFTTrainer(CrashSafeSaveMixin, Trainer):
                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         setup_sft_loss(self)
+        warn_engine_downgrade(self.accelerator)  # an FSDP profile silently run as DDP
         finish_trl_attributes(self, train_dataset_given)
         gate_packing(self)
         answers_from_config(self, eval_rows)  # sample answers at each evaluation, if asked

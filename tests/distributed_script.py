@@ -4,12 +4,12 @@ per rank; the same script also runs as one plain process for the reference run.
 
 python distributed_script.py OUT_DIR [--lora] [--max_steps N] [--save_steps N] [--kill_at STEP] [--resume] [--record FILE]
 """
-import argparse, json, os, signal
+import argparse, json, os, resource, signal
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 from transformers import TrainerCallback
 from sft_nb import SFTConfig, SFTTrainer
-from sft_nb.loss import fused_head_blocker
+import sft_nb.loss
 from sft_nb.save import verify_saved
 from sft_nb.tiny import tiny_dataset
 
@@ -22,6 +22,10 @@ p.add_argument('--per_device', type=int, default=4)
 p.add_argument('--kill_at', type=int, default=0)
 p.add_argument('--resume', action='store_true')
 p.add_argument('--record', default='')
+p.add_argument('--as_accelerate_does', action='store_true', help='FSDP on CPU: leave it DDP, as accelerate does')
+p.add_argument('--data_file', default='', help='a JSON-lines file loaded with load_dataset (default: tiny_dataset)')
+p.add_argument('--save_on_each_node', action='store_true')
+p.add_argument('--full_logits', action='store_true', help="the loss's fallback: the model's full [B, T, V] logits")
 a = p.parse_args()
 torch.set_num_threads(1)
 
@@ -40,7 +44,10 @@ def fsdp_on_cpu():
             self.fsdp_plugin = fsdp_plugin
     AcceleratorState.__init__ = patched
 
-if os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() == 'true': fsdp_on_cpu()
+if a.full_logits:
+    sft_nb.loss.fused_head_blocker = lambda model: 'the test asked for full logits (--full_logits)'
+
+if os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() == 'true' and not a.as_accelerate_does: fsdp_on_cpu()
 
 class Kill(TrainerCallback):
     "SIGKILL this process at a step: the run dies as under a scheduler's hard kill, mid-training"
@@ -57,9 +64,21 @@ if a.lora:
 args = SFTConfig(output_dir=os.path.join(a.out, 'run'), max_steps=a.max_steps, per_device_train_batch_size=a.per_device,
                  learning_rate=3e-3, lr_scheduler_type='constant', logging_steps=1, save_strategy='steps',
                  save_steps=a.save_steps, gradient_checkpointing=False, report_to='none', use_cpu=not deepspeed, ddp_backend='gloo' if deepspeed else None, seed=0,
-                 data_seed=0, assistant_only_loss=True, dataloader_drop_last=True, max_length=64)
-trainer = SFTTrainer(model=os.path.join(a.out, 'base'), args=args, train_dataset=tiny_dataset(n=128),
+                 data_seed=0, assistant_only_loss=True, dataloader_drop_last=True, max_length=64,
+                 save_on_each_node=a.save_on_each_node)
+if a.data_file:
+    from datasets import load_dataset
+    train_dataset = load_dataset('json', data_files=a.data_file, split='train')
+else: train_dataset = tiny_dataset(n=128)
+trainer = SFTTrainer(model=os.path.join(a.out, 'base'), args=args, train_dataset=train_dataset,
                      peft_config=peft_config, callbacks=[Kill()])
+rows = []  # the rows of each batch this rank trained on (their input_ids), to check how data is split
+collate = trainer.data_collator
+def recording_collator(features):
+    rows.append([list(f['input_ids']) for f in features])
+    return collate(features)
+trainer.data_collator = recording_collator
+
 def engine(trainer) -> str:
     "What wraps the model: fsdp2 (its parameters DTensors), deepspeed, ddp or none"
     wrapped = trainer.model_wrapped
@@ -67,6 +86,11 @@ def engine(trainer) -> str:
     if trainer.is_deepspeed_enabled and type(wrapped).__name__ == 'DeepSpeedEngine': return 'deepspeed'
     return type(wrapped).__name__
 
+def rss_mib() -> float:
+    "This process's resident memory now, MiB"
+    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+before_train = rss_mib()
 try:
     trainer.train(resume_from_checkpoint=True if a.resume else None)
 finally:
@@ -74,8 +98,10 @@ finally:
         with open(f"{a.record}.rank{trainer.args.process_index}", "w") as f:
             json.dump({'log': trainer.state.log_history, 'step': trainer.state.global_step,
                        'engine': engine(trainer),
-                       'head_blocker': fused_head_blocker(trainer.model_wrapped),
-                       'world': trainer.args.world_size}, f)
+                       'head_blocker': sft_nb.loss.fused_head_blocker(trainer.model_wrapped),
+                       'world': trainer.args.world_size, 'rows': rows, 'node': os.environ.get('GROUP_RANK'),
+                       'local_rank': trainer.args.local_process_index, 'rss_before_train_mib': before_train,
+                       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 final = os.path.join(a.out, 'final')
 trainer.save_model(final)
 # The saved folder must reload to the model that trained: the live (sharded) model's logits, computed on every rank since
