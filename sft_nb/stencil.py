@@ -7,7 +7,7 @@ Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 # %% ../nbs/04a_stencil.ipynb #8b3c7974
 from __future__ import annotations
 import contextvars, functools, json, re
-from .chat import (ChatRenderer, _chat, _marked_extension, compile_marked, reasoning_fields,
+from .chat import (ChatRenderer, _chat, _has_sentinels, _marked_extension, compile_marked, reasoning_fields,
                          split_marked)
 
 # %% auto #0
@@ -285,6 +285,7 @@ def _frozen(v, texts:list, key=None):
         texts.append(v)
         return 's'
     if isinstance(v, dict) and key == 'arguments' and v:
+        if _has_sentinels(v): return None
         texts.append(v)
         return 'o'
     if isinstance(v, (dict, list)):
@@ -296,12 +297,22 @@ def _frozen(v, texts:list, key=None):
     return None
 
 # %% ../nbs/04a_stencil.ipynb #824fe6f9
+@functools.cache
+def _reasoning_order() -> tuple:
+    "transformers' reasoning fields, in the order it looks for one"
+    # private, as in `reasoning_fields`: the order decides which field the others copy
+    from transformers.utils.chat_template_utils import _REASONING_FIELDS
+    return tuple(_REASONING_FIELDS)
+
 def message_shape(m:dict) -> tuple[tuple, list]|None:
     "A message's part of a conversation shape, and its texts, as `apply_chat_template` hands it over"
-    (m,), sentinel = _chat([m])  # `None`s dropped, reasoning aliased: what the template sees
-    if sentinel: return None
+    # `None`s dropped, reasoning aliased: `_chat`'s steps, here in one pass
+    reasoning = next((m[k] for k in _reasoning_order() if m.get(k) is not None), None)
+    if reasoning is not None:
+        m = {'thinking': reasoning, **{k: v for k, v in m.items() if v is not None}, 'reasoning_content': reasoning}
     shape, texts = [], []
     for k, v in m.items():
+        if v is None: continue
         if k == 'role' and v.__class__ is str: shape.append((k, v))
         elif v.__class__ is str and not v: shape.append((k, v))
         elif (f := _frozen(v, texts, k)) is None: return None
