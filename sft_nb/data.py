@@ -34,6 +34,7 @@ def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
         has_completion = fmt in ('prompt_completion', 'conversational_prompt_completion')
         completion_only = has_completion or 'completion_mask' in columns
     swap = args.assistant_only_loss and fmt.startswith('conversational')
+    swap = swap and getattr(args, 'trl_training_template', True)  # False: the template inference uses
     return Tokenize(tokenizer, fmt, args.dataset_text_field, args.eos_token, completion_only,
                     args.assistant_only_loss, None if packing else args.max_length, args.truncation_mode,
                     not packing, formatting_func, chat_template=training_template(tokenizer) if swap else None,
