@@ -221,5 +221,6 @@ def warn_parity(dataset, # the raw train dataset
         first = next(m for m in report.mismatches if m.kind == kind)
         logger.warning(f"Inference parity: in {n} of {report.turns} trained turns of the first {report.rows} "
                        f"conversations, {MISMATCHES[kind]}. E.g. row {first.row}, messages[{first.message}]: "
-                       f"{first.detail}. See `sft_nb.audit.audit_dataset` or `sft-nb preview --audit`.{_hint(kind, args)}")
+                       f"{first.detail}. See `sft_nb.audit.audit_dataset` or `sft-nb preview --audit`."
+                       f"{_hint(kind, args)}")
     return report

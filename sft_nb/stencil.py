@@ -7,6 +7,7 @@ Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 # %% ../nbs/04a_stencil.ipynb #8b3c7974
 from __future__ import annotations
 import contextvars, functools, json, re
+from fastcore.basics import patch
 from .chat import (ChatRenderer, _chat, _has_sentinels, _marked_extension, compile_marked, reasoning_fields,
                          split_marked)
 
@@ -455,20 +456,22 @@ class StencilRenderer(ChatRenderer):
         self.memo[id(tools)] = (tools, key)
         return key
 
-    def _by_shape(self, template, messages, tools, kwargs, add_generation_prompt) -> tuple|None:
-        "Text and generation spans from a stencil of the conversation's shape; None: render it"
-        if len(self.memo) > 4096: self.memo.clear()
-        found = conversation_shape(messages) or nested_shape(messages, self.memo)
-        if found is None: return None
-        shape, texts = found
-        variants = self._variants(template, shape, tools, kwargs, add_generation_prompt)
-        if variants is None: return None
-        for guards, stencil in variants:
-            if guards_hold(guards, texts): return None if stencil is None else fill_stencil(stencil, texts)
-        if len(variants) >= self.max_variants: return None
-        guards = []
-        stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt, tools, texts, guards)
-        out = split_marked(self._marked(template, messages, tools, kwargs, add_generation_prompt))
-        checked = stencil is not None and out is not None and fill_stencil(stencil, texts) == out
-        variants.append((guards, stencil if checked else None))
-        return out
+# %% ../nbs/04a_stencil.ipynb #a6888ca8
+@patch
+def _by_shape(self:StencilRenderer, template, messages, tools, kwargs, add_generation_prompt) -> tuple|None:
+    "Text and generation spans from a stencil of the conversation's shape; None: render it"
+    if len(self.memo) > 4096: self.memo.clear()
+    found = conversation_shape(messages) or nested_shape(messages, self.memo)
+    if found is None: return None
+    shape, texts = found
+    variants = self._variants(template, shape, tools, kwargs, add_generation_prompt)
+    if variants is None: return None
+    for guards, stencil in variants:
+        if guards_hold(guards, texts): return None if stencil is None else fill_stencil(stencil, texts)
+    if len(variants) >= self.max_variants: return None
+    guards = []
+    stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt, tools, texts, guards)
+    out = split_marked(self._marked(template, messages, tools, kwargs, add_generation_prompt))
+    checked = stencil is not None and out is not None and fill_stencil(stencil, texts) == out
+    variants.append((guards, stencil if checked else None))
+    return out
