@@ -99,7 +99,10 @@ def tool_and_reasoning_conversations(n=30, seed=0):
 TEMPLATE_FILES = sorted(TRL_TEMPLATES.glob('*.jinja')) + sorted(FIXTURES.glob('*.jinja'))
 
 
-@pytest.mark.parametrize('path', TEMPLATE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def _id(p): return f"{'fixture' if p.parent == FIXTURES else 'trl'}/{p.name}"
+
+
+@pytest.mark.parametrize('path', TEMPLATE_FILES, ids=_id)
 def test_tool_and_reasoning_stencils_equal_jinja(path):
     "Tool calls, tool results and reasoning: stencilled renders equal row-by-row Jinja renders, text and spans"
     tok = tiny_tokenizer(path.read_text())
