@@ -196,6 +196,12 @@ def _inputs(r:dict) -> tuple:
     return (json.loads(tools) if isinstance(tools, str) else tools), r.get('chat_template_kwargs') or {}
 
 # %% ../nbs/04f_audit.ipynb #bb2f5779
+def _hint(kind:str, args) -> str:
+    "What to do about a mismatch that TRL's training template may cause"
+    if kind == 'double_bos' or not getattr(args, 'trl_training_template', True): return ''
+    return (" If TRL's training template was swapped in (logged above), `trl_training_template=False` trains "
+            "on the tokenizer's own template, as inference renders it.")
+
 def warn_parity(dataset, # the raw train dataset
                 processing_class, # the tokenizer (or processor)
                 args, # the run's `SFTConfig`
@@ -215,5 +221,6 @@ def warn_parity(dataset, # the raw train dataset
         first = next(m for m in report.mismatches if m.kind == kind)
         logger.warning(f"Inference parity: in {n} of {report.turns} trained turns of the first {report.rows} "
                        f"conversations, {MISMATCHES[kind]}. E.g. row {first.row}, messages[{first.message}]: "
-                       f"{first.detail}. See `sft_nb.audit.audit_dataset` or `sft-nb preview --audit`.")
+                       f"{first.detail}. See `sft_nb.audit.audit_dataset` or `sft-nb preview --audit`."
+                       f"{_hint(kind, args)}")
     return report

@@ -88,6 +88,10 @@ class SFTNBArguments:
         True, "Prove on the model, before training, that packed documents stay apart (sft_nb.gate).")
     train_on_turns: str = _field(
         "all", "With assistant_only_loss: all assistant turns train, or only the last (sft_nb.audit).")
+    trl_training_template: bool = _field(
+        True, "With assistant_only_loss, as TRL: a stock template that rewrites past turns (Qwen 3, "
+        "GPT-OSS, DeepSeek-R1) renders with TRL's training variant. False: the tokenizer's own, as "
+        "inference renders it, each conversation split into one row per trained turn (sft_nb.audit).")
     # TRL trains float32 weights (sft_nb.optim)
     half_precision_updates: str = _field(
         "kahan", "How full fine-tuning's AdamW updates bfloat16/float16 weights: kahan "

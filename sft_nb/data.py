@@ -34,6 +34,7 @@ def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
         has_completion = fmt in ('prompt_completion', 'conversational_prompt_completion')
         completion_only = has_completion or 'completion_mask' in columns
     swap = args.assistant_only_loss and fmt.startswith('conversational')
+    swap = swap and getattr(args, 'trl_training_template', True)  # False: the template inference uses
     return Tokenize(tokenizer, fmt, args.dataset_text_field, args.eos_token, completion_only,
                     args.assistant_only_loss, None if packing else args.max_length, args.truncation_mode,
                     not packing, formatting_func, chat_template=training_template(tokenizer) if swap else None,
@@ -141,36 +142,50 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
 # %% ../nbs/04d_data.ipynb #a80584d5
 @dataclass
 class TrainedText:
-    "Decoded text cut into (piece, trained) segments"
+    "Decoded text cut into (piece, trained) segments, with each segment's loss weight where some isn't 1"
     segments: list[tuple[str, bool]]
     n_trained: int
     n_tokens: int
+    weights: list[float]|None = None # one per segment (per-message `weight`s); None: all 1
 
-    def __str__(self): return ''.join(f"⟦{s}⟧" if t else s for s, t in self.segments)
+    def _weight(self, k:int) -> str:
+        "` ×w` after a trained segment whose weight isn't 1"
+        w = 1.0 if self.weights is None else self.weights[k]
+        return '' if w == 1 else f"×{w:g}"
+    def __str__(self):
+        return ''.join(f"⟦{s}⟧{self._weight(k)}" if t else s for k, (s, t) in enumerate(self.segments))
     def __repr__(self):
-        body = ''.join(f"\x1b[42m{s}\x1b[0m" if t else s for s, t in self.segments)
+        body = ''.join(f"\x1b[42m{s}\x1b[0m{self._weight(k)}" if t else s for k, (s, t) in enumerate(self.segments))
         return f"{body}\n[{self.n_trained} of {self.n_tokens} tokens trained]"
     def _repr_markdown_(self):
         "HTML inside markdown: notebooks and the docs site render it, and Quarto adds no JavaScript for it"
-        mark = lambda s: f'<mark style="background:#b6e3b6">{html.escape(s)}</mark>'
-        body = ''.join(mark(s) if t else html.escape(s) for s, t in self.segments)
+        mark = lambda s, k: f'<mark style="background:#b6e3b6">{html.escape(s)}</mark>' + (
+            f'<sup>{self._weight(k)}</sup>' if self._weight(k) else '')
+        body = ''.join(mark(s, k) if t else html.escape(s) for k, (s, t) in enumerate(self.segments))
         return (f'<pre style="white-space:pre-wrap">{body}</pre>'
                 f'<p>{self.n_trained} of {self.n_tokens} tokens trained (highlighted)</p>')
 
 # %% ../nbs/04d_data.ipynb #d2be6941
-def _segments(ids, labels, tokenizer):
-    segs, cur, state = [], [], None
-    for x, y in zip(ids, labels):
-        if state is not None and (y != -100) != state:
-            segs.append((tokenizer.decode(cur), state))
+def _segments(ids, labels, tokenizer, weights=None) -> tuple[list, list]:
+    "(piece, trained) segments, cut where training or the loss weight changes, and each one's weight"
+    segs, seg_weights, cur, state = [], [], [], None
+    weights = weights if weights is not None else [1.0] * len(ids)
+    for x, y, w in zip(ids, labels, weights):
+        now = (y != -100, w if y != -100 else 1.0)
+        if state is not None and now != state:
+            segs.append((tokenizer.decode(cur), state[0]))
+            seg_weights.append(state[1])
             cur = []
         cur.append(x)
-        state = y != -100
-    if cur: segs.append((tokenizer.decode(cur), state))
-    return segs
+        state = now
+    if cur:
+        segs.append((tokenizer.decode(cur), state[0]))
+        seg_weights.append(state[1])
+    return segs, seg_weights
 
 # %% ../nbs/04d_data.ipynb #54dd5e56
 def _prepare_one(row, tokenizer, args, formatting_func):
+    "`input_ids`, `labels` and `loss_weights` (None: unweighted) of one raw row"
     if args is None:
         import tempfile
         from sft_nb.config import SFTConfig
@@ -180,8 +195,11 @@ def _prepare_one(row, tokenizer, args, formatting_func):
     if formatting_func is None:
         check_row(row, 0, fmt, args.dataset_text_field, args.assistant_only_loss)
     t = make_tokenize(fmt, tokenizer, args, formatting_func, packing=True, columns=list(row))
+    messages = [m for c in ('messages', 'prompt', 'completion') if isinstance(row.get(c), list) for m in row[c]]
+    t.weighted = args.assistant_only_loss and any(isinstance(m, dict) and m.get('weight') is not None
+                                                  for m in messages)
     out = t({k: [v] for k, v in row.items()}, [0]).to_pydict()
-    return out['input_ids'][0], out['labels'][0]
+    return out['input_ids'][0], out['labels'][0], (out.get('loss_weights') or [None])[0]
 
 # %% ../nbs/04d_data.ipynb #8c6a6d03
 def show_trained(row_or_ids, # a prepared row, a raw row of any format, or a list of token ids
@@ -190,10 +208,13 @@ def show_trained(row_or_ids, # a prepared row, a raw row of any format, or a lis
                  labels:list[int]|None=None, # labels of bare ids; default: all trained
                  formatting_func:Callable|None=None, # as for `prepare_dataset`
                 ) -> TrainedText:
-    "One example with the tokens the loss sees highlighted"
+    "One example with the tokens the loss sees highlighted, and their loss weight where it isn't 1"
+    weights = None
     if isinstance(row_or_ids, dict) and {'input_ids', 'labels'} <= set(row_or_ids):
-        ids, labels = row_or_ids['input_ids'], row_or_ids['labels']
+        ids, labels, weights = row_or_ids['input_ids'], row_or_ids['labels'], row_or_ids.get('loss_weights')
     elif isinstance(row_or_ids, dict):
-        ids, labels = _prepare_one(row_or_ids, tokenizer, args, formatting_func)
+        ids, labels, weights = _prepare_one(row_or_ids, tokenizer, args, formatting_func)
     else: ids, labels = list(row_or_ids), labels if labels is not None else list(row_or_ids)
-    return TrainedText(_segments(ids, labels, tokenizer), sum(y != -100 for y in labels), len(ids))
+    segments, seg_weights = _segments(ids, labels, tokenizer, weights)
+    return TrainedText(segments, sum(y != -100 for y in labels), len(ids),
+                       None if weights is None else seg_weights)

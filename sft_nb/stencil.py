@@ -6,18 +6,20 @@ Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 
 # %% ../nbs/04a_stencil.ipynb #8b3c7974
 from __future__ import annotations
-import functools, re
-from .chat import (ChatRenderer, _marked_extension, compile_marked, reasoning_fields,
+import contextvars, functools, json, re
+from fastcore.basics import patch
+from .chat import (ChatRenderer, _chat, _has_sentinels, _marked_extension, compile_marked, reasoning_fields,
                          split_marked)
 
 # %% auto #0
-__all__ = ['SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'compile_stencil', 'conversation_shape', 'build_stencil', 'fill_stencil',
-           'StencilRenderer']
+__all__ = ['SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil', 'conversation_shape',
+           'message_shape', 'nested_shape', 'build_stencil', 'fill_stencil', 'StencilRenderer']
 
 # %% ../nbs/04a_stencil.ipynb #cffbe90b
 # noncharacters, as the generation sentinels: rows holding one aren't stencilled
 SLOT_OPEN, SLOT_CLOSE = '\ufdd2', '\ufdd3'
-_SLOT_RE = re.compile('\ufdd2([0-9]+)(t?)\ufdd3')
+# slot n, then `t`: its text trimmed, or `~k`: transform chain k applied to it
+_SLOT_RE = re.compile('\ufdd2([0-9]+)(t|~[0-9]+)?\ufdd3')
 _SENTINEL_RE = re.compile('[\ufdd0-\ufdd3]')
 
 class Escaped(Exception):
@@ -25,16 +27,23 @@ class Escaped(Exception):
 
 # %% ../nbs/04a_stencil.ipynb #f70d20dd
 class Slot(str):
-    "A text (or a string joined from one) while a shape renders: any use but writing or joining escapes"
+    "A text (or a string joined from one) while a shape renders: reads become guards, other uses escape"
     def _escaped(self, *args, **kwargs): raise Escaped(str(self))
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = _escaped
-    __contains__ = __len__ = __iter__ = __getitem__ = _escaped
+    __lt__ = __le__ = __gt__ = __ge__ = __hash__ = _escaped
+    __iter__ = __getitem__ = _escaped
     __mul__ = __rmul__ = __mod__ = __rmod__ = __format__ = _escaped
+    def __eq__(self, other): return _read(self, 'eq', (other,))
+    def __ne__(self, other): return _read(self, 'ne', (other,))
+    def __contains__(self, item): return _read(self, 'contains', (item,))
+    def __len__(self): return _read(self, 'len', ())
     def __add__(self, other):
         return Slot(str.__add__(self, other)) if isinstance(other, str) else NotImplemented
     def __radd__(self, other):
         return Slot(str.__add__(other, self)) if isinstance(other, str) else NotImplemented
-    def __bool__(self): return True  # only non-blank texts become slots
+    def __bool__(self):
+        # only non-blank texts become slots: as they are or trimmed, never empty
+        kept = _SLOT_RE.sub(lambda m: '' if m[2] and m[2] != 't' else 'x', self)
+        return True if kept else _read(self, 'bool', ())
 
 # %% ../nbs/04a_stencil.ipynb #cb4c2fb0
 # not `in`, which a Slot refuses
@@ -51,6 +60,83 @@ def _holds_slot(x) -> bool:
 def _as_slot(s:str) -> str:
     "A string made from a slot stays a `Slot`, so reading it later still escapes"
     return Slot(s) if _has_slot(s) else s
+
+# %% ../nbs/04a_stencil.ipynb #e02360b2
+# the texts of the conversation a stencil is built from, and the guards its reads add
+_BUILD = contextvars.ContextVar('stencil_build', default=None)
+_METHOD_READS = frozenset({'startswith', 'endswith', 'find', 'rfind', 'count', 'isspace', 'isdigit',
+                           'isalpha', 'isalnum', 'islower', 'isupper'})
+_READS = {'eq': str.__eq__, 'ne': str.__ne__, 'contains': str.__contains__, 'len': str.__len__,
+          'bool': bool, 'in': lambda s, haystack: str.__contains__(haystack, s),
+          **{n: getattr(str, n) for n in _METHOD_READS}}
+
+# %% ../nbs/04a_stencil.ipynb #e5fa7990
+_OPS, _OP_IDS = [()], {(): 0}  # transform chains of `(function, args, kwargs)` steps, numbered as met
+_TRIM = ((str.strip, (), ()),)
+
+def _chain(mark) -> tuple:
+    "The transforms a slot's mark stands for: none, `t` (trim) or `~k` (chain k)"
+    if not mark: return ()
+    return _TRIM if mark == 't' else _OPS[int(mark[1:])]
+
+def _apply(x, chain:tuple):
+    "A text (or tool call arguments) with the transforms of `chain` applied"
+    for f, args, kwargs in chain: x = f(x, *args, **dict(kwargs))
+    return x
+
+def _real(s:str, texts:list) -> str:
+    "The string that `s`, made from slots, stands for with `texts` in its slots"
+    return _SLOT_RE.sub(lambda m: _apply(texts[int(m[1])], _chain(m[2])), s)
+
+# %% ../nbs/04a_stencil.ipynb #297449d6
+def _read(s:str, name:str, args:tuple):
+    "A read of slotted string `s`, answered on the texts the stencil is built from, kept as a guard"
+    build = _BUILD.get()
+    if build is None or _holds_slot(args): raise Escaped(name)
+    texts, guards = build
+    result = _READS[name](_real(s, texts), *args)
+    if result is NotImplemented: return result  # `==` with a non-string: Python answers, not the text
+    if result.__class__ not in (bool, int): raise Escaped(name)
+    guards.append((str(s), name, args, result))
+    return result
+
+def guards_hold(guards:list, texts:list) -> bool:
+    "Do `texts` answer each read of a stencil's `guards` as the texts it was built from did?"
+    return all(_READS[n](_real(s, texts), *a) == r for s, n, a, r in guards)
+
+# %% ../nbs/04a_stencil.ipynb #94cd3e0c
+def _transformed(value, f, args:tuple=(), kwargs:dict|None=None) -> Slot:
+    "A whole slot (or `Opaque` arguments), marked to be written as `f(text, *args, **kwargs)` when filled"
+    ref = value.ref if isinstance(value, Opaque) else value
+    m = _SLOT_RE.fullmatch(ref) if isinstance(ref, str) else None
+    name = getattr(f, '__name__', 'transform')
+    if _BUILD.get() is None or m is None or _holds_slot(args) or _holds_slot(kwargs): raise Escaped(name)
+    chain = _chain(m[2]) + ((f, tuple(args), tuple(sorted((kwargs or {}).items()))),)
+    try: op = _OP_IDS.setdefault(chain, len(_OPS))
+    except TypeError: raise Escaped(name) from None  # an argument that can't be a key (a list)
+    if op == len(_OPS): _OPS.append(chain)
+    return Slot(f"{SLOT_OPEN}{m[1]}~{op}{SLOT_CLOSE}")
+
+# %% ../nbs/04a_stencil.ipynb #67e71a2c
+_TRANSFORMS = frozenset({'strip', 'lstrip', 'rstrip', 'lower', 'upper', 'title', 'capitalize', 'replace'})
+
+def _slot_method(s:str, name:str):
+    "String method `name` of a slotted string: a read kept as a guard, a transform marked, else `Escaped`"
+    if name in _METHOD_READS: return lambda *args: _read(s, name, args)
+    if name in _TRANSFORMS: return lambda *args: _transformed(s, getattr(str, name), args)
+    raise Escaped(name)
+
+# %% ../nbs/04a_stencil.ipynb #cfe2ec8f
+class Opaque(dict):
+    "A tool call's arguments while a shape renders: `tojson` writes them when filled, other uses escape"
+    def __init__(self, ref:str):
+        super().__init__()
+        self.ref = ref  # its slot
+    def _escaped(self, *args, **kwargs): raise Escaped('arguments')
+    __iter__ = __len__ = __contains__ = __getitem__ = __eq__ = __ne__ = __str__ = __repr__ = _escaped
+    keys = values = items = get = copy = _escaped
+    __hash__ = None
+    def __bool__(self): return True  # only non-empty arguments become `Opaque`
 
 # %% ../nbs/04a_stencil.ipynb #ebbc6783
 # Filters that only look at the lists and dicts around texts
@@ -77,6 +163,8 @@ def _guard_filter(name, f):
 
 # %% ../nbs/04a_stencil.ipynb #6e3b7bde
 def _guard_test(name, f):
+    # a text (or arguments dict) is iterable whatever it holds: Llama 3.1 asks it of tool results
+    if name == 'iterable': return lambda value: isinstance(value, (str, Opaque)) or f(value)
     if name in _TYPE_TESTS: return f
     @functools.wraps(f)
     def guarded(*args, **kwargs):
@@ -86,17 +174,28 @@ def _guard_test(name, f):
 
 # %% ../nbs/04a_stencil.ipynb #413dfd7e
 def _trim(value, chars=None):
-    "Jinja's `trim`; on a whole slot, the slot marked to be trimmed when filled"
-    if isinstance(value, str) and chars is None and (m := _SLOT_RE.fullmatch(value)):
+    "Jinja's `trim`; on a whole slot, the slot marked to be trimmed (or transformed) when filled"
+    if isinstance(value, str) and chars is None and (m := _SLOT_RE.fullmatch(value)) and not m[2]:
         return Slot(f"{SLOT_OPEN}{m[1]}t{SLOT_CLOSE}")
-    if _holds_slot(value): raise Escaped('trim')
+    if _holds_slot(value): return _transformed(value, str.strip, (chars,))
     return str(value).strip(chars)
+
+# %% ../nbs/04a_stencil.ipynb #ad6a3f21
+def _slot_tojson(f):
+    "transformers' `tojson`; on a whole slot or `Opaque` arguments, marked to be applied when filled"
+    from jinja2.utils import _PassArg
+    guarded = _guard_filter('tojson', f)
+    if _PassArg.from_obj(f) is not None: return guarded  # not transformers' own: guarded as any filter
+    def tojson(value, *args, **kwargs):
+        whole = isinstance(value, Opaque) or (isinstance(value, str) and _SLOT_RE.fullmatch(value))
+        return _transformed(value, f, args, kwargs) if whole else guarded(value, *args, **kwargs)
+    return tojson
 
 # %% ../nbs/04a_stencil.ipynb #be4fe7a6
 class _Haystack(str):
-    "The right side of `in` when it is a string: a slot on the left would be searched for as is"
+    "The right side of `in` when it is a string: a slot on the left is searched for as a read"
     def __contains__(self, item):
-        if isinstance(item, str) and _has_slot(item): raise Escaped('in')
+        if isinstance(item, str) and _has_slot(item): return _read(item, 'in', (str(self),))
         return str.__contains__(self, item)
 
 # %% ../nbs/04a_stencil.ipynb #347dd73f
@@ -129,7 +228,7 @@ def _slot_sandbox(base_env):
         def join(self, parts): return _as_slot(str_join(parts))  # `~`
         def haystack(self, x): return _Haystack(x) if type(x) is str else x
         def getattr(self, obj, attribute):
-            if isinstance(obj, str) and _has_slot(obj): raise Escaped(attribute)
+            if isinstance(obj, str) and _has_slot(obj): return _slot_method(obj, attribute)
             return super().getattr(obj, attribute)
         def getitem(self, obj, argument):
             if isinstance(obj, str) and _has_slot(obj): raise Escaped(argument)
@@ -137,7 +236,9 @@ def _slot_sandbox(base_env):
         def call(__self, __context, __obj, *args, **kwargs):
             # a macro's body is guarded like the rest; namespaces and dicts only hold what they get
             passes = isinstance(__obj, Macro) or any(__obj is s for s in stores)
-            if not passes and (_holds_slot(args) or _holds_slot(kwargs)):
+            # Jinja hands the variables of the enclosing loop or block to calls made inside it
+            kw = {k: v for k, v in kwargs.items() if k not in ('_loop_vars', '_block_vars')}
+            if not passes and (_holds_slot(args) or _holds_slot(kw)):
                 raise Escaped(getattr(__obj, '__name__', 'call'))
             return super().call(__context, __obj, *args, **kwargs)
     return SlotSandbox
@@ -151,6 +252,7 @@ def compile_stencil(template:str):
     extensions = [_marked_extension(), jinja2.ext.loopcontrols]
     env = _slot_sandbox(base)(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
     env.filters.update({k: _guard_filter(k, f) for k, f in base.filters.items()}, trim=_trim)
+    if 'tojson' in base.filters: env.filters['tojson'] = _slot_tojson(base.filters['tojson'])
     env.tests.update({k: _guard_test(k, f) for k, f in base.tests.items()})
     env.globals.update(base.globals)
     return env.from_string(template)
@@ -175,7 +277,80 @@ def conversation_shape(messages:list) -> tuple[tuple, list[str]]|None:
         put(None)
     return tuple(shape), texts
 
+# %% ../nbs/04a_stencil.ipynb #88eeb7a3
+def _frozen(v, texts:list, key=None):
+    "The shape of a nested value, its texts (and a call's arguments dict) appended to `texts`; None: none"
+    if v.__class__ is str:
+        if not v: return ('=', str, v)
+        if v.isspace() or (not v.isascii() and _SENTINEL_RE.search(v)): return None
+        texts.append(v)
+        return 's'
+    if isinstance(v, dict) and key == 'arguments' and v:
+        if _has_sentinels(v): return None
+        texts.append(v)
+        return 'o'
+    if isinstance(v, (dict, list)):
+        items = [(k, _frozen(x, texts, k)) for k, x in (v.items() if isinstance(v, dict) else enumerate(v))]
+        if any(f is None for _, f in items): return None
+        return ('d', tuple(items)) if isinstance(v, dict) else ('l', tuple(f for _, f in items))
+    # the type too: True == 1 == 1.0, but a template writes each differently
+    if v is None or v.__class__ in (bool, int, float): return ('=', v.__class__, v)
+    return None
+
+# %% ../nbs/04a_stencil.ipynb #824fe6f9
+@functools.cache
+def _reasoning_order() -> tuple:
+    "transformers' reasoning fields, in the order it looks for one"
+    # private, as in `reasoning_fields`: the order decides which field the others copy
+    from transformers.utils.chat_template_utils import _REASONING_FIELDS
+    return tuple(_REASONING_FIELDS)
+
+def message_shape(m:dict) -> tuple[tuple, list]|None:
+    "A message's part of a conversation shape, and its texts, as `apply_chat_template` hands it over"
+    # `None`s dropped, reasoning aliased: `_chat`'s steps, here in one pass
+    reasoning = next((m[k] for k in _reasoning_order() if m.get(k) is not None), None)
+    if reasoning is not None:
+        m = {'thinking': reasoning, **{k: v for k, v in m.items() if v is not None}, 'reasoning_content': reasoning}
+    shape, texts = [], []
+    for k, v in m.items():
+        if v is None: continue
+        if k == 'role' and v.__class__ is str: shape.append((k, v))
+        elif v.__class__ is str and not v: shape.append((k, v))
+        elif (f := _frozen(v, texts, k)) is None: return None
+        elif f == 's': shape.append(k)
+        else: shape.append((k, None, f))  # a nested value
+    shape.append(None)
+    return tuple(shape), texts
+
+def nested_shape(messages:list, # the conversation
+                 memo:dict|None=None, # `{id(message): (message, its shape)}`, kept across calls
+                ) -> tuple[tuple, list]|None:
+    "A conversation's shape and texts, with nested fields and aliased reasoning, as the template sees them"
+    shape, texts = (), []
+    for m in messages:
+        hit = memo.get(id(m)) if memo is not None else None
+        # prefixes of a conversation share its message dicts: each is shaped once
+        found = hit[1] if hit is not None and hit[0] is m else message_shape(m)
+        if found is None: return None
+        if memo is not None and hit is None: memo[id(m)] = (m, found)
+        shape += found[0]
+        texts += found[1]
+    return shape, texts
+
 # %% ../nbs/04a_stencil.ipynb #c344005a
+def _unfrozen(f, n:int) -> tuple:
+    "The value a `_frozen` shape describes, with slots numbered from `n`, and the next slot's number"
+    if f == 's' or f == 'o':
+        ref = f"{SLOT_OPEN}{n}{SLOT_CLOSE}"
+        return (Slot(ref) if f == 's' else Opaque(ref)), n + 1
+    if f[0] == '=': return f[2], n
+    out = {} if f[0] == 'd' else []
+    for k, x in (f[1] if f[0] == 'd' else enumerate(f[1])):
+        value, n = _unfrozen(x, n)
+        if f[0] == 'd': out[k] = value
+        else: out.append(value)
+    return out, n
+
 def _slotted(shape:tuple) -> list[dict]:
     "The conversation a `shape` describes, with slot `n` in place of its `n`th text"
     chat, m, n = [], {}, 0
@@ -183,6 +358,7 @@ def _slotted(shape:tuple) -> list[dict]:
         if f is None:
             chat.append(m)
             m = {}
+        elif isinstance(f, tuple) and len(f) == 3: m[f[0]], n = _unfrozen(f[2], n)
         elif isinstance(f, tuple): m[f[0]] = f[1]
         else:
             m[f] = Slot(f"{SLOT_OPEN}{n}{SLOT_CLOSE}")
@@ -191,18 +367,23 @@ def _slotted(shape:tuple) -> list[dict]:
 
 # %% ../nbs/04a_stencil.ipynb #d3420c43
 def build_stencil(template:str, # the chat template
-                  shape:tuple, # from `conversation_shape`
+                  shape:tuple, # from `conversation_shape` or `nested_shape`
                   kwargs:dict, # everything else the template reads: special tokens, template kwargs
                   add_generation_prompt:bool=False, # end with the assistant's header
+                  tools=None, # the tool schemas, written as they are
+                  texts:list|None=None, # a conversation of this shape's texts: reads are answered on them
+                  guards:list|None=None, # gets the reads' guards, for `guards_hold`
                  ) -> tuple|None:
-    "Literal pieces, the text slotted between each two (trimmed or not), generation spans' ends"
+    "Literal pieces, the text slotted between each two (and its transform), generation spans' ends"
+    token = _BUILD.set(None if texts is None else (texts, [] if guards is None else guards))
     try:
         compiled = compile_stencil(template)
-        rendered = compiled.render(messages=_slotted(shape), tools=None, documents=None,
+        rendered = compiled.render(messages=_slotted(shape), tools=tools, documents=None,
                                    add_generation_prompt=add_generation_prompt, **kwargs)
         text = str(rendered)  # a plain copy
     # Escaped, or the template's own error, which the row-by-row render reports
     except Exception: return None
+    finally: _BUILD.reset(token)
     marked = split_marked(text)
     if marked is None: return None  # nested generation blocks
     text, spans = marked
@@ -213,15 +394,16 @@ def build_stencil(template:str, # the chat template
     bounds = [0, *(x for s in _SLOT_RE.finditer(text) for x in s.span()), len(text)]
     piece_of = lambda p: next(k for k in range(len(pieces)) if bounds[2*k] <= p <= bounds[2*k+1])
     ends = [(k, p - bounds[2*k]) for s in spans for p in s for k in [piece_of(p)]]
-    return pieces, [(int(i), t == 't') for i, t in zip(parts[1::3], parts[2::3])], ends
+    marks = [t == 't' or (_chain(t) if t else False) for t in parts[2::3]]
+    return pieces, [(int(i), m) for i, m in zip(parts[1::3], marks)], ends
 
 # %% ../nbs/04a_stencil.ipynb #93a4ca4e
 def fill_stencil(stencil:tuple, texts:list[str]) -> tuple[str, list[tuple[int,int]]]:
     "The rendered conversation, the stencil's pieces with `texts` between, and its generation spans"
     pieces, refs, ends = stencil
     out, starts, n = [pieces[0]], [0], len(pieces[0])
-    for (i, trimmed), piece in zip(refs, pieces[1:]):
-        t = texts[i].strip() if trimmed else texts[i]
+    for (i, mark), piece in zip(refs, pieces[1:]):
+        t = texts[i] if not mark else texts[i].strip() if mark is True else _apply(texts[i], mark)
         n += len(t)
         starts.append(n)
         n += len(piece)
@@ -234,7 +416,8 @@ _MISSING = object()
 
 class StencilRenderer(ChatRenderer):
     "A `ChatRenderer` that renders a conversation shape once, then fills its stencil with texts"
-    max_shapes = 4096  # stencils kept; conversations of further shapes render row by row
+    max_shapes = 4096  # shapes kept; conversations of further shapes render row by row
+    max_variants = 8  # stencils of one shape, for texts that answer its reads differently
 
     def __init__(self,
                  tokenizer, # a tokenizer; its chat template is used unless `chat_template` is given
@@ -242,32 +425,53 @@ class StencilRenderer(ChatRenderer):
                 ):
         super().__init__(tokenizer, chat_template)
         self.stencils = {}
+        self.memo = {}  # message shapes and tools keys of the last rows (`nested_shape`)
 
     def __getstate__(self):
         "Worker processes and dataset fingerprints start with an empty cache"
-        return {**self.__dict__, 'stencils': {}}
+        return {**self.__dict__, 'stencils': {}, 'memo': {}}
 
     def _text_and_spans(self, template, messages, tools, kwargs, add_generation_prompt) -> tuple:
         "From the stencil of the conversation's shape where it has one, else rendered by Jinja"
-        if tools is None:
-            out = self._by_shape(template, messages, kwargs, add_generation_prompt)
-            if out is not None: return out
+        out = self._by_shape(template, messages, tools, kwargs, add_generation_prompt)
+        if out is not None: return out
         return super()._text_and_spans(template, messages, tools, kwargs, add_generation_prompt)
 
-    def _by_shape(self, template, messages, kwargs, add_generation_prompt) -> tuple|None:
-        "Text and generation spans from the stencil of the conversation's shape; None: render it"
-        found = conversation_shape(messages)
-        if found is None: return None
-        shape, texts = found
+    def _variants(self, template, shape, tools, kwargs, add_generation_prompt) -> list|None:
+        "The `(guards, stencil)`s kept for a shape; None: past `max_shapes`, or inputs that can't be a key"
         try:
             kwargs_key = tuple(sorted(kwargs.items())) if kwargs else ()
-            key = (template, shape, add_generation_prompt, kwargs_key)
-            stencil = self.stencils.get(key, _MISSING)
-        except TypeError: return None  # template kwargs that can't be a key
-        if stencil is not _MISSING: return None if stencil is None else fill_stencil(stencil, texts)
-        if len(self.stencils) >= self.max_shapes: return None
-        stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt)
-        out = split_marked(self._marked(template, messages, None, kwargs, add_generation_prompt))
-        checked = stencil is not None and fill_stencil(stencil, texts) == out
-        self.stencils[key] = stencil if checked else None
-        return out
+            tools_key = None if tools is None else self._tools_key(tools)
+            key = (template, shape, add_generation_prompt, kwargs_key, tools_key)
+            variants = self.stencils.get(key)
+        except (TypeError, ValueError): return None
+        if variants is None and len(self.stencils) < self.max_shapes: variants = self.stencils[key] = []
+        return variants
+
+    def _tools_key(self, tools) -> str:
+        "`tools` as JSON: in order, as a template writes them (dicts compare without it)"
+        hit = self.memo.get(id(tools))
+        if hit is not None and hit[0] is tools: return hit[1]
+        key = json.dumps(tools)
+        self.memo[id(tools)] = (tools, key)
+        return key
+
+# %% ../nbs/04a_stencil.ipynb #a6888ca8
+@patch
+def _by_shape(self:StencilRenderer, template, messages, tools, kwargs, add_generation_prompt) -> tuple|None:
+    "Text and generation spans from a stencil of the conversation's shape; None: render it"
+    if len(self.memo) > 4096: self.memo.clear()
+    found = conversation_shape(messages) or nested_shape(messages, self.memo)
+    if found is None: return None
+    shape, texts = found
+    variants = self._variants(template, shape, tools, kwargs, add_generation_prompt)
+    if variants is None: return None
+    for guards, stencil in variants:
+        if guards_hold(guards, texts): return None if stencil is None else fill_stencil(stencil, texts)
+    if len(variants) >= self.max_variants: return None
+    guards = []
+    stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt, tools, texts, guards)
+    out = split_marked(self._marked(template, messages, tools, kwargs, add_generation_prompt))
+    checked = stencil is not None and out is not None and fill_stencil(stencil, texts) == out
+    variants.append((guards, stencil if checked else None))
+    return out

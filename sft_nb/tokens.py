@@ -335,17 +335,30 @@ def conversational(self:Tokenize, rows, idx):
     masks = [[weighted_token_spans(e, s, w)] if aol else [] for e, (_, s, w) in zip(encs, out)]
     return [e.ids for e in encs], masks
 
+# %% ../nbs/04c_tokens.ipynb #d6eda825
+@patch
+def _prompt_completion(self:Tokenize, r, row, tools, kw) -> list[tuple]:
+    "`(text, spans, weights)` of a conversational prompt-completion row, or one per trained turn"
+    messages = r['prompt'] + r['completion']
+    try: return [self._rendered(messages, row, 'completion', tools, kw, self.assistant_only_loss)]
+    except NotNested:
+        if self.completion_only_loss: messages = [{**m, 'train': False} for m in r['prompt']] + r['completion']
+        found = split_turns(self.render, messages, row, tools, kw, self.train_on_turns == 'last')
+        return [(t, s, w if self.weighted else None) for t, s, w in found]
+
 # %% ../nbs/04c_tokens.ipynb #353af6d8
 @patch
 def conversational_prompt_completion(self:Tokenize, rows, idx):
-    prompts, fulls = [], []
+    prompts, fulls, groups = [], [], []
     for r, i in zip(rows, idx):
         tools, kw = _template_inputs(r)
         prompt = self._rendered(r['prompt'], i, 'prompt', tools, kw, False, add_generation_prompt=True)
-        prompts.append(prompt[0])
-        fulls.append(self._rendered(r['prompt'] + r['completion'], i, 'completion', tools, kw,
-                                    self.assistant_only_loss))
+        found = self._prompt_completion(r, i, tools, kw)
+        prompts += [prompt[0]] * len(found)
+        fulls += found
+        groups.append(len(found))
     ids, completions, encs = self._completion_masks(prompts, [t for t, _, _ in fulls], False)
+    self._count_split(groups, encs)
     assistant = None
     if self.assistant_only_loss:
         assistant = [weighted_token_spans(e, s, w) for e, (_, s, w) in zip(encs, fulls)]

@@ -61,3 +61,61 @@ def test_trainer_warns_on_inference_mismatch(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if r.name == 'sft_nb.audit']
     assert len(said) == 1 and "in 4 of 8 trained turns of the first 4 conversations" in said[0]
     assert "the tokens before the turn differ" in said[0]
+
+
+# Tool calls and reasoning through stencils (issue 20's fast path): every template TRL ships and the fixtures
+from pathlib import Path
+from sft_nb.chat import ChatRenderer
+from sft_nb.stencil import StencilRenderer
+
+TRL_TEMPLATES = Path(__file__).parents[1]/'sft_nb'/'chat_templates'
+FIXTURES = Path(__file__).parents[1]/'nbs'/'fixtures'/'chat_templates'
+AWKWARD = ['  padded  ', 'a</think>b', '<think>r</think>ans', '{{ x }}', 'line\nbreak\n', '\nlead', 'ünïcode ✓',
+           '<tool_response>\n4\n</tool_response>', '"quote"', '4']
+ADD = {'type': 'function', 'function': {'name': 'add', 'description': 'Add two numbers', 'parameters': {
+    'type': 'object', 'properties': {'a': {'type': 'integer'}, 'b': {'type': 'integer'}}, 'required': ['a', 'b']}}}
+
+
+def tool_and_reasoning_conversations(n=30, seed=0):
+    "Conversations with tool calls, tool results and reasoning, texts drawn from `AWKWARD`"
+    import random
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        msgs = [{'role': 'system', 'content': rng.choice(AWKWARD)}] if rng.random() < .3 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs.append({'role': 'user', 'content': rng.choice(AWKWARD)})
+            if rng.random() < .5:
+                args = {'a': rng.randint(0, 9), 'b': rng.choice([1, 'ü', 2.5])}
+                call = [{'type': 'function', 'function': {'name': 'add', 'arguments': args}}]
+                msgs += [{'role': 'assistant', 'content': '', 'tool_calls': call},
+                         {'role': 'tool', 'name': 'add', 'content': rng.choice(AWKWARD)}]
+            answer = {'role': 'assistant', 'content': rng.choice(AWKWARD)}
+            if rng.random() < .5: answer['reasoning_content'] = rng.choice(AWKWARD)
+            msgs.append(answer)
+        out.append(msgs)
+    return out
+
+
+TEMPLATE_FILES = sorted(TRL_TEMPLATES.glob('*.jinja')) + sorted(FIXTURES.glob('*.jinja'))
+
+
+def _id(p): return f"{'fixture' if p.parent == FIXTURES else 'trl'}/{p.name}"
+
+
+@pytest.mark.parametrize('path', TEMPLATE_FILES, ids=_id)
+def test_tool_and_reasoning_stencils_equal_jinja(path):
+    "Tool calls, tool results and reasoning: stencilled renders equal row-by-row Jinja renders, text and spans"
+    tok = tiny_tokenizer(path.read_text())
+    tok.bos_token = '<|endoftext|>'
+    fast, plain = StencilRenderer(tok), ChatRenderer(tok)
+    n = 0
+    for msgs in tool_and_reasoning_conversations() * 2:  # the second time round, shapes have their stencils
+        for tools in (None, [ADD]):
+            for agp, sub in ((False, msgs), (True, msgs[:-1])):
+                try: want = plain(sub, tools, add_generation_prompt=agp, markers=True)
+                except Exception: continue  # a conversation the template rejects
+                assert fast(sub, tools, add_generation_prompt=agp, markers=True) == want, (sub, tools, agp)
+                n += 1
+    assert n > 0
+    used = sum(s is not None for v in fast.stencils.values() for _, s in v)
+    if path.parent == FIXTURES and path.stem in ('qwen2_5', 'qwen3', 'llama3_1', 'gpt_oss'): assert used > 0
