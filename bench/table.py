@@ -20,7 +20,7 @@ def _value(x, metric):
     if 'MiB' in metric:
         return f"{x:,.0f} MiB"
     if 'second' in metric or metric.startswith('time'):
-        return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
+        return f"{x:.3f} s" if x < 1 else f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
     return f"{x:.4g}"
 
 
@@ -71,6 +71,10 @@ def table(results):
     else:
         for res in results:
             lines.append(f"Machine for `{res['command']}`: {res['machine']}.")
+    loads = [f"`{res['command']}` {lo}-{hi}" for res in results if res.get('load_average')
+             for lo, hi in [res['load_average']]]
+    if loads:
+        lines.append(f"Load average (1 min) while measured: {', '.join(loads)}.")
     return '\n'.join(lines)
 
 
