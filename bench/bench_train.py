@@ -24,7 +24,8 @@ Step time: the time between consecutive step ends (so it includes data loading, 
 the steps after WARMUP; the best round counts. Fairness check: the first losses of the three must agree.
 
 Run: `PYTHONPATH=. python bench/bench_train.py` (a few minutes on 2 cores); `--full` runs more steps and rounds.
-Writes bench/results/train.json.
+Writes bench/results/train.json after each complete round (a run cut short keeps its complete rounds;
+`--from-log LOG LO-HI` rebuilds the file from a run's printed `round ...` lines and the load average seen).
 """
 import json, os, platform, statistics, subprocess, sys, time
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', WANDB_DISABLED='true')
@@ -156,23 +157,10 @@ def machine():
             f"transformers {transformers.__version__}, trl {trl.__version__}")
 
 
-def main():
-    best, loads = {}, []
-    for r in range(ROUNDS):
-        for kind in CONTENDERS:
-            loads.append(os.getloadavg()[0])
-            p = subprocess.run([sys.executable, __file__, '--child', kind], capture_output=True, text=True)
-            if p.returncode:
-                raise RuntimeError(f"{kind} failed:\n{p.stderr[-4000:]}")
-            res = json.loads(p.stdout.strip().splitlines()[-1])
-            for w, v in res.items():
-                print(f"round {r} {kind:6s} {w}: step {v['step']:.3f} s (CPU {v['cpu']:.3f} s)  "
-                      f"losses {v['losses']}", flush=True)
-                old = best.get((kind, w))
-                if old is None or v['step'] < old['step']:
-                    best[(kind, w)] = v
+def report(best, loads, rounds):
+    "Print the comparison of the best rounds and write bench/results/train.json"
     rows = []
-    print(f"\n{machine()}\nload average (1 min) while measured: {min(loads):.1f}-{max(loads):.1f}")
+    print(f"\n{machine()}\nload average (1 min) while measured: {min(loads):.1f}-{max(loads):.1f}; rounds {rounds}")
     for w in WORKLOADS:
         s, t, p = (best[(k, w)]['step'] for k in ('sft_nb', 'trl', 'plain'))
         cs, ct, cp = (best[(k, w)]['cpu'] for k in ('sft_nb', 'trl', 'plain'))
@@ -192,13 +180,55 @@ def main():
                      'cpu_seconds': {'sft_nb': round(cs, 4), 'trl': round(ct, 4), 'plain': round(cp, 4)}})
     os.makedirs('bench/results', exist_ok=True)
     out = {'bench': 'train', 'machine': machine(), 'command': 'python bench/bench_train.py', 'rows': rows,
-           'load_average': [round(min(loads), 2), round(max(loads), 2)]}
+           'rounds': rounds, 'load_average': [round(min(loads), 2), round(max(loads), 2)]}
     with open('bench/results/train.json', 'w') as f:
         json.dump(out, f, indent=1)
+
+
+def keep_best(best, r, kind, res):
+    for w, v in res.items():
+        print(f"round {r} {kind:6s} {w}: step {v['step']:.3f} s (CPU {v['cpu']:.3f} s)  "
+              f"losses {v['losses']}", flush=True)
+        old = best.get((kind, w))
+        if old is None or v['step'] < old['step']:
+            best[(kind, w)] = v
+
+
+def main():
+    "Round-robin; the results file is rewritten after each complete round, so a run cut short keeps its rounds"
+    best, loads = {}, []
+    for r in range(ROUNDS):
+        for kind in CONTENDERS:
+            loads.append(os.getloadavg()[0])
+            p = subprocess.run([sys.executable, __file__, '--child', kind], capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(f"{kind} failed:\n{p.stderr[-4000:]}")
+            keep_best(best, r, kind, json.loads(p.stdout.strip().splitlines()[-1]))
+        report(best, loads, r + 1)
+
+
+def from_log(path, loads):
+    "Rebuild the results from the `round ...` lines a run printed (complete rounds only)"
+    import ast, re
+    best, seen = {}, {}
+    pat = re.compile(r"round (\d+) (\w+) +(\w+): step ([\d.]+) s \(CPU ([\d.]+) s\)  losses (\[.*\])")
+    for line in open(path):
+        m = pat.match(line)
+        if m:
+            r, kind, w = int(m[1]), m[2], m[3]
+            seen.setdefault(r, []).append((kind, w, float(m[4]), float(m[5]), ast.literal_eval(m[6])))
+    rounds = [r for r, v in seen.items() if len(v) == len(CONTENDERS) * len(WORKLOADS)]
+    for r in rounds:
+        for kind, w, step, cpu, losses in seen[r]:
+            keep_best(best, r, kind, {w: {'step': step, 'cpu': cpu, 'losses': losses}})
+    report(best, loads, len(rounds))
 
 
 if __name__ == '__main__':
     if '--child' in sys.argv:
         child(sys.argv[sys.argv.index('--child') + 1])
+    elif '--from-log' in sys.argv:  # e.g. --from-log run.log 14.0-19.7 (the load average seen meanwhile)
+        i = sys.argv.index('--from-log')
+        from_log(sys.argv[i + 1], [float(x) for x in sys.argv[i + 2].split('-')])
     else:
         main()
