@@ -39,7 +39,9 @@ def plot_loss(log_history:list[dict], # `trainer.state.log_history`
     ax.set(xlabel='step', ylabel='loss', title='Training loss')
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    # fixed margins: `tight_layout` draws the figure once more, half the plot's time (and a plot
+    # is drawn at every checkpoint)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.91)
     fig.savefig(path, format='png')
     return Path(path)
 

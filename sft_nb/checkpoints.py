@@ -10,7 +10,7 @@ import logging, os, re, shutil, tempfile
 from pathlib import Path
 from .card import _card_defaults, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
-from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree
+from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree, flushing
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
 
 # %% auto #0
@@ -239,17 +239,18 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     model = unwrapped(trainer)
     max_shard_size = getattr(trainer.args, 'max_shard_size', '5GB')
     _write_weights(model, out, state_dict, max_shard_size)
-    processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
-    if processing_class is not None: processing_class.save_pretrained(out)
-    verify_saved(out, model if state_dict is None else None)
-    final_save = getattr(trainer, '_stage', None) is None
-    merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
-    if final_save and merge and hasattr(model, 'merge_and_unload'):
-        # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
-        write_merged = getattr(trainer, 'write_merged', None) or _write_merged
-        write_merged(model, out/'merged', max_shard_size, processing_class)
-    save_training_args(trainer.args, out)
-    write_trainer_card(trainer, out)
+    with flushing(out):  # the weights reach the disk while the rest is written
+        processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
+        if processing_class is not None: processing_class.save_pretrained(out)
+        verify_saved(out, model if state_dict is None else None)
+        final_save = getattr(trainer, '_stage', None) is None
+        merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
+        if final_save and merge and hasattr(model, 'merge_and_unload'):
+            # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
+            write_merged = getattr(trainer, 'write_merged', None) or _write_merged
+            write_merged(model, out/'merged', max_shard_size, processing_class)
+        save_training_args(trainer.args, out)
+        write_trainer_card(trainer, out)
 
 # %% ../nbs/07b_checkpoints.ipynb #c9e971db
 def final_path(trainer, out:Path) -> Path:

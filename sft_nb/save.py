@@ -12,7 +12,8 @@ from pathlib import Path
 from .card import _card_defaults, write_model_card
 
 # %% auto #0
-__all__ = ['TMP_PREFIX', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'checkpoint_bytes', 'save_model']
+__all__ = ['TMP_PREFIX', 'flushing', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'checkpoint_bytes',
+           'save_model']
 
 # %% ../nbs/07_save.ipynb #c973d7f8
 TMP_PREFIX = '_tmp-'  # with '_': Trainer's push ignores it, and it never matches `checkpoint-*`
@@ -29,6 +30,21 @@ def _fsync_tree(path:Path):
             try: os.fsync(fd)
             finally: os.close(fd)
         except OSError: pass  # some filesystems refuse fsync on folders
+
+# %% ../nbs/07_save.ipynb #f1a5b0c2
+@contextmanager
+def flushing(path, # a folder whose files are written
+            ):
+    "fsync what `path` holds now on a background thread while the body writes more; wait at the end"
+    import threading
+    # daemon: a process that dies mid-save must not hang on it
+    flusher = threading.Thread(target=_fsync_tree, args=(Path(path),), daemon=True)
+    flusher.start()
+    try:
+        yield flusher
+    finally:
+        flusher.join()
+
 
 # %% ../nbs/07_save.ipynb #c1d569f5
 def _exchange(a:Path, b:Path) -> bool:
@@ -319,10 +335,11 @@ def save_model(model, # a `PreTrainedModel` or `PeftModel`
     info = {**_card_defaults(model), 'repo_id': str(output_dir.resolve()), **(card or {})}
     with atomic_dir(output_dir, checkpoint_bytes(model, save_only_model=True)) as t:
         _write_weights(model, t, state_dict, max_shard_size)
-        if processing_class is not None: processing_class.save_pretrained(t)
-        if verify: verify_saved(t, model if state_dict is None else None)
-        write_model_card(t, **info)
-        if merged:
-            _write_merged(model, t/'merged', max_shard_size, processing_class)
-            write_model_card(t/'merged', **{**info, 'is_peft': False, 'subfolder': 'merged'})
+        with flushing(t):  # the weights reach the disk while the rest is written
+            if processing_class is not None: processing_class.save_pretrained(t)
+            if verify: verify_saved(t, model if state_dict is None else None)
+            write_model_card(t, **info)
+            if merged:
+                _write_merged(model, t/'merged', max_shard_size, processing_class)
+                write_model_card(t/'merged', **{**info, 'is_peft': False, 'subfolder': 'merged'})
     return output_dir
