@@ -81,7 +81,9 @@ def _map_kwargs(dataset, t:Tokenize, args, formatting_func, fmt:str, columns, na
         t.validate, t.arrow = True, False
         return kw
     if formatting_func is not None and fmt != 'tokenized': t.validate = True
-    return kw | dict(num_proc=args.dataset_num_proc, desc=f"Tokenizing {name} dataset")
+    # `num_proc=1` would fork one worker with the Rust tokenizer's threads off: stay in this process
+    num_proc = args.dataset_num_proc if (args.dataset_num_proc or 1) > 1 else None
+    return kw | dict(num_proc=num_proc, desc=f"Tokenizing {name} dataset")
 
 # %% ../nbs/04d_data.ipynb #0415488a
 def _prepare_dicts(dataset, *args, **kwargs):
