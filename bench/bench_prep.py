@@ -14,10 +14,10 @@ Checks that input_ids and labels agree with TRL row for row (truncation mode), m
 and peak RSS of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset.
 Writes bench/results/prep.json.
 
-    python bench/bench_prep.py            # 2,000 rows per workload: a few minutes on 2 cores
-    python bench/bench_prep.py --full     # 20,000 rows, and a 1M-conversation peak-RSS run
+    python bench/bench_prep.py            # 1,000 rows per workload: a few minutes on 2 quiet cores
+    python bench/bench_prep.py --full     # 20,000 rows, every combination, and a 1M-conversation peak-RSS run
 """
-import argparse, gc, json, os, platform, resource, subprocess, sys, tempfile, time
+import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 sys.path.insert(0, os.path.dirname(__file__))
@@ -26,6 +26,8 @@ warnings.filterwarnings('ignore', category=FutureWarning)
 import datasets
 from datasets import Dataset
 import workloads as W
+# imported before any clock starts: both sides pay their imports once per process, not per dataset
+import sft_nb.trainer, trl.trainer.sft_trainer, trl.chat_template_utils  # noqa: E401
 
 MAX_LEN = 1024
 AOL = {'multi_turn', 'tool_calling', 'reasoning'}  # conversations trained on assistant turns only
@@ -42,6 +44,9 @@ def ours(ds, tok, workload, num_proc, packing):
 def trl(ds, tok, workload, num_proc, packing):
     from trl import SFTConfig as TRLConfig, SFTTrainer
     from trl.chat_template_utils import get_training_chat_template
+    # TRL passes `num_proc=1` to `map`, which forks one worker with the tokenizer's threads off: 1 runs as the
+    # default (None, in-process) on both sides
+    num_proc = None if num_proc == 1 else num_proc
     args = sft_args(TRLConfig, workload, num_proc, packing, use_cpu=True, bf16=False)
     trainer = SFTTrainer.__new__(SFTTrainer)  # only the dataset preparation is timed, not model loading
     trainer.args, trainer._tokenizer, trainer._is_vision_dataset = args, tok, False
@@ -80,33 +85,48 @@ def same(a, b, tok):
             if x != -100 or not blank[t]: return 'different'
     return 'whitespace'
 
-def run_case(workload, vocab, n, repeat, num_procs, modes):
+def run_case(workload, vocab, n, repeat, configs):
+    "Each (mode, num_proc) of `configs` on the same rows: best of `repeat` interleaved rounds"
     rows, tok = W.workload(workload, n, vocab)
     ds = Dataset.from_list(rows)
     backend = tok.backend_tokenizer
     texts = rendered(rows, tok, workload)
+    warm = ds.select(range(min(50, n)))
+    ours(warm, tok, workload, 1, False)  # first-call costs (lazy imports, template compiles) out of the clock
+    trl(warm, tok, workload, 1, False)
     out = []
-    for mode in modes:
+    for mode, num_proc in configs:
         packing = mode == 'packed'
-        for num_proc in num_procs:
-            best = {'sft_nb': float('inf'), 'trl': float('inf'), 'floor': float('inf')}
-            res = {}
-            for _ in range(repeat):  # interleaved: each round runs all three
-                _, t = timed(backend.encode_batch, texts, False)
-                best['floor'] = min(best['floor'], t)
-                res['sft_nb'], t = timed(ours, ds, tok, workload, num_proc, packing)
-                best['sft_nb'] = min(best['sft_nb'], t)
-                res['trl'], t = timed(trl, ds, tok, workload, num_proc, packing)
-                best['trl'] = min(best['trl'], t)
-            agree = same(res['sft_nb'], res['trl'], tok) if not packing else None
-            n_tok = sum(map(len, res['sft_nb']['input_ids'][:]))
-            out.append(dict(workload=workload, vocab=vocab, mode=mode, num_proc=num_proc, rows=n,
-                            out_rows=len(res['sft_nb']), tokens=n_tok, agree=agree, **best))
-            r = out[-1]
-            print(f"{workload:18} {vocab // 1000:>3}k {mode:8} np={num_proc}  sft_nb {r['sft_nb']:6.2f} s  "
-                  f"TRL {r['trl']:6.2f} s  floor {r['floor']:6.2f} s  vs TRL {r['trl'] / r['sft_nb']:4.1f}x faster  "
-                  f"vs floor {r['sft_nb'] / r['floor']:4.2f}x  same as TRL: {agree}", flush=True)
+        best = {'sft_nb': float('inf'), 'trl': float('inf'), 'floor': float('inf')}
+        res = {}
+        for _ in range(repeat):  # interleaved: each round runs all three
+            _, t = timed(backend.encode_batch, texts, False)
+            best['floor'] = min(best['floor'], t)
+            res['sft_nb'], t = timed(ours, ds, tok, workload, num_proc, packing)
+            best['sft_nb'] = min(best['sft_nb'], t)
+            res['trl'], t = timed(trl, ds, tok, workload, num_proc, packing)
+            best['trl'] = min(best['trl'], t)
+        agree = same(res['sft_nb'], res['trl'], tok) if not packing else None
+        n_tok = sum(map(len, res['sft_nb']['input_ids'][:]))
+        out.append(dict(workload=workload, vocab=vocab, mode=mode, num_proc=num_proc, rows=n,
+                        out_rows=len(res['sft_nb']), tokens=n_tok, agree=agree, **best))
+        r = out[-1]
+        print(f"{workload:18} {vocab // 1000:>3}k {mode:8} np={num_proc}  sft_nb {r['sft_nb']:6.2f} s  "
+              f"TRL {r['trl']:6.2f} s  floor {r['floor']:6.2f} s  vs TRL {r['trl'] / r['sft_nb']:4.1f}x faster  "
+              f"vs floor {r['sft_nb'] / r['floor']:4.2f}x  labels vs TRL: {agree}", flush=True)
     return out
+
+def matrix(workloads, vocabs, everything):
+    """(workload, vocab, [(mode, num_proc)]) in order of importance, so a cut-short run has the main numbers:
+    every workload and tokenizer truncated in one process, then packing and `dataset_num_proc=2` on the first
+    tokenizer (every combination with `everything`)"""
+    if everything:
+        for w in workloads:
+            for v in vocabs: yield w, v, [(m, p) for m in ('truncate', 'packed') for p in (1, 2)]
+        return
+    for w in workloads:
+        for v in vocabs: yield w, v, [('truncate', 1)]
+    for w in workloads: yield w, vocabs[0], [('packed', 1), ('truncate', 2)]
 
 # ---------------------------------------------------------------- memory
 def _write_dataset(workload, n, path, chunk=20_000):
@@ -117,15 +137,21 @@ def _write_dataset(workload, n, path, chunk=20_000):
             yield from gen(min(chunk, n - k), seed=k)
     Dataset.from_generator(rows, cache_dir=os.path.join(path, 'gen')).save_to_disk(os.path.join(path, 'ds'))
 
+def _hwm():
+    "This process's peak RSS in MiB (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)"
+    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
+    return int(line.split()[1]) / 1024
+
 def rss_child(path, workload, vocab):
     "In a fresh process: load the saved dataset memory-mapped, prepare it with sft_nb, report peak RSS (MiB)"
     tok = W.bench_tokenizer(vocab, W.WORKLOADS[workload][1])
     ds = datasets.load_from_disk(os.path.join(path, 'ds'))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ours(ds.select(range(50)), tok, workload, 1, False)  # imports and compiles, as in the timed runs
+    before = _hwm()
     t = time.perf_counter()
     out = ours(ds, tok, workload, 1, False)
     secs = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _hwm()
     print(json.dumps({'rows': len(ds), 'out_rows': len(out), 'before_mib': before, 'peak_mib': peak,
                       'seconds': secs}))
 
@@ -168,13 +194,12 @@ def result_rows(cases, rss):
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
-    ap.add_argument('--n', type=int, default=2000)
+    ap.add_argument('--n', type=int, default=1000)
     ap.add_argument('--full', action='store_true', help="20,000 rows per workload and a 1M-conversation RSS run")
     ap.add_argument('--repeat', type=int, default=3)
     ap.add_argument('--workloads', default=','.join(W.WORKLOADS))
     ap.add_argument('--vocabs', default='32000,151000')
-    ap.add_argument('--num_procs', default='1,2')
-    ap.add_argument('--modes', default='truncate,packed')
+    ap.add_argument('--all', action='store_true', help="packing and num_proc=2 on every workload and tokenizer")
     ap.add_argument('--rss', default='2000,8000,32000', help="row counts of the peak-RSS runs ('' for none)")
     ap.add_argument('--rss-child', default=None, help=argparse.SUPPRESS)
     ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'prep.json'))
@@ -189,21 +214,27 @@ if __name__ == '__main__':
     datasets.disable_progress_bars()
     import logging
     logging.getLogger('sft_nb').setLevel(logging.ERROR)
-    print(f"load: {os.getloadavg()}")
-    cases = []
-    for w in workloads:
-        for v in vocabs:
-            cases += run_case(w, v, a.n, a.repeat, [int(x) for x in a.num_procs.split(',')], a.modes.split(','))
-    rss = []
-    for n in [int(x) for x in a.rss.split(',') if x]:
-        r = rss_run('multi_turn', 32_000, n)
-        print(f"peak RSS, multi_turn 32k, {n} rows memory-mapped: {r['peak_mib']:.0f} MiB "
-              f"(after loading: {r['before_mib']:.0f} MiB), prepared in {r['seconds']:.1f} s", flush=True)
-        rss.append(('multi_turn', 32_000, r))
-    print(f"load: {os.getloadavg()}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     cmd = 'python bench/bench_prep.py' + (' --full' if a.full else '')
-    with open(a.out, 'w') as f:
-        json.dump({'bench': 'prep', 'machine': machine(), 'command': cmd, 'rows': result_rows(cases, rss)}, f,
-                  indent=1)
+    def write(cases, rss):
+        "Rewritten after every case: a run cut short keeps what it measured"
+        with open(a.out, 'w') as f:
+            json.dump({'bench': 'prep', 'machine': machine(), 'command': cmd, 'load': os.getloadavg(),
+                       'rows': result_rows(cases, rss)}, f, indent=1)
+    print(f"load: {os.getloadavg()}")
+    cases, rss = [], []
+    rss_sizes = [int(x) for x in a.rss.split(',') if x]
+    def memory():
+        for n in rss_sizes:
+            r = rss_run('multi_turn', 32_000, n)
+            print(f"peak RSS, multi_turn 32k, {n} rows memory-mapped: {r['peak_mib']:.0f} MiB "
+                  f"(after loading: {r['before_mib']:.0f} MiB), prepared in {r['seconds']:.1f} s", flush=True)
+            rss.append(('multi_turn', 32_000, r))
+            write(cases, rss)
+    for k, (w, v, configs) in enumerate(matrix(workloads, vocabs, a.all or a.full)):
+        if k == len(workloads) * len(vocabs): memory()  # after the main numbers
+        cases += run_case(w, v, a.n, a.repeat, configs)
+        write(cases, rss)
+    if len(rss) < len(rss_sizes): memory()
+    print(f"load: {os.getloadavg()}")
     print(f"wrote {a.out}")
