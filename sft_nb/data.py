@@ -18,7 +18,7 @@ from .formats import carries_weights
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'make_tokenize', 'prepare_dataset', 'TrainedText', 'show_trained']
+__all__ = ['logger', 'make_tokenize', 'light_fingerprint', 'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04d_data.ipynb #07c0f477
 def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
@@ -82,7 +82,20 @@ def _map_kwargs(dataset, t:Tokenize, args, formatting_func, fmt:str, columns, na
         t.validate, t.arrow = True, False
         return kw
     if formatting_func is not None and fmt != 'tokenized': t.validate = True
-    return kw | dict(num_proc=args.dataset_num_proc, desc=f"Tokenizing {name} dataset")
+    # `num_proc=1` would fork one worker with the Rust tokenizer's threads off: stay in this process
+    num_proc = args.dataset_num_proc if (args.dataset_num_proc or 1) > 1 else None
+    if not dataset.cache_files: kw['new_fingerprint'] = light_fingerprint(dataset, t)
+    return kw | dict(num_proc=num_proc, desc=f"Tokenizing {name} dataset")
+
+# %% ../nbs/04d_data.ipynb #88f1ee3d
+def light_fingerprint(dataset, t:Tokenize) -> str:
+    "A map fingerprint from `dataset`'s, `t`'s settings and the tokenizer's name, size and template"
+    from datasets.fingerprint import Hasher
+    skip = ('tokenizer', 'backend', 'render', 'split_stats')
+    settings = {k: v for k, v in vars(t).items() if k not in skip}
+    tok = t.tokenizer
+    who = (type(tok).__name__, tok.name_or_path, len(tok), getattr(tok, 'chat_template', None))
+    return Hasher.hash((dataset._fingerprint, settings, who))
 
 # %% ../nbs/04d_data.ipynb #0415488a
 def _prepare_dicts(dataset, *args, **kwargs):

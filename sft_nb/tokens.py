@@ -18,7 +18,7 @@ from .formats import check_row, to_chatml
 # %% auto #0
 __all__ = ['fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
            'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
-           'check_markers']
+           'pipelined', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -321,16 +321,38 @@ def _count_split(self:Tokenize, groups:list[int], encs):
             self.split_stats['tokens'] += sum(lengths) - max(lengths)
         start += n
 
+# %% ../nbs/04c_tokens.ipynb #11846cf2
+def pipelined(n:int, # number of items
+              render:Callable, # (a, b) -> the texts of items [a, b), in order
+              encode:Callable, # texts -> their encodings
+              chunk:int=128, # items rendered per chunk
+             ) -> list:
+    "`encode(render(0, n))`, each chunk encoding in a thread while the next one renders"
+    if n <= chunk: return list(encode(render(0, n)))
+    from concurrent.futures import ThreadPoolExecutor
+    out, pending = [], None
+    with ThreadPoolExecutor(1) as pool:
+        for a in range(0, n, chunk):
+            texts = render(a, min(a + chunk, n))
+            if pending is not None: out += pending.result()
+            pending = pool.submit(encode, texts)
+        out += pending.result()
+    return out
+
 # %% ../nbs/04c_tokens.ipynb #8feee7e9
 @patch
 def conversational(self:Tokenize, rows, idx):
     aol = self.assistant_only_loss
     out, groups = [], []
-    for r, i in zip(rows, idx):
-        found = self._conversation(r['messages'], i, *_template_inputs(r), aol)
-        groups.append(len(found))
-        out += found
-    encs = self.encode([t for t, _, _ in out], False)
+    def render(a, b):
+        texts = []
+        for r, i in zip(rows[a:b], idx[a:b]):
+            found = self._conversation(r['messages'], i, *_template_inputs(r), aol)
+            groups.append(len(found))
+            out.extend(found)
+            texts += [t for t, _, _ in found]
+        return texts
+    encs = pipelined(len(rows), render, lambda texts: self.encode(texts, False))
     self._count_split(groups, encs)
     masks = [[weighted_token_spans(e, s, w)] if aol else [] for e, (_, s, w) in zip(encs, out)]
     return [e.ids for e in encs], masks

@@ -1,0 +1,240 @@
+"""Dataset preparation on realistic work: sft_nb vs TRL 1.16 vs the tokenizer floor, in one run.
+
+For each workload of `bench/workloads.py` (multi-turn chats, tool calling, reasoning, conversational
+prompt-completion, plain text) and each tokenizer (byte-level BPE at 32k and 151k, Qwen pre-tokenizer and specials,
+the real Qwen2.5 / Qwen3 chat templates), on the same rows, interleaved, best of `--repeat`:
+
+- sft_nb: `sft_nb.trainer.prepare_for_training` (what `SFTTrainer(...)` runs on the train set): validation,
+  rendering, assistant-only masks (completion-only for prompt-completion), truncation to 1024 or BFD packing to 1024.
+- TRL 1.16: `SFTTrainer._prepare_dataset` with the training template TRL itself swaps in (`{% generation %}`).
+- floor: the Rust tokenizer alone, one batched `encode_batch` over the exact texts sft_nb renders (for
+  prompt-completion, the prompts and the full texts, as any implementation that masks the prompt must tokenize).
+
+Checks that input_ids and labels agree with TRL row for row (truncation mode), measures `dataset_num_proc` 1 and 2,
+and peak RSS of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset.
+Writes bench/results/prep.json.
+
+    python bench/bench_prep.py            # 1,000 rows per workload: a few minutes on 2 quiet cores
+    python bench/bench_prep.py --full     # 20,000 rows, every combination, and a 1M-conversation peak-RSS run
+"""
+import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+sys.path.insert(0, os.path.dirname(__file__))
+import warnings
+warnings.filterwarnings('ignore', category=FutureWarning)
+import datasets
+from datasets import Dataset
+import workloads as W
+# imported before any clock starts: both sides pay their imports once per process, not per dataset
+import sft_nb.trainer, trl.trainer.sft_trainer, trl.chat_template_utils  # noqa: E401
+
+MAX_LEN = 1024
+AOL = {'multi_turn', 'tool_calling', 'reasoning'}  # conversations trained on assistant turns only
+
+def sft_args(cls, workload, num_proc, packing, **kw):
+    return cls(output_dir=tempfile.mkdtemp(), report_to=[], max_length=MAX_LEN, dataset_num_proc=num_proc,
+               assistant_only_loss=workload in AOL, packing=packing, packing_strategy='bfd', **kw)
+
+def ours(ds, tok, workload, num_proc, packing):
+    from sft_nb.config import SFTConfig
+    from sft_nb.trainer import prepare_for_training
+    return prepare_for_training(ds, tok, sft_args(SFTConfig, workload, num_proc, packing), packing=packing)
+
+def trl(ds, tok, workload, num_proc, packing):
+    from trl import SFTConfig as TRLConfig, SFTTrainer
+    from trl.chat_template_utils import get_training_chat_template
+    # TRL passes `num_proc=1` to `map`, which forks one worker with the tokenizer's threads off: 1 runs as the
+    # default (None, in-process) on both sides
+    num_proc = None if num_proc == 1 else num_proc
+    args = sft_args(TRLConfig, workload, num_proc, packing, use_cpu=True, bf16=False)
+    trainer = SFTTrainer.__new__(SFTTrainer)  # only the dataset preparation is timed, not model loading
+    trainer.args, trainer._tokenizer, trainer._is_vision_dataset = args, tok, False
+    trainer._signature_columns = None
+    trainer.chat_template = get_training_chat_template(tok) if workload in AOL else None
+    trainer.completion_only_loss = workload == 'prompt_completion'
+    return trainer._prepare_dataset(ds, tok, args, packing=packing, formatting_func=None, dataset_name='train')
+
+def rendered(rows, tok, workload):
+    "The texts sft_nb tokenizes (what the floor encodes)"
+    from sft_nb.stencil import StencilRenderer
+    if workload == 'plain_text': return [r['text'] + tok.eos_token for r in rows]
+    render = StencilRenderer(tok)
+    if workload == 'prompt_completion':
+        prompts = [render(r['prompt'], add_generation_prompt=True)[0] for r in rows]
+        return prompts + [render(r['prompt'] + r['completion'])[0] for r in rows]
+    return [render(r['messages'], r.get('tools'))[0] for r in rows]
+
+def timed(f, *a):
+    gc.collect()
+    t = time.perf_counter()
+    out = f(*a)
+    return out, time.perf_counter() - t
+
+def same(a, b, tok):
+    """'identical', 'whitespace' (labels differ only where TRL's training template also trains the newline after
+    the assistant header: a documented difference, see tests/test_data.py) or 'different'"""
+    if len(a) != len(b) or a['input_ids'][:] != b['input_ids'][:]: return 'different'
+    la, lb = a['labels'][:], b['labels'][:]
+    if la == lb: return 'identical'
+    blank = {}
+    for ids, xs, ys in zip(a['input_ids'][:], la, lb):
+        for t, x, y in zip(ids, xs, ys):
+            if x == y: continue
+            if t not in blank: blank[t] = tok.decode([t]).strip() == ''
+            if x != -100 or not blank[t]: return 'different'
+    return 'whitespace'
+
+def run_case(workload, vocab, n, repeat, configs):
+    "Each (mode, num_proc) of `configs` on the same rows: best of `repeat` interleaved rounds"
+    rows, tok = W.workload(workload, n, vocab)
+    ds = Dataset.from_list(rows)
+    backend = tok.backend_tokenizer
+    texts = rendered(rows, tok, workload)
+    warm = ds.select(range(min(50, n)))
+    ours(warm, tok, workload, 1, False)  # first-call costs (lazy imports, template compiles) out of the clock
+    trl(warm, tok, workload, 1, False)
+    out = []
+    for mode, num_proc in configs:
+        packing = mode == 'packed'
+        best = {'sft_nb': float('inf'), 'trl': float('inf'), 'floor': float('inf')}
+        res = {}
+        for _ in range(repeat):  # interleaved: each round runs all three
+            _, t = timed(backend.encode_batch, texts, False)
+            best['floor'] = min(best['floor'], t)
+            res['sft_nb'], t = timed(ours, ds, tok, workload, num_proc, packing)
+            best['sft_nb'] = min(best['sft_nb'], t)
+            res['trl'], t = timed(trl, ds, tok, workload, num_proc, packing)
+            best['trl'] = min(best['trl'], t)
+        agree = same(res['sft_nb'], res['trl'], tok) if not packing else None
+        n_tok = sum(map(len, res['sft_nb']['input_ids'][:]))
+        out.append(dict(workload=workload, vocab=vocab, mode=mode, num_proc=num_proc, rows=n,
+                        out_rows=len(res['sft_nb']), tokens=n_tok, agree=agree, **best))
+        r = out[-1]
+        print(f"{workload:18} {vocab // 1000:>3}k {mode:8} np={num_proc}  sft_nb {r['sft_nb']:6.2f} s  "
+              f"TRL {r['trl']:6.2f} s  floor {r['floor']:6.2f} s  vs TRL {r['trl'] / r['sft_nb']:4.1f}x faster  "
+              f"vs floor {r['sft_nb'] / r['floor']:4.2f}x  labels vs TRL: {agree}", flush=True)
+    return out
+
+def matrix(workloads, vocabs, everything):
+    """(workload, vocab, [(mode, num_proc)]) in order of importance, so a cut-short run has the main numbers:
+    every workload and tokenizer truncated in one process, then packing and `dataset_num_proc=2` on the first
+    tokenizer (every combination with `everything`)"""
+    if everything:
+        for w in workloads:
+            for v in vocabs: yield w, v, [(m, p) for m in ('truncate', 'packed') for p in (1, 2)]
+        return
+    for w in workloads:
+        for v in vocabs: yield w, v, [('truncate', 1)]
+    for w in workloads: yield w, vocabs[0], [('packed', 1), ('truncate', 2)]
+
+# ---------------------------------------------------------------- memory
+def _write_dataset(workload, n, path, chunk=20_000):
+    "`n` rows of `workload` written to Arrow files in chunks (never all in memory), then saved at `path`"
+    gen = W.WORKLOADS[workload][0]
+    def rows():
+        for k in range(0, n, chunk):
+            yield from gen(min(chunk, n - k), seed=k)
+    Dataset.from_generator(rows, cache_dir=os.path.join(path, 'gen')).save_to_disk(os.path.join(path, 'ds'))
+
+def _hwm():
+    "This process's peak RSS in MiB (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)"
+    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
+    return int(line.split()[1]) / 1024
+
+def rss_child(path, workload, vocab):
+    "In a fresh process: load the saved dataset memory-mapped, prepare it with sft_nb, report peak RSS (MiB)"
+    tok = W.bench_tokenizer(vocab, W.WORKLOADS[workload][1])
+    ds = datasets.load_from_disk(os.path.join(path, 'ds'))
+    ours(ds.select(range(50)), tok, workload, 1, False)  # imports and compiles, as in the timed runs
+    before = _hwm()
+    t = time.perf_counter()
+    out = ours(ds, tok, workload, 1, False)
+    secs = time.perf_counter() - t
+    peak = _hwm()
+    print(json.dumps({'rows': len(ds), 'out_rows': len(out), 'before_mib': before, 'peak_mib': peak,
+                      'seconds': secs}))
+
+def rss_run(workload, vocab, n):
+    with tempfile.TemporaryDirectory() as d:
+        _write_dataset(workload, n, d)
+        env = {**os.environ, 'HF_DATASETS_CACHE': os.path.join(d, 'cache')}
+        cmd = [sys.executable, __file__, '--rss-child', d, '--workloads', workload, '--vocabs', str(vocab)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode: raise RuntimeError(res.stderr[-3000:])
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+# ---------------------------------------------------------------- results
+def machine():
+    import torch, transformers, trl as _trl
+    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
+               platform.processor())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"trl {_trl.__version__}, tokenizers {__import__('tokenizers').__version__}")
+
+def result_rows(cases, rss):
+    rows = []
+    for c in cases:
+        name = f"{c['workload']} {c['vocab'] // 1000}k {c['mode']} num_proc={c['num_proc']} ({c['rows']} rows)"
+        rows.append(dict(workload=name, metric='prep seconds', sft_nb=round(c['sft_nb'], 3),
+                         trl=round(c['trl'], 3), floor=round(c['floor'], 3), floor_name='tokenizer alone',
+                         ratio_vs_trl=round(c['sft_nb'] / c['trl'], 3),
+                         ratio_vs_floor=round(c['sft_nb'] / c['floor'], 3), target='<= 1.3x floor',
+                         met=c['sft_nb'] <= 1.3 * c['floor'], same_as_trl=c['agree']))
+    for workload, vocab, r in rss:
+        rows.append(dict(workload=f"{workload} {vocab // 1000}k, {r['rows']} rows (memory-mapped)",
+                         metric='peak MiB', sft_nb=round(r['peak_mib'], 1), trl=None, floor=round(r['before_mib'], 1),
+                         floor_name='RSS after loading, before preparing', ratio_vs_trl=None,
+                         ratio_vs_floor=round(r['peak_mib'] / r['before_mib'], 3),
+                         target='flat in rows', met=None, seconds=round(r['seconds'], 2)))
+    if len(rss) > 1:  # flat: the largest run's peak within 1.25x the smallest's
+        small, big = rss[0][2]['peak_mib'], rss[-1][2]['peak_mib']
+        for r in rows[-len(rss):]: r['met'] = big <= 1.25 * small
+    return rows
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--n', type=int, default=1000)
+    ap.add_argument('--full', action='store_true', help="20,000 rows per workload and a 1M-conversation RSS run")
+    ap.add_argument('--repeat', type=int, default=3)
+    ap.add_argument('--workloads', default=','.join(W.WORKLOADS))
+    ap.add_argument('--vocabs', default='32000,151000')
+    ap.add_argument('--all', action='store_true', help="packing and num_proc=2 on every workload and tokenizer")
+    ap.add_argument('--rss', default='2000,8000,32000', help="row counts of the peak-RSS runs ('' for none)")
+    ap.add_argument('--rss-child', default=None, help=argparse.SUPPRESS)
+    ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'prep.json'))
+    a = ap.parse_args()
+    workloads, vocabs = a.workloads.split(','), [int(v) for v in a.vocabs.split(',')]
+    if a.rss_child:
+        rss_child(a.rss_child, workloads[0], vocabs[0])
+        sys.exit()
+    if a.full:
+        a.n, a.rss = 20_000, '20000,100000,1000000'
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    import logging
+    logging.getLogger('sft_nb').setLevel(logging.ERROR)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    cmd = 'python bench/bench_prep.py' + (' --full' if a.full else '')
+    def write(cases, rss):
+        "Rewritten after every case: a run cut short keeps what it measured"
+        with open(a.out, 'w') as f:
+            json.dump({'bench': 'prep', 'machine': machine(), 'command': cmd, 'load': os.getloadavg(),
+                       'rows': result_rows(cases, rss)}, f, indent=1)
+    print(f"load: {os.getloadavg()}")
+    cases, rss = [], []
+    rss_sizes = [int(x) for x in a.rss.split(',') if x]
+    def memory():
+        for n in rss_sizes:
+            r = rss_run('multi_turn', 32_000, n)
+            print(f"peak RSS, multi_turn 32k, {n} rows memory-mapped: {r['peak_mib']:.0f} MiB "
+                  f"(after loading: {r['before_mib']:.0f} MiB), prepared in {r['seconds']:.1f} s", flush=True)
+            rss.append(('multi_turn', 32_000, r))
+            write(cases, rss)
+    for k, (w, v, configs) in enumerate(matrix(workloads, vocabs, a.all or a.full)):
+        if k == len(workloads) * len(vocabs): memory()  # after the main numbers
+        cases += run_case(w, v, a.n, a.repeat, configs)
+        write(cases, rss)
+    if len(rss) < len(rss_sizes): memory()
+    print(f"load: {os.getloadavg()}")
+    print(f"wrote {a.out}")
