@@ -31,6 +31,8 @@ Run: `PYTHONPATH=. python bench/bench_bf16.py` (about 25 minutes on 2 busy cores
 import json, os, subprocess, sys, tempfile
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', WANDB_DISABLED='true')
 import warnings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import row, write  # noqa: E402
 warnings.filterwarnings('ignore')
 
 STEPS, HIDDEN, LAYERS, VOCAB = 8, 512, 8, 32000
@@ -113,6 +115,11 @@ def report(res):
     print(f"  training memory (peak RSS - RSS after imports), sft_nb default / TRL = {train['kahan'] / train['trl']:.2f}x "
           f"(target <= 0.75x); whole process {res['kahan']['peak'] / res['trl']['peak']:.2f}x; "
           f"'master' / TRL = {train['master'] / train['trl']:.2f}x")
+    shape = f"Qwen2-shaped bf16 checkpoint, hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}, {STEPS} steps of defaults"
+    return [row(f'loss vs float32 master weights: {shape}', 'max relative difference', rel('kahan'), rel('trl'),
+                target='<= 1e-2', met=rel('kahan') <= 1e-2),
+            row(f'training memory: {shape}', 'peak MiB', mib(train['kahan']), mib(train['trl']), target='<= 0.75x TRL',
+                met=train['kahan'] / train['trl'] <= 0.75)]
 
 def step_times(path, n=5):
     "Median seconds of `optimizer.step()` on the model's weights, per optimizer"
@@ -142,6 +149,7 @@ if __name__ == '__main__':
         sys.exit()
     with tempfile.TemporaryDirectory() as d:
         save_model(d)
-        report(run_all(d))
+        rows = report(run_all(d))
         t = step_times(d)
         print("\n  optimizer step, median of 5:", ', '.join(f"{k} {v * 1e3:.0f} ms ({v / t['trl']:.1f}x TRL)" for k, v in t.items()))
+    write('bf16', 'python bench/bench_bf16.py', rows)

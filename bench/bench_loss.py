@@ -10,6 +10,8 @@ Run: `PYTHONPATH=. python bench/bench_loss.py` (a few minutes on 2 cores).
 import json, os, statistics, subprocess, sys, time
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', WANDB_DISABLED='true')
 import warnings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import row, write  # noqa: E402
 warnings.filterwarnings('ignore')
 
 VOCAB, HIDDEN, LAYERS, SEQ, STEPS, ROUNDS = 151936, 256, 2, 2048, 4, 2
@@ -126,3 +128,11 @@ if __name__ == '__main__':
     print(f"  step time  sft_nb / TRL = {step['ours'] / step['trl']:.2f}x (target <= 0.5x);  sft_nb / plain = {step['ours'] / step['plain']:.2f}x;"
           f"  TRL / plain = {step['trl'] / step['plain']:.2f}x")
     print(f"  peak RSS   sft_nb / TRL = {mem['ours'] / mem['trl']:.2f}x (target <= 1x);  sft_nb / plain = {mem['ours'] / mem['plain']:.2f}x")
+    shape = f"vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, seq {SEQ}, batch 1, assistant-only"
+    write('loss', 'python bench/bench_loss.py', [
+        row('loss curve, 10 steps, tiny model, same init and batches', 'max relative difference to TRL', rel,
+            target='<= 1e-4', met=rel <= 1e-4),
+        row(f'step time: {shape}', 'step seconds', step['ours'], step['trl'], step['plain'],
+            'plain Trainer, full logits', '<= 0.5x TRL', step['ours'] / step['trl'] <= 0.5),
+        row(f'peak memory: {shape}', 'peak MiB', mem['ours'], mem['trl'], mem['plain'],
+            'plain Trainer, full logits', '<= 1x TRL', mem['ours'] <= mem['trl'])])

@@ -10,7 +10,9 @@
 
 Run: `python bench/bench_packing.py` (about 3 minutes on 2 cores).
 """
-import os, time, warnings
+import os, sys, time, warnings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import row, write  # noqa: E402
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np, torch
 from datasets import Dataset, disable_progress_bars
@@ -36,8 +38,9 @@ def bench_quality(n=200_000, max_len=MAX_LEN):
     ds = Dataset.from_dict({'input_ids': np.split(ids, np.cumsum(lens)[:-1])})
     print(f"\n## Packing quality: {n:,} documents, {lens.sum():,} tokens, {(lens > max_len).sum():,} longer than {max_len}")
     print(f"{'strategy':10} {'library':7} {'rows':>8} {'efficiency':>10} {'truncated':>10} {'seconds':>8}")
+    out = {}
     for strategy in ('bfd', 'bfd_split'):
-        res = {}
+        res = out[strategy] = {}
         for name, fn in (('sft_nb', pack_dataset), ('trl', trl_pack_dataset)):
             t0 = time.time()
             packed = fn(ds, max_len, strategy)
@@ -47,7 +50,7 @@ def bench_quality(n=200_000, max_len=MAX_LEN):
             res[name] = (rows, eff, trunc, secs)
             print(f"{strategy:10} {name:7} {rows:8,} {eff:10.4f} {trunc:10,} {secs:8.2f}")
         assert res['sft_nb'][1] >= res['trl'][1] and res['sft_nb'][2] <= res['trl'][2]
-    return res
+    return out
 
 def chat_docs(tok, n):
     texts = [tok.apply_chat_template(c['messages'], tokenize=False) for c in tiny_conversations(n, seed=0, max_turns=12)]
@@ -85,8 +88,20 @@ def interleaved(runs):
         for r in runs: r.step(i, timed=i >= WARMUP)
     return runs
 
+def result_rows(quality, runs, n=200_000):
+    "The rows of bench/results/packing.json"
+    (rows, eff, trunc, secs), (trows, teff, ttrunc, tsecs) = quality['bfd']['sft_nb'], quality['bfd']['trl']
+    docs = f"{n:,} documents into rows of {MAX_LEN} (bfd)"
+    per_m = [1e6 / r.tokens_per_s for r in runs]
+    return [row(f'packing efficiency: {docs}', 'real tokens / row capacity', eff, teff, target='>= TRL',
+                met=eff >= teff, truncated={'sft_nb': trunc, 'trl': ttrunc}),
+            row(f'packing time: {docs}', 'prep seconds', secs, tsecs, target='< TRL', met=secs < tsecs),
+            row(f'packed training, tiny Llama (hidden 128, 2 layers), sdpa, {BATCH} rows of {MAX_LEN}',
+                'seconds per million real tokens', per_m[0], per_m[1], per_m[2], 'TRL padded (no packing)',
+                target='< TRL packed', met=per_m[0] < per_m[1])]
+
 if __name__ == '__main__':
-    bench_quality()
+    packing_quality = bench_quality()
     tok = tiny_tokenizer()
     ds = chat_docs(tok, 4000)
     n = STEPS + WARMUP
@@ -100,3 +115,4 @@ if __name__ == '__main__':
     runs = interleaved([Run('sft_nb packed', ours, tok), Run('trl packed', trl, tok), Run('trl padded', padded, tok)])
     for r in runs: print(f"{r.name:14} {r.tokens_per_s:10,.0f} real tokens/s")
     print(f"ratio sft_nb packed / trl packed: {runs[0].tokens_per_s / runs[1].tokens_per_s:.2f}x")
+    write('packing', 'python bench/bench_packing.py', result_rows(packing_quality, runs), threads=2)
