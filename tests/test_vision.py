@@ -81,7 +81,26 @@ def test_first_losses_match_trl(tmp_path, family):
     assert len(_losses(ours)) == 10
     assert _losses(ours) == pytest.approx(_losses(theirs), rel=1e-4)
 
-def test_lora_trains_language_model_saves_processor_and_merges(tmp_path):
+def _run_quick_start(folder, name, monkeypatch) -> dict:
+    "Run the Python of `folder/name/README.md`'s quick start as a user would, next to the folder, with a picture.jpg"
+    import re
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", (folder/name/'README.md').read_text(), re.S).group(1)
+    Image.new('RGB', (20, 20), COLOURS['red']).save(folder/'picture.jpg')
+    monkeypatch.chdir(folder)
+    scope = {}
+    exec(code.replace('print(', 'answer = ('), scope)
+    assert isinstance(scope['answer'], str) and type(scope['model']).__name__ in ('LlavaForConditionalGeneration', 'PeftModel')
+    return scope
+
+def test_vlm_card_quick_start_runs(tmp_path, monkeypatch):
+    "A full VLM's card loads it as AutoModelForImageTextToText with its AutoProcessor, and asks about an image"
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    from sft_nb.card import write_model_card
+    write_model_card(path, repo_id=str(path), pipeline_tag="image-text-to-text")
+    scope = _run_quick_start(tmp_path, 'm', monkeypatch)
+    assert scope['inputs']['pixel_values'].shape[0] == 1
+
+def test_lora_trains_language_model_saves_processor_and_merges(tmp_path, monkeypatch):
     "LoRA on the language model only; the adapter folder has the processor; adapter and merged reload give the same logits"
     from peft import LoraConfig, PeftModel
     path = save_tiny_vlm(tmp_path/'m', 'llava')
@@ -99,6 +118,7 @@ def test_lora_trains_language_model_saves_processor_and_merges(tmp_path):
     assert {'adapter_model.safetensors', 'processor_config.json', 'chat_template.jinja'} <= files, files
     assert type(transformers.AutoProcessor.from_pretrained(tmp_path/'adapter')).__name__ == 'LlavaProcessor'
     assert 'pipeline_tag: image-text-to-text' in (tmp_path/'adapter'/'README.md').read_text()
+    assert 'answer' in _run_quick_start(tmp_path, 'adapter', monkeypatch)
     batch = DataCollatorForVisionLanguageModeling(t.processing_class)(list(t.train_dataset.select(range(4))))
     batch.pop('labels')
     t.model.eval()
