@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'TINY_VLM_TOKENS', 'TINY_VLM_IMAGE', 'MAGIC', 'IMAGE_COLUMNS', 'MAP_BATCH', 'TEXT_KEYS', 'vlm_chat_template',
            'tiny_processor', 'tiny_vlm_config', 'save_tiny_vlm', 'frozen_heap', 'load_image', 'known_header',
            'check_image', 'row_images', 'multimodal_messages', 'count_image_parts', 'image_placeholder', 'image_column',
-           'is_vision_dataset', 'VisionTokenize', 'make_vision_tokenize', 'prepare_vision_dataset', 'expand_images',
-           'DataCollatorForVisionLanguageModeling', 'check_vision_dataset', 'vision_lora_targets', 'vision_peft_config',
-           'image_reply', 'load_processor']
+           'is_vision_dataset', 'VisionTokenize', 'PlainText', 'make_vision_tokenize', 'prepare_vision_dataset',
+           'expand_images', 'DataCollatorForVisionLanguageModeling', 'check_vision_dataset', 'vision_lora_targets',
+           'vision_peft_config', 'image_reply', 'load_processor']
 
 # %% ../nbs/04e_vision.ipynb #5078999a
 def vlm_chat_template(image:str, # what one image part renders as, e.g. '<image>'
@@ -284,6 +284,8 @@ def _undecoded(dataset, col:str):
     return dataset
 
 def _fields(fmt:str) -> tuple:
+    "The columns holding messages: none for `text`"
+    if fmt == 'text': return ()
     return ('messages',) if fmt == 'conversational' else ('prompt', 'completion')
 
 def _counts(out, token_id:int) -> list[int]:
@@ -302,6 +304,7 @@ class VisionTokenize:
     column: str|None # the image column
 
     def _normalize(self, batch:dict, n_images:list[int]) -> dict:
+        if self.tokenize.fmt == 'text': return {self.tokenize.text_field: batch[self.tokenize.text_field]}
         fields = _fields(self.tokenize.fmt)
         out = {k: v for k, v in batch.items() if k in (*fields, 'tools', 'chat_template_kwargs')}
         for f in fields:
@@ -318,20 +321,46 @@ class VisionTokenize:
         out = self.tokenize(self._normalize(batch, n_images), idx)
         for i, found, n in zip(idx, _counts(out, self.placeholder_id), n_images):
             if found != n:
+                where = 'text holds' if self.tokenize.fmt == 'text' else 'messages hold'
                 raise data_error(i, self.column or 'images', f"{n} image(s)",
-                                 f"one image per image placeholder: the messages hold {found}",
-                                 "Add or remove `{'type': 'image'}` parts, or images, so the counts match.")
+                                 f"one image per image placeholder: the {where} {found}",
+                                 "Add or remove image placeholders (`{'type': 'image'}` parts in messages), "
+                                 "or images, so the counts match.")
         return out
+
+# %% ../nbs/04e_vision.ipynb #3b7e2a02
+@dataclass
+class PlainText:
+    "The `text` of rows with images as TRL's collator tokenizes it: as written, no EOS added, every token trained"
+    tokenizer: object # the processor's tokenizer
+    text_field: str = 'text' # `dataset_text_field`
+    fmt: str = 'text'
+    arrow: bool = False # lists, as `VisionTokenize` needs
+
+    def __call__(self, batch:dict, idx:list[int]) -> dict:
+        ids = self.tokenizer(batch[self.text_field], add_special_tokens=False)['input_ids']
+        return {'input_ids': ids, 'labels': [list(x) for x in ids]}
 
 # %% ../nbs/04e_vision.ipynb #e57a614f
 # rows per batch: `datasets`' 1000 held 16 MB more at the peak on 2,000 short conversations, no faster
 MAP_BATCH = 64
 
+def _check_text(fmt:str, args) -> None:
+    if fmt == 'text' and args.assistant_only_loss:
+        raise ValueError(f"assistant_only_loss=True needs conversations, but the dataset with images has a "
+                         f"`{args.dataset_text_field}` column of plain text. Put it in `messages`, or set "
+                         "assistant_only_loss=False (every text token is then trained, as TRL does).")
+
 def make_vision_tokenize(fmt:str, processor, args, columns) -> VisionTokenize:
     "The `VisionTokenize` for a dataset of format `fmt`: no truncation here, the collator does it"
+    _check_text(fmt, args)
+    if fmt == 'text':
+        return VisionTokenize(PlainText(processor.tokenizer, args.dataset_text_field),
+                              image_placeholder(processor)[1], image_column(columns))
     if fmt not in ('conversational', 'conversational_prompt_completion'):
         raise DataFormatError(f"A dataset with images must be conversational (`messages`, or `prompt` and "
-                              f"`completion` message lists); this one is {fmt}. Put the text in messages: "
+                              f"`completion` message lists) or `{args.dataset_text_field}` with the image "
+                              f"token in it; this one is {fmt}. Put the text in messages: "
                               "[{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', ...}]}, ...].")
     completion_only = args.completion_only_loss
     if completion_only is None: completion_only = fmt == 'conversational_prompt_completion'
@@ -488,13 +517,13 @@ def _tokenized(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> l
     return [{**r, 'input_ids': i, 'labels': l} for r, i, l in zip(rows, out['input_ids'], out['labels'])]
 
 # %% ../nbs/04e_vision.ipynb #c4e8ee25
-def _check_processor(processing_class, name:str, col:str) -> None:
+def _check_processor(processing_class, name:str, col:str, fmt:str='conversational') -> None:
     if not hasattr(processing_class, 'image_processor'):
         raise ValueError(f"Field `{col}`: the {name} dataset is vision-related (it has an `{col}` column), but "
                          f"the processing class is a text tokenizer ({type(processing_class).__name__}), so the "
                          "model is not a vision-language model. Train a VLM (its processor is loaded with it), "
                          "or drop the column.")
-    if not getattr(processing_class, 'chat_template', None):
+    if fmt != 'text' and not getattr(processing_class, 'chat_template', None):
         raise ValueError(f"The processor {type(processing_class).__name__} has no chat template, which the "
                          f"{name} dataset's conversations with images need. Pass `chat_template_path` (a "
                          ".jinja file that renders `{'type': 'image'}` parts), or a processor that has one.")
@@ -519,18 +548,22 @@ def _rows(dataset, cols:list[str], limit:int|None):
     for batch in d.iter(batch_size=MAP_BATCH):
         yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
-def _scan(dataset, col:str|None, fmt:str, name:str, limit:int|None):
+def _scan(dataset, col:str|None, fmt:str, name:str, limit:int|None,
+          text:tuple|None=None): # `text` rows: (column, image placeholder), the count is checked when known
     "Every image's header readable and as many images as image parts, row by row (a stream: its first rows)"
     fields = _fields(fmt)
     field = col or 'images'
-    for i, r in enumerate(_rows(dataset, [c for c in (col, *fields) if c], limit)):
+    cols = [c for c in (col, *fields, text[0] if text else None) if c]
+    for i, r in enumerate(_rows(dataset, cols, limit)):
         images = row_images(r)
         for j, x in enumerate(images): check_image(x, i, f"{field}[{j}]" if col == 'images' else field)
-        parts = sum(count_image_parts(multimodal_messages(r[f] or [], len(images) if f != 'completion' else 0))
-                    for f in fields)
+        if fmt == 'text' and not text: continue
+        parts = (r[text[0]] or '').count(text[1]) if fmt == 'text' else \
+            sum(count_image_parts(multimodal_messages(r[f] or [], len(images) if f != 'completion' else 0))
+                for f in fields)
         if parts != len(images):
-            raise data_error(i, field, f"{len(images)} image(s)",
-                             f"one image per `{{'type': 'image'}}` part: the messages hold {parts}",
+            each = f"`{text[1]}` in the text" if fmt == 'text' else "`{'type': 'image'}` part"
+            raise data_error(i, field, f"{len(images)} image(s)", f"one image per {each}: it has {parts}",
                              "Add or remove image parts, or images, so the counts match.")
 
 def check_vision_dataset(dataset, # a dataset with an `images` or `image` column
@@ -545,14 +578,19 @@ def check_vision_dataset(dataset, # a dataset with an `images` or `image` column
     col = image_column(columns)
     fmt = detect_format(columns, first_row(dataset), args.dataset_text_field)
     _check_flags(args, name)
-    if processing_class is not None: _check_processor(processing_class, name, col)
+    if processing_class is not None: _check_processor(processing_class, name, col, fmt)
     if fmt == 'tokenized': return fmt
-    if fmt not in ('conversational', 'conversational_prompt_completion'):
+    if fmt not in ('conversational', 'conversational_prompt_completion', 'text'):
         raise DataFormatError(f"The {name} dataset has images, so it must be conversational (`messages`, or "
-                              f"`prompt` and `completion` message lists); it is {fmt}.")
+                              f"`prompt` and `completion` message lists) or `{args.dataset_text_field}` with "
+                              f"the image token in it; it is {fmt}.")
+    _check_text(fmt, args)
     if col is not None and isinstance(dataset, Dataset): dataset = _undecoded(dataset, col)
     limit = scan if scan is not None else (None if isinstance(dataset, Dataset) else 64)
-    with frozen_heap(): _scan(dataset, col, fmt, name, limit)
+    text = None
+    if fmt == 'text' and processing_class is not None:
+        text = (args.dataset_text_field, image_placeholder(processing_class)[0])
+    with frozen_heap(): _scan(dataset, col, fmt, name, limit, text)
     return fmt
 
 # %% ../nbs/04e_vision.ipynb #b1595906
