@@ -112,7 +112,8 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
 
 # %% ../nbs/06b_card.ipynb #c4a1d0e2
 _ASK_IMAGE = '''image = Image.open("picture.jpg")
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this picture?"}}]}}]
+question = [{{"type": "image"}}, {{"type": "text", "text": "What is in this picture?"}}]
+messages = [{{"role": "user", "content": question}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=[text], images=[[image]], return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=64)

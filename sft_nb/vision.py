@@ -296,6 +296,7 @@ def _counts(out, token_id:int) -> list[int]:
     hits = np.concatenate([[0], np.cumsum(col.flatten().to_numpy() == token_id)])
     return (hits[col.offsets.to_numpy()[1:]] - hits[col.offsets.to_numpy()[:-1]]).tolist()
 
+# %% ../nbs/04e_vision.ipynb #6e4f1a03
 @dataclass
 class VisionTokenize:
     "Rows with images to `input_ids` and `labels`, one placeholder token per image; pixels wait for the collator"
@@ -535,7 +536,7 @@ def _check_flags(args, name:str) -> None:
                              "(each image's tokens must stay in one row beside its pixels, and a VLM's "
                              f"position ids for images are its own). Set {flag}=False.")
 
-# %% ../nbs/04e_vision.ipynb #aa82daf2
+# %% ../nbs/04e_vision.ipynb #9d2c4b02
 def _rows(dataset, cols:list[str], limit:int|None):
     "Rows of `cols`: a `Dataset` read a batch at a time (row by row, Arrow's formatting costs more than the checks)"
     from itertools import islice
@@ -548,6 +549,7 @@ def _rows(dataset, cols:list[str], limit:int|None):
     for batch in d.iter(batch_size=MAP_BATCH):
         yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
+# %% ../nbs/04e_vision.ipynb #aa82daf2
 def _scan(dataset, col:str|None, fmt:str, name:str, limit:int|None,
           text:tuple|None=None): # `text` rows: (column, image placeholder), the count is checked when known
     "Every image's header readable and as many images as image parts, row by row (a stream: its first rows)"
