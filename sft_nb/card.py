@@ -112,6 +112,31 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
 ```'''}
 
+# %% ../nbs/06b_card.ipynb #c4a1d0e2
+_ASK_IMAGE = '''image = Image.open("picture.jpg")
+question = [{{"type": "image"}}, {{"type": "text", "text": "What is in this picture?"}}]
+messages = [{{"role": "user", "content": question}}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=[text], images=[[image]], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```'''
+_VLM_QUICKSTART = {False: '''```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained({where})
+processor = AutoProcessor.from_pretrained({where})
+''' + _ASK_IMAGE, True: '''```python
+from PIL import Image
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+base = PeftConfig.from_pretrained({where}).base_model_name_or_path
+model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), {where})
+processor = AutoProcessor.from_pretrained({where})
+''' + _ASK_IMAGE}
+
 # %% ../nbs/06b_card.ipynb #d2ca3dba
 def _where(repo_id, subfolder) -> str:
     "`from_pretrained`'s arguments in the quick start: the Hub id, or the saved folder's name"
@@ -167,7 +192,8 @@ def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata 
     base = base_model if is_hub_id(base_model) else None
     data = _card_data(base, repo_id, is_peft, dataset_name, tags, license, pipeline_tag)
     on = f" on {_dataset_words(dataset_name)}." if dataset_name else "."
-    quickstart = _QUICKSTART[is_peft].format(where=_where(repo_id, subfolder))
+    starts = _VLM_QUICKSTART if pipeline_tag == 'image-text-to-text' else _QUICKSTART
+    quickstart = starts[is_peft].format(where=_where(repo_id, subfolder))
     lines = [f"# {Path(repo_id).name if repo_id else 'Model'}", '',
              f"This model is {_what(base, is_peft)}, trained with {method} (supervised "
              f"fine-tuning) by [sft_nb](https://github.com/sft-nb/sft_nb){on}", '',

@@ -6,7 +6,8 @@ Docs: https://sft-nb.github.io/sft_nb/vision.html.md"""
 
 # %% ../nbs/04e_vision.ipynb #6166fa8e
 from __future__ import annotations
-import io, logging, re
+import gc, io, logging, re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -19,11 +20,12 @@ from .tokens import Tokenize
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'TINY_VLM_TOKENS', 'TINY_VLM_IMAGE', 'IMAGE_COLUMNS', 'TEXT_KEYS', 'vlm_chat_template', 'tiny_processor',
-           'tiny_vlm_config', 'save_tiny_vlm', 'load_image', 'check_image', 'row_images', 'multimodal_messages',
-           'count_image_parts', 'image_placeholder', 'image_column', 'is_vision_dataset', 'VisionTokenize',
-           'make_vision_tokenize', 'prepare_vision_dataset', 'expand_images', 'DataCollatorForVisionLanguageModeling',
-           'check_vision_dataset', 'vision_lora_targets', 'vision_peft_config', 'image_reply', 'load_processor']
+__all__ = ['logger', 'TINY_VLM_TOKENS', 'TINY_VLM_IMAGE', 'MAGIC', 'IMAGE_COLUMNS', 'MAP_BATCH', 'TEXT_KEYS', 'vlm_chat_template',
+           'tiny_processor', 'tiny_vlm_config', 'save_tiny_vlm', 'frozen_heap', 'load_image', 'known_header',
+           'check_image', 'row_images', 'multimodal_messages', 'count_image_parts', 'image_placeholder', 'image_column',
+           'is_vision_dataset', 'VisionTokenize', 'PlainText', 'make_vision_tokenize', 'prepare_vision_dataset',
+           'expand_images', 'DataCollatorForVisionLanguageModeling', 'check_vision_dataset', 'vision_lora_targets',
+           'vision_peft_config', 'image_reply', 'load_processor']
 
 # %% ../nbs/04e_vision.ipynb #5078999a
 def vlm_chat_template(image:str, # what one image part renders as, e.g. '<image>'
@@ -140,9 +142,23 @@ def save_tiny_vlm(path, # folder to write the model and processor to
     processor.save_pretrained(path)
     return Path(path)
 
+# %% ../nbs/04e_vision.ipynb #7a0d1e02
+_frozen = 0
+
+@contextmanager
+def frozen_heap():
+    "Garbage collections inside skip the objects alive when it starts (nested: the outermost unfreezes)"
+    global _frozen
+    if _frozen == 0: gc.freeze()
+    _frozen += 1
+    try: yield
+    finally:
+        _frozen -= 1
+        if _frozen == 0: gc.unfreeze()
+
 # %% ../nbs/04e_vision.ipynb #ef0e9449
-def _open(x, row:int|None, field:str, verify:bool=False):
-    "A lazily opened PIL image of a path, bytes or {bytes, path}; a clear error where PIL can't"
+def _open(x, row:int|None, field:str, decode:bool=False):
+    "A PIL image of a path, bytes or {bytes, path}, its header read (pixels too if `decode`); a clear error"
     from PIL import Image, UnidentifiedImageError
     if isinstance(x, dict): x = x.get('bytes') or x.get('path')
     path = Path(x) if isinstance(x, (str, Path)) else None
@@ -152,7 +168,7 @@ def _open(x, row:int|None, field:str, verify:bool=False):
         raise data_error(row, field, x, "an image: a PIL image, a file path, or the bytes of a file")
     try:
         im = Image.open(path if path is not None else io.BytesIO(x))
-        if verify: im.verify()  # reads the file through without decoding pixels
+        if decode: im.load()  # here, so that a truncated file names itself, not deep in the processor
         return im
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         what = str(x) if path is not None else f"{len(x)} bytes"
@@ -164,13 +180,32 @@ def load_image(x, # a PIL image, a file path, bytes, or a `datasets.Image` dict 
                field:str='images'):
     "An RGB PIL image from any form a dataset holds it in; a clear error for a missing or bad file"
     from PIL import Image
-    im = x if isinstance(x, Image.Image) else _open(x, row, field)
+    im = x if isinstance(x, Image.Image) else _open(x, row, field, decode=True)
     return im if im.mode == 'RGB' else im.convert('RGB')
 
+# %% ../nbs/04e_vision.ipynb #5e1f0c3b
+# the first bytes of the formats image datasets mostly hold (PIL checks no more than these); others go to PIL
+MAGIC = (b'\x89PNG\r\n\x1a\n', b'\xff\xd8\xff', b'GIF87a', b'GIF89a', b'BM', b'II*\x00', b'MM\x00*')
+
+def _head(x) -> bytes|None:
+    "The first 16 bytes of a path, bytes or {bytes, path}; None where there's no file to read"
+    if isinstance(x, dict): x = x.get('bytes') or x.get('path')
+    if isinstance(x, (bytes, bytearray)): return bytes(x[:16])
+    if not isinstance(x, (str, Path)): return None
+    try:
+        with open(x, 'rb') as f: return f.read(16)
+    except OSError: return None
+
+def known_header(head:bytes|None) -> bool:
+    "Do these first bytes start a PNG, JPEG, GIF, BMP, TIFF or WebP file?"
+    if not head: return False
+    return head.startswith(MAGIC) or (head[:4] == b'RIFF' and head[8:12] == b'WEBP')
+
 def check_image(x, row:int|None=None, field:str='images') -> None:
-    "Raise, naming the row, field and path, when `x` is not an image PIL can read"
+    "Raise, naming the row, field and path, when `x` is not an image file: missing, or no image format's header"
     from PIL import Image
-    if not isinstance(x, Image.Image): _open(x, row, field, verify=True)
+    if isinstance(x, Image.Image) or known_header(_head(x)): return
+    _open(x, row, field)  # PIL's formats beyond the common ones, and its message
 
 # %% ../nbs/04e_vision.ipynb #9b4814c5
 IMAGE_COLUMNS = ('images', 'image')
@@ -249,6 +284,8 @@ def _undecoded(dataset, col:str):
     return dataset
 
 def _fields(fmt:str) -> tuple:
+    "The columns holding messages: none for `text`"
+    if fmt == 'text': return ()
     return ('messages',) if fmt == 'conversational' else ('prompt', 'completion')
 
 def _counts(out, token_id:int) -> list[int]:
@@ -259,6 +296,7 @@ def _counts(out, token_id:int) -> list[int]:
     hits = np.concatenate([[0], np.cumsum(col.flatten().to_numpy() == token_id)])
     return (hits[col.offsets.to_numpy()[1:]] - hits[col.offsets.to_numpy()[:-1]]).tolist()
 
+# %% ../nbs/04e_vision.ipynb #6e4f1a03
 @dataclass
 class VisionTokenize:
     "Rows with images to `input_ids` and `labels`, one placeholder token per image; pixels wait for the collator"
@@ -267,6 +305,7 @@ class VisionTokenize:
     column: str|None # the image column
 
     def _normalize(self, batch:dict, n_images:list[int]) -> dict:
+        if self.tokenize.fmt == 'text': return {self.tokenize.text_field: batch[self.tokenize.text_field]}
         fields = _fields(self.tokenize.fmt)
         out = {k: v for k, v in batch.items() if k in (*fields, 'tools', 'chat_template_kwargs')}
         for f in fields:
@@ -283,17 +322,46 @@ class VisionTokenize:
         out = self.tokenize(self._normalize(batch, n_images), idx)
         for i, found, n in zip(idx, _counts(out, self.placeholder_id), n_images):
             if found != n:
+                where = 'text holds' if self.tokenize.fmt == 'text' else 'messages hold'
                 raise data_error(i, self.column or 'images', f"{n} image(s)",
-                                 f"one image per image placeholder: the messages hold {found}",
-                                 "Add or remove `{'type': 'image'}` parts, or images, so the counts match.")
+                                 f"one image per image placeholder: the {where} {found}",
+                                 "Add or remove image placeholders (`{'type': 'image'}` parts in messages), "
+                                 "or images, so the counts match.")
         return out
 
+# %% ../nbs/04e_vision.ipynb #3b7e2a02
+@dataclass
+class PlainText:
+    "The `text` of rows with images as TRL's collator tokenizes it: as written, no EOS added, every token trained"
+    tokenizer: object # the processor's tokenizer
+    text_field: str = 'text' # `dataset_text_field`
+    fmt: str = 'text'
+    arrow: bool = False # lists, as `VisionTokenize` needs
+
+    def __call__(self, batch:dict, idx:list[int]) -> dict:
+        ids = self.tokenizer(batch[self.text_field], add_special_tokens=False)['input_ids']
+        return {'input_ids': ids, 'labels': [list(x) for x in ids]}
+
 # %% ../nbs/04e_vision.ipynb #e57a614f
+# rows per batch: `datasets`' 1000 held 16 MB more at the peak on 2,000 short conversations, no faster
+MAP_BATCH = 64
+
+def _check_text(fmt:str, args) -> None:
+    if fmt == 'text' and args.assistant_only_loss:
+        raise ValueError(f"assistant_only_loss=True needs conversations, but the dataset with images has a "
+                         f"`{args.dataset_text_field}` column of plain text. Put it in `messages`, or set "
+                         "assistant_only_loss=False (every text token is then trained, as TRL does).")
+
 def make_vision_tokenize(fmt:str, processor, args, columns) -> VisionTokenize:
     "The `VisionTokenize` for a dataset of format `fmt`: no truncation here, the collator does it"
+    _check_text(fmt, args)
+    if fmt == 'text':
+        return VisionTokenize(PlainText(processor.tokenizer, args.dataset_text_field),
+                              image_placeholder(processor)[1], image_column(columns))
     if fmt not in ('conversational', 'conversational_prompt_completion'):
         raise DataFormatError(f"A dataset with images must be conversational (`messages`, or `prompt` and "
-                              f"`completion` message lists); this one is {fmt}. Put the text in messages: "
+                              f"`completion` message lists) or `{args.dataset_text_field}` with the image "
+                              f"token in it; this one is {fmt}. Put the text in messages: "
                               "[{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', ...}]}, ...].")
     completion_only = args.completion_only_loss
     if completion_only is None: completion_only = fmt == 'conversational_prompt_completion'
@@ -314,12 +382,12 @@ def prepare_vision_dataset(dataset, # a `Dataset` or `IterableDataset` with an `
     t = make_vision_tokenize(fmt, processor, args, columns)
     if t.column is not None: dataset = _undecoded(dataset, t.column)
     drop = [c for c in columns if c != t.column]
-    kw = dict(batched=True, with_indices=True, remove_columns=drop)
+    kw = dict(batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=drop)
     # lists, not an Arrow table: `map` keeps the image column beside lists, but not beside a table
     t.tokenize.arrow = False
     if isinstance(dataset, Dataset):
         kw |= dict(num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} dataset")
-    return dataset.map(t, **kw)
+    with frozen_heap(): return dataset.map(t, **kw)
 
 # %% ../nbs/04e_vision.ipynb #e9c65d5c
 TEXT_KEYS = ('input_ids', 'attention_mask')
@@ -450,13 +518,13 @@ def _tokenized(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> l
     return [{**r, 'input_ids': i, 'labels': l} for r, i, l in zip(rows, out['input_ids'], out['labels'])]
 
 # %% ../nbs/04e_vision.ipynb #c4e8ee25
-def _check_processor(processing_class, name:str, col:str) -> None:
+def _check_processor(processing_class, name:str, col:str, fmt:str='conversational') -> None:
     if not hasattr(processing_class, 'image_processor'):
         raise ValueError(f"Field `{col}`: the {name} dataset is vision-related (it has an `{col}` column), but "
                          f"the processing class is a text tokenizer ({type(processing_class).__name__}), so the "
                          "model is not a vision-language model. Train a VLM (its processor is loaded with it), "
                          "or drop the column.")
-    if not getattr(processing_class, 'chat_template', None):
+    if fmt != 'text' and not getattr(processing_class, 'chat_template', None):
         raise ValueError(f"The processor {type(processing_class).__name__} has no chat template, which the "
                          f"{name} dataset's conversations with images need. Pass `chat_template_path` (a "
                          ".jinja file that renders `{'type': 'image'}` parts), or a processor that has one.")
@@ -468,19 +536,36 @@ def _check_flags(args, name:str) -> None:
                              "(each image's tokens must stay in one row beside its pixels, and a VLM's "
                              f"position ids for images are its own). Set {flag}=False.")
 
-# %% ../nbs/04e_vision.ipynb #aa82daf2
-def _scan(dataset, col:str|None, fmt:str, name:str, limit:int|None):
-    "Every image readable and as many images as image parts, row by row (a stream: its first rows)"
+# %% ../nbs/04e_vision.ipynb #9d2c4b02
+def _rows(dataset, cols:list[str], limit:int|None):
+    "Rows of `cols`: a `Dataset` read a batch at a time (row by row, Arrow's formatting costs more than the checks)"
     from itertools import islice
-    for i, r in enumerate(islice(iter(dataset), limit)):
+    from datasets import Dataset
+    if not isinstance(dataset, Dataset):
+        yield from islice(iter(dataset), limit)
+        return
+    d = dataset.select_columns(cols)
+    if limit is not None: d = d.select(range(min(limit, len(d))))
+    for batch in d.iter(batch_size=MAP_BATCH):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
+
+# %% ../nbs/04e_vision.ipynb #aa82daf2
+def _scan(dataset, col:str|None, fmt:str, name:str, limit:int|None,
+          text:tuple|None=None): # `text` rows: (column, image placeholder), the count is checked when known
+    "Every image's header readable and as many images as image parts, row by row (a stream: its first rows)"
+    fields = _fields(fmt)
+    field = col or 'images'
+    cols = [c for c in (col, *fields, text[0] if text else None) if c]
+    for i, r in enumerate(_rows(dataset, cols, limit)):
         images = row_images(r)
-        field = col or 'images'
         for j, x in enumerate(images): check_image(x, i, f"{field}[{j}]" if col == 'images' else field)
-        parts = sum(count_image_parts(multimodal_messages(r[f] or [], len(images) if f != 'completion' else 0))
-                    for f in _fields(fmt))
+        if fmt == 'text' and not text: continue
+        parts = (r[text[0]] or '').count(text[1]) if fmt == 'text' else \
+            sum(count_image_parts(multimodal_messages(r[f] or [], len(images) if f != 'completion' else 0))
+                for f in fields)
         if parts != len(images):
-            raise data_error(i, field, f"{len(images)} image(s)",
-                             f"one image per `{{'type': 'image'}}` part: the messages hold {parts}",
+            each = f"`{text[1]}` in the text" if fmt == 'text' else "`{'type': 'image'}` part"
+            raise data_error(i, field, f"{len(images)} image(s)", f"one image per {each}: it has {parts}",
                              "Add or remove image parts, or images, so the counts match.")
 
 def check_vision_dataset(dataset, # a dataset with an `images` or `image` column
@@ -495,14 +580,19 @@ def check_vision_dataset(dataset, # a dataset with an `images` or `image` column
     col = image_column(columns)
     fmt = detect_format(columns, first_row(dataset), args.dataset_text_field)
     _check_flags(args, name)
-    if processing_class is not None: _check_processor(processing_class, name, col)
+    if processing_class is not None: _check_processor(processing_class, name, col, fmt)
     if fmt == 'tokenized': return fmt
-    if fmt not in ('conversational', 'conversational_prompt_completion'):
+    if fmt not in ('conversational', 'conversational_prompt_completion', 'text'):
         raise DataFormatError(f"The {name} dataset has images, so it must be conversational (`messages`, or "
-                              f"`prompt` and `completion` message lists); it is {fmt}.")
+                              f"`prompt` and `completion` message lists) or `{args.dataset_text_field}` with "
+                              f"the image token in it; it is {fmt}.")
+    _check_text(fmt, args)
     if col is not None and isinstance(dataset, Dataset): dataset = _undecoded(dataset, col)
     limit = scan if scan is not None else (None if isinstance(dataset, Dataset) else 64)
-    _scan(dataset, col, fmt, name, limit)
+    text = None
+    if fmt == 'text' and processing_class is not None:
+        text = (args.dataset_text_field, image_placeholder(processing_class)[0])
+    with frozen_heap(): _scan(dataset, col, fmt, name, limit, text)
     return fmt
 
 # %% ../nbs/04e_vision.ipynb #b1595906

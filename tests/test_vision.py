@@ -57,6 +57,38 @@ def test_batches_match_trl(family, fmt, assistant_only):
     assert differ.any() == (not assistant_only and fmt == 'messages')
     assert (ours['labels'] != -100).any()
 
+TEXT_IMAGE = {'llava': '<image>', 'qwen2_vl': '<|vision_start|><|image_pad|><|vision_end|>'}
+
+@pytest.mark.parametrize('family', list(TEXT_IMAGE))
+def test_text_with_images_matches_trl(family):
+    "A `text` column holding the image token: TRL's input_ids and pixels; labels too, but for image tokens (never trained)"
+    rows = [{'images': r['images'], 'text': f"{TEXT_IMAGE[family]}Which colour? {list(COLOURS)[i % 4]}"}
+            for i, r in enumerate(_rows(4, text_only_rows=False))]
+    p = tiny_processor(family)
+    args = sft_nb.SFTConfig(output_dir='unused', report_to=[])
+    ds = prepare_vision_dataset(Dataset.from_list(rows), p, args)
+    ours = DataCollatorForVisionLanguageModeling(p)([ds[i] for i in range(len(ds))])
+    theirs = TRLCollator(p)(copy.deepcopy(rows))
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        if k != 'labels': assert torch.equal(ours[k], theirs[k]), k
+    image = torch.isin(theirs['input_ids'], expand_images(p, image_placeholder(p)[0], [rows[0]['images'][0]])[0][0]['input_ids'])
+    assert image.any() and (ours['labels'][image] == -100).all()
+    assert torch.equal(ours['labels'][~image], theirs['labels'][~image])
+
+def test_text_with_images_trains(tmp_path):
+    "SFTTrainer on a `text` column with images: prepared as above, trained; assistant_only_loss refused (no turns)"
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    rows = [{'images': r['images'], 'text': f"<image>Which colour? {r['messages'][1]['content']}"} for r in _rows(4, text_only_rows=False)]
+    args = sft_nb.SFTConfig(output_dir=str(tmp_path/'out'), report_to=[], max_steps=2, per_device_train_batch_size=2,
+                            save_strategy='no', logging_steps=1)
+    t = sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(rows))
+    t.train()
+    assert len(_losses(t)) == 2 and all(l == l for l in _losses(t))
+    args.assistant_only_loss = True
+    with pytest.raises(ValueError, match='assistant_only_loss=True needs conversations'):
+        sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(rows))
+
 def _trainers(tmp_path, family, rows, **kw):
     "(sft_nb, TRL) trainers of the same tiny VLM folder, data and settings"
     path = save_tiny_vlm(tmp_path/'m', family)
@@ -81,7 +113,26 @@ def test_first_losses_match_trl(tmp_path, family):
     assert len(_losses(ours)) == 10
     assert _losses(ours) == pytest.approx(_losses(theirs), rel=1e-4)
 
-def test_lora_trains_language_model_saves_processor_and_merges(tmp_path):
+def _run_quick_start(folder, name, monkeypatch) -> dict:
+    "Run the Python of `folder/name/README.md`'s quick start as a user would, next to the folder, with a picture.jpg"
+    import re
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", (folder/name/'README.md').read_text(), re.S).group(1)
+    Image.new('RGB', (20, 20), COLOURS['red']).save(folder/'picture.jpg')
+    monkeypatch.chdir(folder)
+    scope = {}
+    exec(code.replace('print(', 'answer = ('), scope)
+    assert isinstance(scope['answer'], str) and type(scope['model']).__name__ in ('LlavaForConditionalGeneration', 'PeftModel')
+    return scope
+
+def test_vlm_card_quick_start_runs(tmp_path, monkeypatch):
+    "A full VLM's card loads it as AutoModelForImageTextToText with its AutoProcessor, and asks about an image"
+    path = save_tiny_vlm(tmp_path/'m', 'llava')
+    from sft_nb.card import write_model_card
+    write_model_card(path, repo_id=str(path), pipeline_tag="image-text-to-text")
+    scope = _run_quick_start(tmp_path, 'm', monkeypatch)
+    assert scope['inputs']['pixel_values'].shape[0] == 1
+
+def test_lora_trains_language_model_saves_processor_and_merges(tmp_path, monkeypatch):
     "LoRA on the language model only; the adapter folder has the processor; adapter and merged reload give the same logits"
     from peft import LoraConfig, PeftModel
     path = save_tiny_vlm(tmp_path/'m', 'llava')
@@ -99,6 +150,7 @@ def test_lora_trains_language_model_saves_processor_and_merges(tmp_path):
     assert {'adapter_model.safetensors', 'processor_config.json', 'chat_template.jinja'} <= files, files
     assert type(transformers.AutoProcessor.from_pretrained(tmp_path/'adapter')).__name__ == 'LlavaProcessor'
     assert 'pipeline_tag: image-text-to-text' in (tmp_path/'adapter'/'README.md').read_text()
+    assert 'answer' in _run_quick_start(tmp_path, 'adapter', monkeypatch)
     batch = DataCollatorForVisionLanguageModeling(t.processing_class)(list(t.train_dataset.select(range(4))))
     batch.pop('labels')
     t.model.eval()
@@ -224,3 +276,56 @@ def test_skip_prepare_dataset_tokenizes_raw_rows_per_batch(tmp_path):
         t.train()
         losses[skip] = _losses(t)
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+# Ports of TRL's VLM cases of tests/test_sft_trainer.py (test_train_vlm, test_train_vlm_multi_image,
+# test_train_vlm_text_only_data, test_vision_dataset_with_text_model_raises), on local tiny VLMs instead of
+# trl-internal-testing's Hub models and the zen-image datasets. Where TRL lists the parameters that must change,
+# here both libraries train the same model on the same rows, and the parameters each changes must be the same.
+
+def _updated(lib, family, path, rows, tmp_path, **kw):
+    "Names of the parameters one library's trainer changed, training on `rows` (batch 1, TRL's test settings)"
+    args = lib.SFTConfig(output_dir=str(tmp_path/lib.__name__), report_to=[], per_device_train_batch_size=1,
+                         max_length=None, learning_rate=0.1, save_strategy='no', seed=0, bf16=False, **kw)
+    t = lib.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=_processor(family, path))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    assert t.state.log_history[-1]['train_loss'] is not None
+    return {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}, set(before)
+
+def _multi_image_rows(n=3):
+    "TRL's zen-multi-image: prompt-completion conversations with two images each"
+    return [{'images': [Image.new('RGB', (20, 20), COLOURS['red']), Image.new('RGB', (24, 20), COLOURS['blue'])],
+             'prompt': [{'role': 'user', 'content': 'Which colours?'}],
+             'completion': [{'role': 'assistant', 'content': 'red blue'}]} for _ in range(n)]
+
+@pytest.mark.parametrize('family,case', [(f, 'messages') for f in FAMILIES] + [('qwen2_vl', 'multi_image')])
+def test_trl_train_vlm(tmp_path, family, case):
+    "TRL's test_train_vlm / _multi_image: training changes the same parameters as TRL's (all but what gets no gradient)"
+    rows = _multi_image_rows() if case == 'multi_image' else _rows(3, text_only_rows=False)
+    path = save_tiny_vlm(tmp_path/'m', family)
+    ours, names = _updated(sft_nb, family, path, rows, tmp_path, max_steps=3)
+    theirs, _ = _updated(trl, family, path, rows, tmp_path, max_steps=3)
+    assert ours == theirs
+    assert len(ours) > len(names) / 2  # most of the model, the vision side included
+
+def test_trl_train_vlm_text_only_data(tmp_path):
+    "TRL's test_train_vlm_text_only_data (the standard formats of #5334 too): a VLM trains on text, vision untouched"
+    path = save_tiny_vlm(tmp_path/'m', 'qwen2_vl')
+    formats = {'conversational_language_modeling': lambda r: {'messages': r['messages']},
+               'standard_language_modeling': lambda r: {'text': f"Which colour? {r['messages'][1]['content']}"},
+               'standard_prompt_completion': lambda r: {'prompt': 'Which colour?', 'completion': r['messages'][1]['content']}}
+    for name, to_row in formats.items():
+        rows = [to_row(r) for r in _rows(4)]
+        changed, names = _updated(sft_nb, 'qwen2_vl', path, rows, tmp_path/name, max_steps=2)
+        visual = {n for n in names if n.startswith('model.visual')}
+        assert visual and not changed & visual, name
+        assert {n for n in names - visual if 'language_model' in n} <= changed, name
+
+def test_trl_vision_dataset_with_text_model_raises(tmp_path):
+    "TRL's test_vision_dataset_with_text_model_raises: the same message, before the model loads"
+    from sft_nb.tiny import save_tiny
+    path = save_tiny(tmp_path/'text')
+    args = sft_nb.SFTConfig(output_dir=str(tmp_path/'out'), report_to=[])
+    with pytest.raises(ValueError, match='vision-related.*vision-language model'):
+        sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(_rows(2)))
