@@ -2,6 +2,7 @@
 
     python bench/table.py                  # print the table
     python bench/table.py --check README.md  # exit 1 if README's table block differs from the results
+    python bench/table.py --write nbs/index.ipynb  # put the table into the notebook's block (then make_readme)
 
 The block in a Markdown file (or a notebook's markdown cell) sits between `<!-- bench-table -->` and
 `<!-- /bench-table -->`; `--check` compares what is between them with this script's output (whitespace at the ends
@@ -57,7 +58,7 @@ def load(folder=RESULTS):
 
 def table(results):
     "The Markdown table and, under it, the machine line(s) and how to rerun"
-    lines = ['| what | benchmark | sft_nb vs TRL | vs floor | target | met |',
+    lines = ['| what | benchmark | sft_nb vs TRL 1.16 | sft_nb vs the floor | target | met |',
              '|---|---|---|---|---|---|']
     for res in results:
         for row in res['rows']:
@@ -103,8 +104,31 @@ def check(path, want):
     return 1
 
 
+def write(path, want):
+    "Replace the table block of a notebook's markdown cell (or of a Markdown file) with `want`"
+    with open(path) as f:
+        text = f.read()
+    new = lambda t: t.split(START, 1)[0] + START + '\n' + want.strip() + '\n' + END + t.split(END, 1)[1]
+    if not path.endswith('.ipynb'):
+        block(text, path)
+        with open(path, 'w') as f:
+            f.write(new(text))
+        return
+    nb = json.loads(text)
+    cells = [c for c in nb['cells'] if c['cell_type'] == 'markdown' and START in ''.join(c['source'])]
+    if not cells:
+        raise SystemExit(f"{path} has no markdown cell with `{START}` ... `{END}`")
+    src = new(''.join(cells[0]['source']))
+    cells[0]['source'] = src.splitlines(keepends=True)
+    with open(path, 'w') as f:
+        json.dump(nb, f, indent=1, ensure_ascii=False)
+        f.write('\n')
+
+
 if __name__ == '__main__':
     md = table(load())
+    if '--write' in sys.argv:
+        sys.exit(write(sys.argv[sys.argv.index('--write') + 1], md))
     if '--check' in sys.argv:
         sys.exit(check(sys.argv[sys.argv.index('--check') + 1], md))
     print(md)

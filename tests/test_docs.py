@@ -199,6 +199,13 @@ def test_sidebar_lists_every_notebook_once():
     assert sorted(listed) == notebooks, f"missing: {set(notebooks) - set(listed)}, extra: {set(listed) - set(notebooks)}"
 
 
+def test_benchmark_table_is_the_measured_one():
+    "README's (and so the home page's) benchmark table is bench/table.py's rendering of bench/results/*.json"
+    for path in ('README.md', 'nbs/index.ipynb'):
+        r = subprocess.run([sys.executable, 'bench/table.py', '--check', path], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
 def test_every_link_and_anchor_resolves(site):
     broken = broken_links(site)
     assert not broken, '\n'.join(broken)
