@@ -497,8 +497,12 @@ def _tool_slots(self:StencilRenderer, tools, n:int) -> list|None:
     hit = self.memo.get(('tools', id(tools)))
     # a row's prefixes share its tools: checked once
     if hit is None or hit[0] is not tools: hit = self.memo['tools', id(tools)] = (tools, _slottable_tools(tools))
-    if not hit[1]: return None
-    return [Opaque(f"{SLOT_OPEN}{n + i}{SLOT_CLOSE}") for i in range(len(tools))]
+    return _opaque_slots(n, len(tools)) if hit[1] else None
+
+@functools.lru_cache(maxsize=1024)
+def _opaque_slots(n:int, k:int) -> list:
+    "`k` `Opaque` slots numbered from `n`: the same for every row of a shape, as they hold no text"
+    return [Opaque(f"{SLOT_OPEN}{n + i}{SLOT_CLOSE}") for i in range(k)]
 
 def _slottable_tools(tools:list) -> bool:
     "Are `tools` non-empty dicts of JSON values, free of generation sentinels?"
