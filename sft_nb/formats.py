@@ -341,6 +341,13 @@ def validate_tokenized(dataset, # a `datasets.Dataset` with `input_ids` (and may
     for i in range(0, len(dataset), batch_size):
         _check_token_columns(table.with_format('arrow')[i:i+batch_size], i, vocab_size)
 
+# %% ../nbs/04b_formats.ipynb #c51a7e03
+def _struct_tools(feature) -> bool:
+    "Does a `tools` column of type `feature` decode to a list of dicts (or None) in every row?"
+    from datasets import List
+    # `Sequence` of a dict is a dict of lists, and not a `List`
+    return isinstance(feature, List) and isinstance(feature.feature, dict)
+
 # %% ../nbs/04b_formats.ipynb #4ae9524f
 def validate_dataset(dataset, # a `datasets.Dataset`
                      fmt:str, # its format, from `detect_format`
@@ -351,9 +358,9 @@ def validate_dataset(dataset, # a `datasets.Dataset`
                     ) -> None:
     "Check every row of `dataset`, raising a `DataFormatError` on the first bad one"
     if fmt == 'tokenized': return validate_tokenized(dataset, vocab_size)
-    tools = [c for c in ('tools',) if c in dataset.column_names]
+    # tools stored as lists of structs are lists of dicts already: JSON strings are parsed row by row
+    tools = [c for c in ('tools',) if c in dataset.column_names and not _struct_tools(dataset.features[c])]
     sub = dataset.select_columns(format_columns(fmt, dataset.column_names, text_field) + tools)
-    # tools: JSON, checked row by row
     cols = None if tools else _plain_columns(sub.features, fmt, text_field)
     for i in range(0, len(sub), batch_size):
         if cols is None: idx = list(range(i, min(i + batch_size, len(sub))))

@@ -8,8 +8,8 @@ Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 from __future__ import annotations
 import contextvars, functools, json, re
 from fastcore.basics import patch
-from .chat import (ChatRenderer, _chat, _has_sentinels, _marked_extension, compile_marked, reasoning_fields,
-                         split_marked)
+from .chat import (ChatRenderer, GEN_CLOSE, GEN_OPEN, _chat, _has_sentinels, _marked_extension, compile_marked,
+                         reasoning_fields, split_marked)
 
 # %% auto #0
 __all__ = ['SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil', 'conversation_shape',
@@ -398,12 +398,26 @@ def build_stencil(template:str, # the chat template
     return pieces, [(int(i), m) for i, m in zip(parts[1::3], marks)], ends
 
 # %% ../nbs/04a_stencil.ipynb #93a4ca4e
-def fill_stencil(stencil:tuple, texts:list[str]) -> tuple[str, list[tuple[int,int]]]:
+def _applied(x, chain:tuple, memo:dict|None) -> str:
+    "`_apply`; a dict (tools, call arguments) written once: a row's prefixes fill the same dicts"
+    if memo is None or x.__class__ is not dict: return _apply(x, chain)
+    hit = memo.get((id(x), chain))
+    # the memo holds `x`, so its id stays its own
+    if hit is not None and hit[0] is x: return hit[1]
+    t = _apply(x, chain)
+    memo[id(x), chain] = (x, t)
+    return t
+
+def fill_stencil(stencil:tuple, # from `build_stencil`
+                 texts:list, # the conversation's texts, in slot order
+                 memo:dict|None=None, # `{(id(x), transforms): (x, text)}`: dicts written in earlier fills
+                ) -> tuple[str, list[tuple[int,int]]]:
     "The rendered conversation, the stencil's pieces with `texts` between, and its generation spans"
     pieces, refs, ends = stencil
     out, starts, n = [pieces[0]], [0], len(pieces[0])
     for (i, mark), piece in zip(refs, pieces[1:]):
-        t = texts[i] if not mark else texts[i].strip() if mark is True else _apply(texts[i], mark)
+        t = texts[i] if not mark else texts[i].strip() if mark is True else None
+        if t is None: t = _applied(texts[i], mark, memo)
         n += len(t)
         starts.append(n)
         n += len(piece)
@@ -441,7 +455,9 @@ class StencilRenderer(ChatRenderer):
         "The `(guards, stencil)`s kept for a shape; None: past `max_shapes`, or inputs that can't be a key"
         try:
             kwargs_key = tuple(sorted(kwargs.items())) if kwargs else ()
-            tools_key = None if tools is None else self._tools_key(tools)
+            # slotted tools (a tuple): the stencil holds their number, not their JSON
+            tools_key = ('slots', len(tools)) if isinstance(tools, tuple) else None
+            if tools is not None and tools_key is None: tools_key = self._tools_key(tools)
             key = (template, shape, add_generation_prompt, kwargs_key, tools_key)
             variants = self.stencils.get(key)
         except (TypeError, ValueError): return None
@@ -457,6 +473,8 @@ class StencilRenderer(ChatRenderer):
         return key
 
 # %% ../nbs/04a_stencil.ipynb #a6888ca8
+_ESCAPED = object()  # the shape's stencil escaped: render row by row (or with the tools written out)
+
 @patch
 def _by_shape(self:StencilRenderer, template, messages, tools, kwargs, add_generation_prompt) -> tuple|None:
     "Text and generation spans from a stencil of the conversation's shape; None: render it"
@@ -464,14 +482,50 @@ def _by_shape(self:StencilRenderer, template, messages, tools, kwargs, add_gener
     found = conversation_shape(messages) or nested_shape(messages, self.memo)
     if found is None: return None
     shape, texts = found
+    row = template, messages, tools, kwargs, add_generation_prompt
+    slotted = self._tool_slots(tools, len(texts))
+    if slotted is not None:
+        out = self._stencilled(row, shape, texts + tools, tuple(slotted))
+        if out is not _ESCAPED: return out
+    out = self._stencilled(row, shape, texts, tools)
+    return None if out is _ESCAPED else out
+
+@patch
+def _tool_slots(self:StencilRenderer, tools, n:int) -> list|None:
+    "`tools` as `Opaque` slots numbered from `n`; None: not non-empty dicts of JSON values"
+    if tools.__class__ is not list or not tools: return None
+    hit = self.memo.get(('tools', id(tools)))
+    # a row's prefixes share its tools: checked once
+    if hit is None or hit[0] is not tools: hit = self.memo['tools', id(tools)] = (tools, _slottable_tools(tools))
+    return _opaque_slots(n, len(tools)) if hit[1] else None
+
+@functools.lru_cache(maxsize=1024)
+def _opaque_slots(n:int, k:int) -> list:
+    "`k` `Opaque` slots numbered from `n`: the same for every row of a shape, as they hold no text"
+    return [Opaque(f"{SLOT_OPEN}{n + i}{SLOT_CLOSE}") for i in range(k)]
+
+def _slottable_tools(tools:list) -> bool:
+    "Are `tools` non-empty dicts of JSON values, free of generation sentinels?"
+    if not all(t.__class__ is dict and t for t in tools): return False
+    # one C-speed pass over everything, keys too
+    try: text = json.dumps(tools, ensure_ascii=False)
+    except (TypeError, ValueError): return False
+    return GEN_OPEN not in text and GEN_CLOSE not in text
+
+@patch
+def _stencilled(self:StencilRenderer, row:tuple, shape:tuple, texts:list, tools) -> tuple|None:
+    "`row` filled into its stencil, or rendered to build one; None: render it; `_ESCAPED`: the stencil escaped"
+    template, messages, row_tools, kwargs, add_generation_prompt = row
     variants = self._variants(template, shape, tools, kwargs, add_generation_prompt)
     if variants is None: return None
     for guards, stencil in variants:
-        if guards_hold(guards, texts): return None if stencil is None else fill_stencil(stencil, texts)
+        if not guards_hold(guards, texts): continue
+        return _ESCAPED if stencil is None else fill_stencil(stencil, texts, self.memo)
     if len(variants) >= self.max_variants: return None
     guards = []
     stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt, tools, texts, guards)
-    out = split_marked(self._marked(template, messages, tools, kwargs, add_generation_prompt))
+    out = split_marked(self._marked(*row))
     checked = stencil is not None and out is not None and fill_stencil(stencil, texts) == out
     variants.append((guards, stencil if checked else None))
     return out
+

@@ -74,6 +74,10 @@ AWKWARD = ['  padded  ', 'a</think>b', '<think>r</think>ans', '{{ x }}', 'line\n
            '<tool_response>\n4\n</tool_response>', '"quote"', '4']
 ADD = {'type': 'function', 'function': {'name': 'add', 'description': 'Add two numbers', 'parameters': {
     'type': 'object', 'properties': {'a': {'type': 'integer'}, 'b': {'type': 'integer'}}, 'required': ['a', 'b']}}}
+# tools that differ from row to row, as in real tool-calling data: one stencil serves them all where it can
+MUL = {'type': 'function', 'function': {'name': 'mul', 'description': 'Multiply "x" by \u00e9 \n',
+                                        'parameters': {'type': 'object', 'properties': {'x': {'type': 'number'}}}}}
+TOOLSETS = (None, [ADD], [MUL], [ADD, MUL], [MUL, ADD])
 
 
 def tool_and_reasoning_conversations(n=30, seed=0):
@@ -110,7 +114,7 @@ def test_tool_and_reasoning_stencils_equal_jinja(path):
     fast, plain = StencilRenderer(tok), ChatRenderer(tok)
     n = 0
     for msgs in tool_and_reasoning_conversations() * 2:  # the second time round, shapes have their stencils
-        for tools in (None, [ADD]):
+        for tools in TOOLSETS:
             for agp, sub in ((False, msgs), (True, msgs[:-1])):
                 try: want = plain(sub, tools, add_generation_prompt=agp, markers=True)
                 except Exception: continue  # a conversation the template rejects
@@ -119,3 +123,7 @@ def test_tool_and_reasoning_stencils_equal_jinja(path):
     assert n > 0
     used = sum(s is not None for v in fast.stencils.values() for _, s in v)
     if path.parent == FIXTURES and path.stem in ('qwen2_5', 'qwen3', 'llama3_1', 'gpt_oss'): assert used > 0
+    # Qwen's templates only `tojson` each tool: tools are slots, the stencils keyed by how many there are
+    slotted = [k for k, v in fast.stencils.items() if isinstance(k[4], tuple) and any(s for _, s in v)]
+    if path.parent == FIXTURES and path.stem in ('qwen2_5', 'qwen3'):
+        assert {k[4] for k in slotted} >= {('slots', 1), ('slots', 2)}
