@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging, os, re, shutil, tempfile
 from contextlib import nullcontext
 from pathlib import Path
-from .card import _card_defaults, write_model_card
+from .card import _card_defaults, write_loss_plot, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
 from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree, flushing
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
@@ -222,14 +222,16 @@ def can_publish_later(trainer) -> bool:
 
 # %% ../nbs/07b_checkpoints.ipynb #a5d7f0c4
 def publish_later(trainer, staged:Path, final:Path):
-    "`publish_checkpoint` and rotation for one process, on a thread; `finish_publishing` waits"
+    "Loss plot, `publish_checkpoint` and rotation on a thread (one process); `finish_publishing` waits"
     import threading
     fix_best_checkpoint(trainer, staged, final)
     best, limit = trainer.state.best_model_checkpoint, trainer.args.save_total_limit
+    history = list(trainer.state.log_history)  # as the card written in `staged` saw it
     outcome = {}
     def publish():
         try:
             with _explained(final, _KEPT_CHECKPOINTS, cleanup=staged.parent):
+                write_loss_plot(staged, history)  # the card links it (`plot_later`)
                 publish_dir(staged, final)
             shutil.rmtree(staged.parent, ignore_errors=True)
             rotate_checkpoints(final.parent, limit, best)
@@ -316,7 +318,7 @@ def write_trainer_card(trainer, out:Path):
             'repo_id': repo or str(final_path(trainer, out).resolve())}
     model_tags = getattr(model, 'model_tags', None) or []
     info['tags'] = list(dict.fromkeys([*model_tags, *(card_info.get('tags') or [])]))
-    write_model_card(out, **info)
+    write_model_card(out, plot_later=getattr(trainer, '_publish_later', False), **info)
     if (out/'merged'/'config.json').exists():
         sections = {**info.get('sections', {}), **getattr(trainer, 'merged_card_sections', {})}
         merged_info = {**info, 'is_peft': False, 'subfolder': 'merged', 'sections': sections}

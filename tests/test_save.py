@@ -155,6 +155,8 @@ def test_background_publish_finishes_when_training_raises(tmp_path):
     assert res == {'error': 'boom', 'dirs': ['checkpoint-4']}  # published, and checkpoint-2 rotated away
     S.verify_saved(out/'checkpoint-4')
     assert json.loads((out/'checkpoint-4'/'trainer_state.json').read_text())['global_step'] == 4
+    assert (out/'checkpoint-4'/'loss_curve.png').read_bytes()[:4] == b'\x89PNG'  # drawn on the thread
+    assert '![Training loss](loss_curve.png)' in (out/'checkpoint-4'/'README.md').read_text()
 
 def test_kill_during_final_save_keeps_previous(tmp_path):
     "SIGKILL in the middle of `save_model`: the previous save in the folder still loads, with its own logits"
