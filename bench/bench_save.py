@@ -12,9 +12,7 @@ Rows:
   the Trainer calls every `save_steps`), sft_nb vs TRL vs the floor, `transformers.Trainer`'s own
   `_save_checkpoint`. Full: model only (`save_only_model=True`, 1 GB); LoRA: adapter, AdamW state, scheduler, RNG.
 Each trainer carries 200 logged losses, so its card has a loss plot as after a real run, and one more loss is
-logged before each round (as between two saves in training), so no save reuses the previous plot. sft_nb's
-checkpoints fsync and rename on a background thread: the stall is what `_save_checkpoint` blocks; the
-background part is waited for untimed and printed.
+logged before each round (as between two saves in training), so no save reuses the previous plot.
 
 Run: `PYTHONPATH=. python bench/bench_save.py` (a few minutes on 2 cores; writes ~1 GB per full save).
 Writes bench/results/save.json.
@@ -107,22 +105,15 @@ def save_rows(ts, m, tok, tmp, what):
 
 def checkpoint_rows(ts, tmp, what):
     "Best-of-ROUNDS seconds of one `_save_checkpoint` (the stall in training), each trainer"
-    from sft_nb.checkpoints import finish_publishing
     times = {k: [] for k in ('plain', 'trl', 'sft_nb')}
-    background = []
     for r in range(ROUNDS):
         new_loss(ts, r)
         for k in times:
             t = ts[k]
             t.state.global_step = 300 + r
             times[k].append(timed(lambda: t._save_checkpoint(t.model, None)))
-            if k == 'sft_nb':  # the flush and rename training does not wait for (it overlaps the next steps)
-                t0 = time.perf_counter()
-                finish_publishing(t)
-                background.append(time.perf_counter() - t0)
             shutil.rmtree(f"{t.args.output_dir}/checkpoint-{300 + r}")
-        print(what, {k: f"{v[-1]:.2f}" for k, v in times.items()}, f"(sft_nb background publish {background[-1]:.2f})",
-              flush=True)
+        print(what, {k: f"{v[-1]:.2f}" for k, v in times.items()}, flush=True)
     return times
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastcore.meta import delegates
 
 # %% auto #0
-__all__ = ['is_hub_id', 'plot_loss', 'plot_loss_reusing', 'model_card', 'write_loss_plot', 'write_model_card']
+__all__ = ['is_hub_id', 'plot_loss', 'plot_loss_reusing', 'model_card', 'write_model_card']
 
 # %% ../nbs/06b_card.ipynb #a5e2a75b
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
@@ -50,7 +50,7 @@ _last_plot:dict = {}  # 'points' and 'png' of the loss curve drawn last
 
 def _plot_points(log_history:list[dict]) -> str:
     return repr([(r.get('step'), r.get('loss'), r.get('eval_loss')) for r in log_history
-                 if 'step' in r and ('loss' in r or 'eval_loss' in r)])
+                 if 'loss' in r or 'eval_loss' in r])
 
 def plot_loss_reusing(log_history:list[dict], # `trainer.state.log_history`
                       path, # PNG file to write
@@ -203,27 +203,17 @@ def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata 
     lines += ['', '## Framework versions', '', _table(_versions())]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + '\n'.join(lines) + '\n')
 
-# %% ../nbs/06b_card.ipynb #a2e7b4c9
-def write_loss_plot(output_dir, # the saved model's folder
-                    log_history:list[dict], # drawn as loss_curve.png when it has losses
-                   ) -> Path|None:
-    "Draw loss_curve.png into `output_dir` under a temporary name, then rename it"
-    image = plot_loss_reusing(log_history, Path(output_dir)/'loss_curve.png.tmp')
-    if image: os.replace(image, Path(output_dir)/'loss_curve.png')
-    return Path(output_dir)/'loss_curve.png' if image else None
-
 # %% ../nbs/06b_card.ipynb #fd645863
 @delegates(model_card)
 def write_model_card(output_dir, # the saved model's folder: README.md (and loss_curve.png) go here
                      log_history:list[dict]|None=None, # drawn as loss_curve.png when it has losses
-                     plot_later:bool=False, # link loss_curve.png, which the caller draws later
                      **kwargs, # passed to `model_card`
                     ) -> Path:
     "Write README.md (and the loss curve) into `output_dir`, each file replaced atomically"
     output_dir = Path(output_dir)
-    if plot_later: has_plot = _plot_points(log_history or []) != '[]'
-    else: has_plot = write_loss_plot(output_dir, log_history or []) is not None
-    loss_image = 'loss_curve.png' if has_plot else None
+    image = plot_loss_reusing(log_history or [], output_dir/'loss_curve.png.tmp')
+    if image: os.replace(image, output_dir/'loss_curve.png')
+    loss_image = 'loss_curve.png' if image else None
     card = model_card(log_history=log_history, loss_image=loss_image, **kwargs)
     tmp = output_dir/'README.md.tmp'
     card.save(tmp)

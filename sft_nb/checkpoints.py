@@ -7,9 +7,8 @@ Docs: https://sft-nb.github.io/sft_nb/checkpoints.html.md"""
 # %% ../nbs/07b_checkpoints.ipynb #03ebeeb8
 from __future__ import annotations
 import logging, os, re, shutil, tempfile
-from contextlib import nullcontext
 from pathlib import Path
-from .card import _card_defaults, write_loss_plot, write_model_card
+from .card import _card_defaults, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
 from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree, flushing
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
@@ -18,10 +17,9 @@ from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, 
 __all__ = ['logger', 'MODEL_FILES', 'CHECKPOINT_STATE', 'check_writable', 'check_output_dir', 'save_training_args',
            'rotate_checkpoints', 'unwrapped', 'trainer_hub_api', 'check_trainer_output_dir', 'create_hub_repo',
            'fresh_stage', 'write_staged_checkpoint', 'fix_best_checkpoint', 'publish_checkpoint', 'pushing_folders',
-           'can_publish_later', 'publish_later', 'finish_publishing', 'save_checkpoint_atomically',
-           'finalize_keeping_newest', 'write_model_files', 'final_path', 'write_trainer_card',
-           'save_gathered_if_sharded', 'save_model_staged', 'update_card', 'push_trainer', 'should_push_checkpoint',
-           'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'CrashSafeSaveMixin']
+           'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path',
+           'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card', 'push_trainer',
+           'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07b_checkpoints.ipynb #a527c9f5
 logger = logging.getLogger(__name__)
@@ -212,54 +210,13 @@ def pushing_folders(trainer) -> list[str]:
     push_jobs = getattr(trainer, '_push_jobs', [])
     return [folder for folder, jobs in push_jobs if not all(job.done() for job in jobs)]
 
-# %% ../nbs/07b_checkpoints.ipynb #c7e2d4a1
-def can_publish_later(trainer) -> bool:
-    "One process, no push of checkpoints, no callback implementing `on_save`"
-    from transformers import TrainerCallback
-    callbacks = trainer.callback_handler.callbacks
-    reads = any(type(cb).on_save is not TrainerCallback.on_save for cb in callbacks)
-    return trainer.args.world_size == 1 and not trainer.args.push_to_hub and not reads
-
-# %% ../nbs/07b_checkpoints.ipynb #a5d7f0c4
-def publish_later(trainer, staged:Path, final:Path):
-    "Loss plot, `publish_checkpoint` and rotation on a thread (one process); `finish_publishing` waits"
-    import threading
-    fix_best_checkpoint(trainer, staged, final)
-    best, limit = trainer.state.best_model_checkpoint, trainer.args.save_total_limit
-    history = list(trainer.state.log_history)  # as the card written in `staged` saw it
-    outcome = {}
-    def publish():
-        try:
-            with _explained(final, _KEPT_CHECKPOINTS, cleanup=staged.parent):
-                write_loss_plot(staged, history)  # the card links it (`plot_later`)
-                publish_dir(staged, final)
-            shutil.rmtree(staged.parent, ignore_errors=True)
-            rotate_checkpoints(final.parent, limit, best)
-        except BaseException as e: outcome['error'] = e
-    thread = threading.Thread(target=publish, name=f"publish {final.name}")
-    thread.start()
-    trainer._publishing = (thread, outcome)
-
-# %% ../nbs/07b_checkpoints.ipynb #b9e3c2d5
-def finish_publishing(trainer):
-    "Wait for the checkpoint being published in the background; raise its error if it failed"
-    thread, outcome = getattr(trainer, '_publishing', None) or (None, {})
-    if thread is None: return
-    thread.join()
-    trainer._publishing = None
-    if 'error' in outcome: raise outcome['error']
-
 # %% ../nbs/07b_checkpoints.ipynb #e9ac6949
 def save_checkpoint_atomically(trainer, save_checkpoint, model, trial):
     "Trainer's `_save_checkpoint`: its own `save_checkpoint` staged, then renamed to `checkpoint-N`"
-    finish_publishing(trainer)  # the previous checkpoint is in place and rotated first
     run_dir = Path(trainer._get_output_dir(trial))
     final = run_dir/f"checkpoint-{trainer.state.global_step}"
     stage = fresh_stage(trainer, run_dir/f"{TMP_PREFIX}{final.name}")  # same name on every process
-    trainer._publish_later = can_publish_later(trainer)
-    try: write_staged_checkpoint(trainer, save_checkpoint, model, trial, stage, final)
-    finally: later, trainer._publish_later = trainer._publish_later, False
-    if later: return publish_later(trainer, stage/final.name, final)
+    write_staged_checkpoint(trainer, save_checkpoint, model, trial, stage, final)
     publish_checkpoint(trainer, stage/final.name, final)
     if trainer._pending_push: trainer._push_from_checkpoint(str(final))
     if trainer.args.should_save:
@@ -269,7 +226,6 @@ def save_checkpoint_atomically(trainer, save_checkpoint, model, trial):
 # %% ../nbs/07b_checkpoints.ipynb #19cd495f
 def finalize_keeping_newest(trainer, finalize_training, *args, **kwargs):
     "Trainer's `_finalize_training` with `save_total_limit=1` lifted meanwhile"
-    finish_publishing(trainer)  # the newest checkpoint in place before the best one is loaded
     limit = trainer.args.save_total_limit
     if limit == 1: trainer.args.save_total_limit = None
     try: return finalize_training(*args, **kwargs)
@@ -285,10 +241,7 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     _write_weights(model, out, state_dict, max_shard_size)
     processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
     if processing_class is not None: processing_class.save_pretrained(out)
-    # weights and tokenizer reach the disk while the rest is checked and written (for a checkpoint
-    # published in the background, there)
-    later = getattr(trainer, '_publish_later', False)
-    with (nullcontext() if later else flushing(out)):
+    with flushing(out):  # weights and tokenizer reach the disk while the rest is checked and written
         verify_saved(out, model if state_dict is None else None)
         final_save = getattr(trainer, '_stage', None) is None
         merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
@@ -318,7 +271,7 @@ def write_trainer_card(trainer, out:Path):
             'repo_id': repo or str(final_path(trainer, out).resolve())}
     model_tags = getattr(model, 'model_tags', None) or []
     info['tags'] = list(dict.fromkeys([*model_tags, *(card_info.get('tags') or [])]))
-    write_model_card(out, plot_later=getattr(trainer, '_publish_later', False), **info)
+    write_model_card(out, **info)
     if (out/'merged'/'config.json').exists():
         sections = {**info.get('sections', {}), **getattr(trainer, 'merged_card_sections', {})}
         merged_info = {**info, 'is_peft': False, 'subfolder': 'merged', 'sections': sections}
@@ -340,7 +293,6 @@ def save_gathered_if_sharded(trainer, output_dir):
 def save_model_staged(trainer, save_model, output_dir=None, internal_call=False):
     "Trainer's `save_model`: its own `save_model` into a staging folder, moved into `output_dir`"
     if getattr(trainer, '_stage', None) is not None: return save_model(output_dir, internal_call)
-    finish_publishing(trainer)
     dest = Path(output_dir or trainer.args.output_dir)
     stage = fresh_stage(trainer, dest/f"{TMP_PREFIX}save")
     need = checkpoint_bytes(unwrapped(trainer), save_only_model=True)
@@ -446,13 +398,10 @@ class CrashSafeSaveMixin:
     card_info:dict = {}  # extra `model_card` arguments: dataset_name, tags, license, method
     hub_api = None  # a `huggingface_hub.HfApi`; default one honours HF_ENDPOINT
     _stage = None  # temporary run folder while a checkpoint is being written
-    _publishing = None  # (thread, outcome) of a checkpoint being published in the background
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        finish_publishing(self)  # a previous run's last checkpoint, before resuming from it
         check_trainer_output_dir(self, resume_from_checkpoint)
-        try: return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally: finish_publishing(self)  # also when training raised
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def init_hf_repo(self, token=None, private=None):
         create_hub_repo(self, token, private)
