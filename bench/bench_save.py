@@ -11,7 +11,8 @@ Rows:
 - checkpoint full / LoRA: the stall one checkpoint adds to training, `trainer._save_checkpoint(model, None)` (what
   the Trainer calls every `save_steps`), sft_nb vs TRL vs the floor, `transformers.Trainer`'s own
   `_save_checkpoint`. Full: model only (`save_only_model=True`, 1 GB); LoRA: adapter, AdamW state, scheduler, RNG.
-Each trainer carries 200 logged losses, so its card has a loss plot as after a real run.
+Each trainer carries 200 logged losses, so its card has a loss plot as after a real run, and one more loss is
+logged before each round (as between two saves in training), so no save reuses the previous plot.
 
 Run: `PYTHONPATH=. python bench/bench_save.py` (a few minutes on 2 cores; writes ~1 GB per full save).
 Writes bench/results/save.json.
@@ -92,6 +93,7 @@ def save_rows(ts, m, tok, tmp, what):
         m.save_pretrained(d)
         tok.save_pretrained(d)
     for r in range(ROUNDS):
+        new_loss(ts, r)
         for k in times:
             d = f"{tmp}/save-{k}-{r}"
             fn = (lambda: plain(d)) if k == 'plain' else (lambda: ts[k].save_model(d))
@@ -105,6 +107,7 @@ def checkpoint_rows(ts, tmp, what):
     "Best-of-ROUNDS seconds of one `_save_checkpoint` (the stall in training), each trainer"
     times = {k: [] for k in ('plain', 'trl', 'sft_nb')}
     for r in range(ROUNDS):
+        new_loss(ts, r)
         for k in times:
             t = ts[k]
             t.state.global_step = 300 + r
@@ -112,6 +115,12 @@ def checkpoint_rows(ts, tmp, what):
             shutil.rmtree(f"{t.args.output_dir}/checkpoint-{300 + r}")
         print(what, {k: f"{v[-1]:.2f}" for k, v in times.items()}, flush=True)
     return times
+
+
+def new_loss(ts, r):
+    "One more logged loss before each round, as between two saves in training: every card's plot is drawn anew"
+    for t in ts.values():
+        t.state.log_history.append({'loss': 6.0 - r / 10, 'grad_norm': 1.0, 'learning_rate': 1e-4, 'step': 201 + r})
 
 
 def with_optimizer(ts):

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastcore.meta import delegates
 
 # %% auto #0
-__all__ = ['is_hub_id', 'plot_loss', 'model_card', 'write_model_card']
+__all__ = ['is_hub_id', 'plot_loss', 'plot_loss_reusing', 'model_card', 'write_model_card']
 
 # %% ../nbs/06b_card.ipynb #a5e2a75b
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
@@ -44,6 +44,25 @@ def plot_loss(log_history:list[dict], # `trainer.state.log_history`
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.91)
     fig.savefig(path, format='png')
     return Path(path)
+
+# %% ../nbs/06b_card.ipynb #b81e4c57
+_last_plot:dict = {}  # 'points' and 'png' of the loss curve drawn last
+
+def _plot_points(log_history:list[dict]) -> str:
+    return repr([(r.get('step'), r.get('loss'), r.get('eval_loss')) for r in log_history
+                 if 'loss' in r or 'eval_loss' in r])
+
+def plot_loss_reusing(log_history:list[dict], # `trainer.state.log_history`
+                      path, # PNG file to write
+                     ) -> Path|None:
+    "`plot_loss`, copying the PNG drawn last when it showed the same losses"
+    points = _plot_points(log_history)
+    if _last_plot.get('points') == points:
+        Path(path).write_bytes(_last_plot['png'])
+        return Path(path)
+    image = plot_loss(log_history, path)
+    if image: _last_plot.update(points=points, png=image.read_bytes())
+    return image
 
 # %% ../nbs/06b_card.ipynb #11054454
 def _versions() -> dict[str, str]:
@@ -218,7 +237,7 @@ def write_model_card(output_dir, # the saved model's folder: README.md (and loss
                     ) -> Path:
     "Write README.md (and the loss curve) into `output_dir`, each file replaced atomically"
     output_dir = Path(output_dir)
-    image = plot_loss(log_history or [], output_dir/'loss_curve.png.tmp')
+    image = plot_loss_reusing(log_history or [], output_dir/'loss_curve.png.tmp')
     if image: os.replace(image, output_dir/'loss_curve.png')
     loss_image = 'loss_curve.png' if image else None
     card = model_card(log_history=log_history, loss_image=loss_image, **kwargs)

@@ -239,9 +239,9 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     model = unwrapped(trainer)
     max_shard_size = getattr(trainer.args, 'max_shard_size', '5GB')
     _write_weights(model, out, state_dict, max_shard_size)
-    with flushing(out):  # the weights reach the disk while the rest is written
-        processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
-        if processing_class is not None: processing_class.save_pretrained(out)
+    processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
+    if processing_class is not None: processing_class.save_pretrained(out)
+    with flushing(out):  # weights and tokenizer reach the disk while the rest is checked and written
         verify_saved(out, model if state_dict is None else None)
         final_save = getattr(trainer, '_stage', None) is None
         merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field

@@ -335,8 +335,8 @@ def save_model(model, # a `PreTrainedModel` or `PeftModel`
     info = {**_card_defaults(model), 'repo_id': str(output_dir.resolve()), **(card or {})}
     with atomic_dir(output_dir, checkpoint_bytes(model, save_only_model=True)) as t:
         _write_weights(model, t, state_dict, max_shard_size)
-        with flushing(t):  # the weights reach the disk while the rest is written
-            if processing_class is not None: processing_class.save_pretrained(t)
+        if processing_class is not None: processing_class.save_pretrained(t)
+        with flushing(t):  # weights and tokenizer reach the disk while the rest is checked and written
             if verify: verify_saved(t, model if state_dict is None else None)
             write_model_card(t, **info)
             if merged:
