@@ -26,6 +26,8 @@ warnings.filterwarnings('ignore', category=FutureWarning)
 import datasets
 from datasets import Dataset
 import workloads as W
+from results_file import machine  # noqa: E402
+TOKENIZERS = f"tokenizers {__import__('tokenizers').__version__}"
 # imported before any clock starts: both sides pay their imports once per process, not per dataset
 import sft_nb.trainer, trl.trainer.sft_trainer, trl.chat_template_utils  # noqa: E401
 
@@ -165,13 +167,6 @@ def rss_run(workload, vocab, n):
         return json.loads(res.stdout.strip().splitlines()[-1])
 
 # ---------------------------------------------------------------- results
-def machine():
-    import torch, transformers, trl as _trl
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-               platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {_trl.__version__}, tokenizers {__import__('tokenizers').__version__}")
-
 def result_rows(cases, rss):
     rows = []
     for c in cases:
@@ -219,7 +214,7 @@ if __name__ == '__main__':
     def write(cases, rss):
         "Rewritten after every case: a run cut short keeps what it measured"
         with open(a.out, 'w') as f:
-            json.dump({'bench': 'prep', 'machine': machine(), 'command': cmd, 'load': os.getloadavg(),
+            json.dump({'bench': 'prep', 'machine': machine(extra=TOKENIZERS), 'command': cmd, 'load': os.getloadavg(),
                        'rows': result_rows(cases, rss)}, f, indent=1)
     print(f"load: {os.getloadavg()}")
     cases, rss = [], []

@@ -30,6 +30,8 @@ Writes bench/results/train.json after each complete round (a run cut short keeps
 import json, os, platform, statistics, subprocess, sys, time
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', WANDB_DISABLED='true')
 import warnings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import machine  # noqa: E402
 warnings.filterwarnings('ignore')
 
 VOCAB, HIDDEN, LAYERS, MLP = 32000, 512, 8, 1408
@@ -149,18 +151,11 @@ def child(kind):
     print(json.dumps(res))
 
 
-def machine():
-    import torch, transformers, trl
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-               platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores ({THREADS} torch threads), torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, trl {trl.__version__}")
-
 
 def report(best, loads, rounds):
     "Print the comparison of the best rounds and write bench/results/train.json"
     rows = []
-    print(f"\n{machine()}\nload average (1 min) while measured: {min(loads):.1f}-{max(loads):.1f}; rounds {rounds}")
+    print(f"\n{machine(THREADS)}\nload average (1 min) while measured: {min(loads):.1f}-{max(loads):.1f}; rounds {rounds}")
     for w in WORKLOADS:
         s, t, p = (best[(k, w)]['step'] for k in ('sft_nb', 'trl', 'plain'))
         cs, ct, cp = (best[(k, w)]['cpu'] for k in ('sft_nb', 'trl', 'plain'))
@@ -179,7 +174,7 @@ def report(best, loads, rounds):
                      'target': '<= 1.15x floor, < TRL', 'met': met, 'first_loss_max_rel_diff': float(f"{drift:.2e}"),
                      'cpu_seconds': {'sft_nb': round(cs, 4), 'trl': round(ct, 4), 'plain': round(cp, 4)}})
     os.makedirs('bench/results', exist_ok=True)
-    out = {'bench': 'train', 'machine': machine(), 'command': 'python bench/bench_train.py', 'rows': rows,
+    out = {'bench': 'train', 'machine': machine(THREADS), 'command': 'python bench/bench_train.py', 'rows': rows,
            'rounds': rounds, 'load_average': [round(min(loads), 2), round(max(loads), 2)]}
     with open('bench/results/train.json', 'w') as f:
         json.dump(out, f, indent=1)

@@ -15,6 +15,9 @@ guards. Issue 20 asks for >= 4x TRL's speed on 20k conversations of each kind (`
 """
 import argparse, json, os, platform, random, tempfile, time
 from pathlib import Path
+import sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import machine  # noqa: E402
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import datasets, torch
 from datasets import Dataset
@@ -133,13 +136,6 @@ def compare(name, ds, tok, repeat):
             'target': ">= 4x faster than TRL (sft_nb <= 0.25x TRL's time)", 'met': speedup >= 4}
 
 
-def machine():
-    import transformers, trl
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-               platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, trl {trl.__version__}")
-
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
@@ -160,5 +156,6 @@ if __name__ == '__main__':
     out = Path(__file__).parent/'results'/'turns.json'
     out.parent.mkdir(exist_ok=True)
     command = 'python bench/bench_turns.py' + (' --full' if a.full else f' --n {n}') + f' --repeat {a.repeat}'
-    out.write_text(json.dumps({'bench': 'turns', 'machine': machine(), 'command': command, 'rows': rows}, indent=1))
+    where = machine(extra=f"load {os.getloadavg()[0]:.1f}")
+    out.write_text(json.dumps({'bench': 'turns', 'machine': where, 'command': command, 'rows': rows}, indent=1))
     print(f"wrote {out}")

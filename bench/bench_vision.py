@@ -18,6 +18,8 @@ Writes bench/results/vision.json.
 """
 import json, os, platform, resource, subprocess, sys, tempfile, time
 from pathlib import Path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import machine  # noqa: E402
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 2000
@@ -96,13 +98,6 @@ def run_one(lib_name:str, folder:Path) -> dict:
     return {'first_step_s': marks[0] - start, 'construct_s': built - start, 'train_begin_s': begin[0] - start,
             'steps_per_s': (len(marks) - 1) / (marks[-1] - marks[0]),
             'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-def machine() -> str:
-    import torch, transformers, trl
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-               platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}")
 
 ROWS = (('first_step_s', 'time to first step', 'min', '<= 0.5x TRL', 0.5),
         ('peak_rss_mb', 'peak MiB', 'min', '<= 1.0x TRL', 1.0),

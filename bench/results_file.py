@@ -2,13 +2,14 @@
 import json, os, platform
 
 
-def machine(threads=None):
-    "CPU model, cores and the library versions the numbers depend on"
+def machine(threads=None, extra=''):
+    "CPU model, cores and the library versions the numbers depend on (then `extra`, e.g. another library's)"
     import torch, transformers, trl
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
                platform.processor())
     cores = f"{os.cpu_count()} cores" + (f" ({threads} torch threads)" if threads else '')
-    return f"{cpu}, {cores}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    base = f"{cpu}, {cores}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    return f"{base}, {extra}" if extra else base
 
 
 def row(workload, metric, sft_nb, trl=None, floor=None, floor_name=None, target='', met=None, **extra):
