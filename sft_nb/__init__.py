@@ -1,14 +1,14 @@
 """Supervised fine-tuning of causal language models: a literate, drop-in TRL `SFTTrainer`.
 
 `from sft_nb import SFTConfig, SFTTrainer` works like `from trl import SFTConfig, SFTTrainer`. Every public name the
-library's notebooks export is importable from here; `sft_nb.tiny` (test fixtures) and `sft_nb.cli` (the `sft-nb`
-command) are imported by their module name.
+library's notebooks export is importable from here; `sft_nb.tiny` (test fixtures) and the `sft-nb` command's
+modules (`sft_nb.cli`, `sft_nb.preview`, `sft_nb.trained`) are imported by their module name.
 """
 __version__ = "0.0.1"
 
 # The names are read from nbdev's generated index, not kept by hand, and each module loads on first use, so
 # `import sft_nb` stays cheap (no torch or transformers import).
-_NOT_REEXPORTED = ('tiny', 'cli')
+_NOT_REEXPORTED = ('tiny', 'cli', 'preview', 'trained')
 
 
 def _public_names() -> dict:

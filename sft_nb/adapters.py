@@ -21,8 +21,9 @@ from .models import (NEW_TOKENS_ATTR, check_model_path, keep_bnb_layout, load_mo
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'is_peft_model', 'get_peft_config', 'count_parameters', 'trainable_report', 'adds_virtual_tokens',
-           'apply_peft', 'check_adapter_matches', 'load_adapter', 'merged_copy', 'merge_adapters']
+__all__ = ['logger', 'BASE_QUANTIZATION', 'is_peft_model', 'get_peft_config', 'count_parameters', 'trainable_report',
+           'adds_virtual_tokens', 'apply_peft', 'check_adapter_matches', 'load_adapter', 'merged_copy',
+           'merge_adapters', 'write_base_quantization', 'read_base_quantization']
 
 # %% ../nbs/03_adapters.ipynb #9a0a1249
 def is_peft_model(model) -> bool:
@@ -274,3 +275,24 @@ def merge_adapters(model_or_path, # a `PeftModel`, or an adapter folder
         merged.save_pretrained(output_dir)
         if tokenizer is not None: tokenizer.save_pretrained(output_dir)
     return merged
+
+# %% ../nbs/03_adapters.ipynb #e0e49a77
+BASE_QUANTIZATION = 'base_quantization.json'
+
+def write_base_quantization(model, # a `PeftModel`
+                            path, # the folder its adapter was saved in
+                           ) -> Path|None:
+    "Write how `model`'s base is quantized (as in its `config.json`) into `path`; nothing if it is not"
+    q = getattr(model.get_base_model().config, 'quantization_config', None)
+    if q is None: return None
+    record = q if isinstance(q, dict) else q.to_dict()
+    out = Path(path)/BASE_QUANTIZATION
+    out.write_text(json.dumps(record, indent=2, sort_keys=True) + '\n')
+    return out
+
+# %% ../nbs/03_adapters.ipynb #10fd65a8
+def read_base_quantization(path, # an adapter folder
+                          ) -> dict|None:
+    "The base's `quantization_config` in training, as `write_base_quantization` recorded it; else None"
+    record = Path(path)/BASE_QUANTIZATION
+    return json.loads(record.read_text()) if record.is_file() else None

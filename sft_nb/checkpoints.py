@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 _CKPT = re.compile(r'checkpoint-\d+')
 MODEL_FILES = ('model.safetensors', 'model.safetensors.index.json', 'adapter_model.safetensors',
-               'adapter_config.json', 'pytorch_model.bin', 'adapter_model.bin')
+               'adapter_config.json', 'pytorch_model.bin', 'adapter_model.bin',
+               'base_quantization.json')  # beside an adapter after QLoRA (sft_nb.adapters)
 _SHARD = re.compile(r'model-\d+-of-\d+\.safetensors')
 
 # %% ../nbs/07b_checkpoints.ipynb #22364a72

@@ -11,12 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK', 'UsageError', 'user_errors', 'bad_json_line',
-           'load_named_dataset', 'load_mixture', 'load_data', 'train_split', 'resume_value', 'check_run_folder',
-           'build_trainer', 'fit', 'train', 'run_training', 'claim_demo_dir', 'mark_demo_files', 'demo',
-           'accelerate_config_path', 'launch_flags', 'launch', 'train_command', 'preview', 'preview_command',
-           'load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'export_command',
-           'env_report', 'env_command', 'main', 'cli']
+__all__ = ['COMMANDS', 'ACCELERATE_PROFILES', 'HELP', 'DEMO_FLAGS', 'DEMO_MARK', 'UsageError', 'user_errors', 'parse_flags',
+           'bad_json_line', 'load_named_dataset', 'load_mixture', 'load_data', 'train_split', 'resume_value',
+           'check_run_folder', 'build_trainer', 'fit', 'train', 'run_training', 'claim_demo_dir', 'mark_demo_files',
+           'demo', 'accelerate_config_path', 'launch_flags', 'launch', 'train_command', 'env_report', 'env_command',
+           'main', 'cli']
 
 # %% ../nbs/09_cli.ipynb #207f5b9b
 COMMANDS = {
@@ -94,6 +93,15 @@ def user_errors():
     try: yield
     except UsageError: raise
     except _USER_ERRORS as e: raise UsageError(' '.join(str(e).split())) from e
+
+# %% ../nbs/09_cli.ipynb #45888009
+def parse_flags(parser:argparse.ArgumentParser, # a sub-command's parser
+                argv:list, # its arguments
+               ) -> argparse.Namespace:
+    "argparse's `parse_args`, with its errors as one-line `UsageError`s"
+    def error(message): raise UsageError(f"{parser.prog}: {message}.")
+    parser.error = error
+    return parser.parse_args(argv)
 
 # %% ../nbs/09_cli.ipynb #a64e53da
 _FILE_TYPES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet',
@@ -401,257 +409,6 @@ def train_command(argv:list[str]):
     with user_errors(): script_args, training_args, model_args, mix = parse_args(argv)
     return run_training(script_args, training_args, model_args, mix)
 
-# %% ../nbs/09_cli.ipynb #9ca014d9
-def _trained_cut(labels:list, keep:int, mode:str) -> int:
-    "Trained tokens that truncation to `keep` tokens removes"
-    cut = labels[keep:] if mode == 'keep_start' else labels[:len(labels) - keep]
-    return sum(y != -100 for y in cut)
-
-# %% ../nbs/09_cli.ipynb #a435d60c
-def _truncation_and_packing(full, lengths, trained, args) -> list[str]:
-    "What `max_length` would cut from the prepared rows `full`, and how packing would fill rows"
-    from sft_nb.packing import pack_dataset
-    limit = args.max_length
-    if limit is None: return ["truncation: none (max_length is None)."]
-    long = lengths > limit
-    mode = args.truncation_mode
-    cut = [_trained_cut(ys, limit, mode) for ys, n in zip(full['labels'], lengths) if n > limit]
-    emptied = sum(c == t for c, t in zip(cut, trained[long]))
-    _, stats = pack_dataset(full, limit, args.packing_strategy, return_stats=True)
-    packing = 'on' if args.packing else 'off'
-    cut_tokens = int((lengths[long] - limit).sum())
-    return [f"truncation to max_length={limit} ({mode}): {long.sum()} of {len(lengths)} rows are "
-            f"longer; {cut_tokens} tokens cut, {sum(cut)} of them trained; {emptied} rows keep no "
-            "trained token.",
-            f"packing ({packing}; {args.packing_strategy} into rows of {limit}): {stats['documents']} "
-            f"rows -> {stats['rows']} packed rows, {stats['efficiency']:.1%} filled, "
-            f"{stats['truncated_tokens']} tokens truncated."]
-
-# %% ../nbs/09_cli.ipynb #aa3f381d
-def preview(dataset, # a `Dataset` (or `IterableDataset`) of raw rows, any format sft_nb trains on
-            tokenizer, # the prepared tokenizer (chat template, eos, pad), as `SFTTrainer` uses it
-            args, # the `SFTConfig` of the run
-            n_rows:int=3, # rows shown with their trained tokens marked
-            sample:int=1000, # rows the figures are computed over
-            audit:bool=False, # also check trained turns against inference (`sft_nb.audit`)
-           ) -> str:
-    "How `dataset` will be prepared: rows with trained tokens marked, counts, truncation, packing"
-    import numpy as np
-    from datasets import Dataset
-    from itertools import islice
-    from sft_nb.data import prepare_dataset, show_trained
-    from sft_nb.formats import detect_format
-    if isinstance(dataset, Dataset): head = dataset.select(range(min(sample, len(dataset))))
-    else: head = Dataset.from_list(list(islice(dataset, sample)))  # a streamed dataset's first rows
-    if len(head) == 0:
-        raise ValueError("The dataset is empty: there is nothing to preview or train on.")
-    fmt = detect_format(head.column_names, head[0], args.dataset_text_field)
-    # packing=True: untruncated
-    full = prepare_dataset(head, tokenizer, args, packing=True, dataset_name='preview')
-    lengths = np.array([len(x) for x in full['input_ids']])
-    trained = np.array([sum(y != -100 for y in ys) for ys in full['labels']])
-    lines = [f"{len(head)} rows previewed ({fmt} format); tokens per row: min {lengths.min()}, "
-             f"median {int(np.median(lengths))}, max {lengths.max()}; trained tokens: "
-             f"{trained.sum()} of {lengths.sum()} ({trained.sum() / lengths.sum():.1%})."]
-    lines += _truncation_and_packing(full, lengths, trained, args)
-    first = head.select(range(min(n_rows, len(head))))
-    shown = prepare_dataset(first, tokenizer, args, packing=False, dataset_name='preview')
-    for i, row in enumerate(shown):
-        t = show_trained(row, tokenizer)
-        lines += [f"--- row {i}: {t.n_tokens} tokens, {t.n_trained} trained (in ⟦ ⟧) ---", str(t)]
-    if audit:
-        from sft_nb.audit import audit_dataset
-        lines.append(str(audit_dataset(head, tokenizer, args, sample)))
-    return '\n'.join(lines)
-
-# %% ../nbs/09_cli.ipynb #15a54855
-_PREVIEW_USAGE = ("usage: sft-nb preview --config RECIPE.yaml [--rows 3] [--sample 1000] [--audit] "
-                  "[--OPTION VALUE ...]")
-
-def preview_command(argv:list[str]) -> str:
-    "`sft-nb preview --config r.yaml [--rows N] [--sample N]`: see `preview`; loads no weights"
-    p = argparse.ArgumentParser(prog='sft-nb preview', add_help=False)
-    p.add_argument('--rows', type=int, default=3)
-    p.add_argument('--sample', type=int, default=1000)
-    p.add_argument('--audit', action='store_true')
-    if '-h' in argv or '--help' in argv:
-        print(f"{_PREVIEW_USAGE}\n\n{COMMANDS['preview']}")
-        return None
-    ours, rest = p.parse_known_args(argv)
-    from sft_nb.config import parse_args
-    from sft_nb.models import load_tokenizer, prepare_tokenizer
-    from sft_nb.trainer import needs_chat_template
-    with user_errors():
-        script_args, training_args, model_args, mix = parse_args(rest)
-        if model_args.model_name_or_path is None:
-            raise ValueError("No model: pass `--model_name_or_path` or a recipe that sets it.")
-        ds = train_split(load_data(script_args, mix), script_args)
-        tok = load_tokenizer(model_args.model_name_or_path, training_args, model_args)
-        tok = prepare_tokenizer(tok, None, training_args, needs_chat_template(ds, training_args))
-        report = preview(ds, tok, training_args, ours.rows, ours.sample, ours.audit)
-    print(report)
-    return report
-
-# %% ../nbs/09_cli.ipynb #7eaeef3f
-def load_for_generation(path, # a full or merged model folder, or an adapter folder
-                        dtype:str='auto', # dtype to load the weights in
-                       ) -> tuple:
-    "The model (on the GPU if there is one) and tokenizer saved in `path`"
-    import torch
-    from sft_nb.models import check_model_path, load_model, load_tokenizer
-    from sft_nb.adapters import load_adapter
-    p = Path(check_model_path(str(path), need_config=False))
-    if (p/'adapter_config.json').exists(): model = load_adapter(p, is_trainable=False, dtype=dtype)
-    else: model = load_model(str(p), dtype=dtype)
-    if torch.cuda.is_available() and not getattr(model, 'is_quantized', False):
-        model = model.to('cuda')
-    return model.eval(), load_tokenizer(str(p))
-
-# %% ../nbs/09_cli.ipynb #dfe9c3e7
-def reply(model, tokenizer,
-          messages:list[dict], # the conversation so far, ending with a user turn
-          max_new_tokens:int=128,
-          temperature:float=0.0, # 0: greedy
-          min_new_tokens:int=0, # tokens to generate before an end of turn may stop it
-         ) -> str:
-    "The model's next assistant turn after `messages` (no chat template: their contents, one a line)"
-    import torch
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else: text = '\n'.join(m['content'] for m in messages)
-    # a chat template writes the special tokens itself
-    enc = tokenizer(text, return_tensors='pt', add_special_tokens=not tokenizer.chat_template)
-    enc = enc.to(model.device)
-    if temperature > 0: sampling = dict(do_sample=True, temperature=temperature)
-    else: sampling = dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
-
-# %% ../nbs/09_cli.ipynb #74ec2c6a
-def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=COMMANDS[prog.split()[-1]])
-    p.add_argument('path', help="a full or merged model folder, or an adapter folder")
-    if prompt: p.add_argument('--prompt', required=True, help="the user's message")
-    p.add_argument('--system', default=None, help="a system prompt")
-    p.add_argument('--max_new_tokens', '--max-new-tokens', type=int, default=128)
-    p.add_argument('--min_new_tokens', '--min-new-tokens', type=int, default=0,
-                   help="tokens before an end of turn may stop the answer")
-    p.add_argument('--temperature', type=float, default=0.0, help="0: greedy decoding")
-    p.add_argument('--dtype', default='auto')
-    p.add_argument('--image', action='append', default=[],
-                   help="an image file shown before the first user message (repeatable; a vision-language model)")
-    return p
-
-# %% ../nbs/09_cli.ipynb #95681025
-def _parse(parser:argparse.ArgumentParser, argv:list) -> argparse.Namespace:
-    "argparse, with its errors as one-line `UsageError`s"
-    def error(message): raise UsageError(f"{parser.prog}: {message}.")
-    parser.error = error
-    return parser.parse_args(argv)
-
-# %% ../nbs/09_cli.ipynb #d56bd1e8
-def _answer(a:argparse.Namespace, model, tok, msgs:list[dict]) -> str:
-    "The reply to `msgs`: with `--image` (or a VLM's processor) through `sft_nb.vision.image_reply`"
-    if not a.image and not hasattr(tok, 'image_processor'):
-        return reply(model, tok, msgs, a.max_new_tokens, a.temperature, a.min_new_tokens)
-    from sft_nb.vision import image_reply, load_processor
-    with user_errors(): processor = load_processor(a.path, tok)
-    with user_errors():
-        return image_reply(model, processor, msgs, a.image, a.max_new_tokens, a.temperature, a.min_new_tokens)
-
-def generate_command(argv:list[str]) -> str:
-    "`sft-nb generate PATH --prompt TEXT`: print the model's answer"
-    a = _parse(_generation_parser('sft-nb generate', prompt=True), argv)
-    with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
-    system = [{'role': 'system', 'content': a.system}] if a.system else []
-    msgs = system + [{'role': 'user', 'content': a.prompt}]
-    answer = _answer(a, model, tok, msgs)
-    print(answer)
-    return answer
-
-# %% ../nbs/09_cli.ipynb #12aa1ddb
-def chat_command(argv:list[str], lines=None) -> list[dict]:
-    "`sft-nb chat PATH`: one user turn per line of stdin (or `lines`), each answered; the conversation"
-    a = _parse(_generation_parser('sft-nb chat', prompt=False), argv)
-    with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
-    interactive = lines is None and sys.stdin.isatty()
-    if interactive:
-        print(f"Chatting with {a.path}: type a message, Ctrl-D to end.", file=sys.stderr)
-    msgs = [{'role': 'system', 'content': a.system}] if a.system else []
-    for line in (sys.stdin if lines is None else lines):
-        if not line.strip(): continue
-        msgs.append({'role': 'user', 'content': line.strip()})
-        answer = _answer(a, model, tok, msgs)
-        msgs.append({'role': 'assistant', 'content': answer})
-        print(msgs[-1]['content'], flush=True)
-    return msgs
-
-# %% ../nbs/09_cli.ipynb #66d2ae71
-def _add_qlora_flags(p:argparse.ArgumentParser):
-    "`ModelConfig`'s flags for a base quantized in training (QLoRA), as `trl sft` spells them"
-    p.add_argument('--load_in_4bit', '--load-in-4bit', action='store_true',
-                   help="the adapter was trained with QLoRA: load its base in 4 bits as in training, "
-                        "merge onto both the 16-bit and the dequantized 4-bit weights, keep the closer")
-    p.add_argument('--bnb_4bit_quant_type', default='nf4', choices=('nf4', 'fp4'),
-                   help="the 4-bit type used in training")
-    p.add_argument('--use_bnb_nested_quant', action='store_true', help="training used double quantization")
-
-def _merge_model_args(a:argparse.Namespace):
-    "How `sft-nb merge` loads the adapter's base: its dtype, and quantized as in training if asked"
-    from sft_nb.config import ModelConfig
-    return ModelConfig(dtype=a.dtype, load_in_4bit=a.load_in_4bit, bnb_4bit_quant_type=a.bnb_4bit_quant_type,
-                       use_bnb_nested_quant=a.use_bnb_nested_quant)
-
-# %% ../nbs/09_cli.ipynb #66fbb86b
-def merge_command(argv:list[str]) -> Path:
-    "`sft-nb merge ADAPTER OUT`: the adapter merged into its base, saved in the new folder OUT"
-    p = argparse.ArgumentParser(prog='sft-nb merge', description=COMMANDS['merge'])
-    p.add_argument('adapter', help="a folder holding adapter_config.json (as `save_model` writes)")
-    p.add_argument('out', help="a new (or empty) folder for the merged model")
-    p.add_argument('--dtype', default='auto', help="dtype of the base loaded for merging")
-    _add_qlora_flags(p)
-    a = _parse(p, argv)
-    adapter, out = Path(a.adapter), Path(a.out)
-    from sft_nb.adapters import load_adapter
-    from sft_nb.answers import save_merged_model
-    from sft_nb.models import load_tokenizer
-    with user_errors():
-        if not (adapter/'adapter_config.json').is_file():
-            raise FileNotFoundError(f"{adapter} holds no adapter_config.json, so it is not an adapter "
-                                    "folder (a full model needs no merge).")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"{out} already exists and is not empty: merge writes a new folder, "
-                                  "give it another OUT.")
-        model = load_adapter(adapter, model_args=_merge_model_args(a), is_trainable=False)
-        # checked against the adapter model on a few prompts; the numbers go into the card
-        r = save_merged_model(model, out, load_tokenizer(str(adapter)), dtype=a.dtype)
-    base = model.peft_config[model.active_adapter].base_model_name_or_path
-    print(f"merged {adapter} into its base ({base}); saved to {out}")
-    print(f"merged onto the {r['merged_onto']}: {r['why']}")
-    print(f"checked on {r['prompts']} prompts: largest logit difference {r['max_logit_diff']:.2e}, "
-          f"greedy answers agree on {r['greedy_agreement']:.0%}")
-    return out
-
-# %% ../nbs/09_cli.ipynb #872b0997
-def export_command(argv:list[str]) -> dict:
-    "`sft-nb export PATH --gguf FORMAT`: a checked GGUF file of the model in PATH; the check's numbers"
-    p = argparse.ArgumentParser(prog='sft-nb export', description=COMMANDS['export'])
-    p.add_argument('path', help="a full or merged model folder, or an adapter folder (merged first)")
-    p.add_argument('--gguf', required=True, choices=('f16', 'bf16', 'q8_0', 'f32'), help="number format")
-    p.add_argument('--out', default=None, help="the .gguf file or folder (default PATH/model-FORMAT.gguf)")
-    p.add_argument('--no_verify', '--no-verify', action='store_true', help="skip the reload and comparison")
-    a = _parse(p, argv)
-    from sft_nb.gguf import save_gguf
-    with user_errors(): r = save_gguf(a.path, a.out, a.gguf, verify=not a.no_verify)
-    print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MiB)")
-    if 'max_logit_diff' in r:
-        print(f"checked: same token ids {r['same_token_ids']}, largest logit difference "
-              f"{r['max_logit_diff']:.2e} ({r['relative_logit_diff']:.1e} of the largest logit, "
-              f"tolerance {r['tolerance']:.0e}), greedy answers agree on {r['greedy_agreement']:.0%}")
-    return r
-
 # %% ../nbs/09_cli.ipynb #f3a89854
 _ENV_PACKAGES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'accelerate', 'tokenizers',
                  'safetensors', 'huggingface_hub', 'bitsandbytes', 'deepspeed', 'flash_attn',
@@ -687,15 +444,26 @@ def env_report() -> str:
 # %% ../nbs/09_cli.ipynb #735f34ab
 def env_command(argv:list[str]) -> str:
     "`sft-nb env`: print `env_report`"
-    _parse(argparse.ArgumentParser(prog='sft-nb env', description=COMMANDS['env']), argv)
+    parse_flags(argparse.ArgumentParser(prog='sft-nb env', description=COMMANDS['env']), argv)
     report = env_report()
     print(report)
     return report
 
 # %% ../nbs/09_cli.ipynb #1be283e8
-_RUNNERS = {'train': train_command, 'demo': demo, 'preview': preview_command, 'chat': chat_command,
-            'generate': generate_command, 'merge': merge_command, 'env': env_command,
-            'export': export_command}
+# the commands whose code is in a later room; imported when run, so `sft-nb --help` stays instant
+_ELSEWHERE = {'preview': 'preview', 'preview_command': 'preview', 'load_for_generation': 'trained',
+              'reply': 'trained', 'generate_command': 'trained', 'chat_command': 'trained',
+              'merge_command': 'trained', 'export_command': 'trained'}
+
+def __getattr__(name):
+    if name not in _ELSEWHERE: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"sft_nb.{_ELSEWHERE[name]}"), name)
+
+# %% ../nbs/09_cli.ipynb #aa1ce11f
+_RUNNERS = {'train': 'train_command', 'demo': 'demo', 'preview': 'preview_command', 'chat': 'chat_command',
+            'generate': 'generate_command', 'merge': 'merge_command', 'env': 'env_command',
+            'export': 'export_command'}
 
 def main(argv:list[str]|None=None):
     "Run the `sft-nb` command `argv` (default `sys.argv[1:]`) and return what it made"
@@ -703,7 +471,9 @@ def main(argv:list[str]|None=None):
     if cmd == 'help':
         print(HELP)
         return None
-    return _RUNNERS[cmd](rest)
+    name = _RUNNERS[cmd]
+    run = globals()[name] if name in globals() else __getattr__(name)
+    return run(rest)
 
 # %% ../nbs/09_cli.ipynb #d4c5c82d
 def cli() -> int:
@@ -719,4 +489,8 @@ def cli() -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #c3c2cb44
-if __name__ == '__main__': sys.exit(cli())
+# `python -m sft_nb.cli` runs this file as `__main__`; the other rooms' commands raise `sft_nb.cli`'s
+# UsageError, so run that module's `cli`, which catches it
+if __name__ == '__main__':
+    from sft_nb.cli import cli as _cli
+    sys.exit(_cli())

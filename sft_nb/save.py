@@ -297,7 +297,10 @@ def _writes_here(model):
 # %% ../nbs/07_save.ipynb #6359196a
 def _write_weights(model, path:Path, state_dict=None, max_shard_size='5GB'):
     from peft import PeftModel
-    if isinstance(model, PeftModel): model.save_pretrained(path, state_dict=state_dict)
+    from sft_nb.adapters import write_base_quantization
+    if isinstance(model, PeftModel):
+        model.save_pretrained(path, state_dict=state_dict)
+        write_base_quantization(model, path)  # after QLoRA, for `sft-nb merge` (sft_nb.adapters)
     else:
         if state_dict is not None: state_dict = _drop_gathered_ties(model, state_dict)
         with _writes_here(model):

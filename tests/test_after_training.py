@@ -76,6 +76,40 @@ def test_merge_command_qlora_builds_both_merges(tmp_path):
     saved = merged.state_dict()
     assert max((saved[k] - v).abs().max().item() for k, v in expected.items() if k in saved) < 1e-6
 
+def merge_rows(folder:Path) -> list[str]:
+    "The merges a merged model's card compares: '16-bit base', and 'dequantized 4-bit base' after QLoRA"
+    import re
+    card = (folder/'README.md').read_text()
+    return sorted(re.findall(r'\| (16-bit base|dequantized 4-bit base)(?: \(kept\))? \| [0-9.e+-]+ \|', card))
+
+def test_merge_reads_how_the_adapter_was_trained(tmp_path):
+    "`sft-nb train` after QLoRA leaves base_quantization.json beside the adapter, so `sft-nb merge` without "
+    "`--load_in_4bit` takes the QLoRA path (both merges in the card); after LoRA there is no record and the plain "
+    "path; `--no-load_in_4bit` over a QLoRA record merges the plain way, with a warning"
+    pytest.importorskip('bitsandbytes')
+    import json
+    from sft_nb.tiny import save_tiny_dataset
+    base = save_tiny(tmp_path/'base')
+    save_tiny_dataset(tmp_path/'data', n=16)
+    run = ['--model_name_or_path', base, '--dataset_name', tmp_path/'data', '--use_peft', 'true', '--lora_r', '4',
+           '--lora_target_modules', 'all-linear', '--max_steps', '2', '--learning_rate', '1e-2', '--dtype', 'float32',
+           '--per_device_train_batch_size', '4', '--report_to', 'none', '--save_strategy', 'no', '--use_cpu', 'true',
+           '--gradient_checkpointing', 'false']
+    sft_nb('train', *run, '--output_dir', tmp_path/'qlora', '--load_in_4bit', 'true')
+    sft_nb('train', *run, '--output_dir', tmp_path/'lora')
+    record = json.loads((tmp_path/'qlora'/'base_quantization.json').read_text())
+    assert (record['quant_method'], record['load_in_4bit'], record['bnb_4bit_quant_type']) == ('bitsandbytes', True, 'nf4')
+    assert not (tmp_path/'lora'/'base_quantization.json').exists()
+    r = sft_nb('merge', tmp_path/'qlora', tmp_path/'merged_qlora', '--dtype', 'float32')
+    assert 'records a 4-bit base (QLoRA): loading it so' in r.stdout and 'sft-nb: warning' not in r.stderr, (r.stdout, r.stderr)
+    assert merge_rows(tmp_path/'merged_qlora') == ['16-bit base', 'dequantized 4-bit base']
+    r = sft_nb('merge', tmp_path/'lora', tmp_path/'merged_lora', '--dtype', 'float32')
+    assert 'records a 4-bit base' not in r.stdout and 'sft-nb: warning' not in r.stderr
+    assert merge_rows(tmp_path/'merged_lora') == ['16-bit base']
+    r = sft_nb('merge', tmp_path/'qlora', tmp_path/'merged_plain', '--no-load_in_4bit', '--dtype', 'float32')
+    assert 'sft-nb: warning: --load_in_4bit False contradicts the adapter\'s base_quantization.json' in r.stderr, r.stderr
+    assert merge_rows(tmp_path/'merged_plain') == ['16-bit base']
+
 def test_sample_answers_in_log_tensorboard_and_card(tmp_path, caplog):
     "SFTTrainer with `eval_answer_count`: answers before training and at each evaluation, in the log, in "
     "TensorBoard's text panel, in `log_history` as scores, and in the saved model's card; they change with training"
