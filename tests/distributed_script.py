@@ -10,7 +10,7 @@ as the first form takes them): a launch costs most of a DeepSpeed test's time (i
 6 steps on the tiny model a few seconds. In a job `--kill_at` raises instead of SIGKILL (the launch must go on); the
 next job, a new trainer with its own model, resumes from what the killed one left on disk.
 """
-import argparse, json, logging, os, resource, signal, sys
+import argparse, functools, json, logging, os, resource, signal, sys
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 from transformers import TrainerCallback
@@ -35,6 +35,7 @@ p.add_argument('--as_accelerate_does', action='store_true', help='FSDP on CPU: l
 p.add_argument('--data_file', default='', help='a JSON-lines file loaded with load_dataset (default: tiny_dataset)')
 p.add_argument('--save_on_each_node', action='store_true')
 p.add_argument('--full_logits', action='store_true', help="the loss's fallback: the model's full [B, T, V] logits")
+p.add_argument('--trl', action='store_true', help="TRL 1.16's SFTTrainer and SFTConfig (bench/bench_scale.py)")
 p.add_argument('--zero_stage', type=int, default=0, help="DeepSpeed: this ZeRO stage instead of the launch profile's")
 torch.set_num_threads(1)
 
@@ -52,6 +53,21 @@ def fsdp_on_cpu():
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
     AcceleratorState.__init__ = patched
+
+def count_preparations() -> list:
+    """The cache files of the `datasets` maps this process computes (not those it loads from a cache): a process that
+    waited for its node's first one to prepare the data computes none"""
+    from datasets import Dataset
+    computed = []
+    map_single = Dataset._map_single
+    @functools.wraps(map_single)  # datasets reads its signature
+    def counting(*args, **kw):
+        computed.append(kw.get('cache_file_name'))
+        yield from map_single(*args, **kw)
+    Dataset._map_single = staticmethod(counting)
+    return computed
+
+COMPUTED_MAPS = count_preparations()
 
 class Killed(Exception): "A job's simulated hard kill"
 
@@ -93,6 +109,10 @@ def checkpoints(folder:str) -> list:
     if not os.path.isdir(folder): return []
     return sorted(c for c in os.listdir(folder) if c.startswith('checkpoint-'))
 
+def cache_files(dataset) -> list:
+    "The files a prepared dataset reads (none when it is in memory)"
+    return sorted(f['filename'] for f in getattr(dataset, 'cache_files', []))
+
 def rss_mib() -> float:
     "This process's resident memory now, MiB"
     with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
@@ -113,18 +133,22 @@ def train(a, hard_kill:bool):
         from peft import LoraConfig
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules='all-linear',
                                  modules_to_save=['lm_head'] if a.save_head else None)
-    args = SFTConfig(output_dir=os.path.join(a.out, 'run'), max_steps=a.max_steps,
-                     per_device_train_batch_size=a.per_device, gradient_accumulation_steps=a.grad_accum,
-                     learning_rate=3e-3, lr_scheduler_type='constant', logging_steps=1, save_strategy='steps',
-                     save_steps=a.save_steps, gradient_checkpointing=False, report_to='none', use_cpu=not deepspeed,
-                     ddp_backend='gloo' if deepspeed else None, seed=0, data_seed=0, assistant_only_loss=True,
-                     dataloader_drop_last=True, max_length=64, save_on_each_node=a.save_on_each_node)
+    Config, Trainer, precision = (SFTConfig, SFTTrainer, {})
+    if a.trl:  # TRL's SFTConfig asks for bf16 by default, which a CPU run must turn off; sft_nb's picks fp32 there
+        import trl
+        Config, Trainer, precision = (trl.SFTConfig, trl.SFTTrainer, {'bf16': False})
+    args = Config(output_dir=os.path.join(a.out, 'run'), max_steps=a.max_steps,
+                  per_device_train_batch_size=a.per_device, gradient_accumulation_steps=a.grad_accum,
+                  learning_rate=3e-3, lr_scheduler_type='constant', logging_steps=1, save_strategy='steps',
+                  save_steps=a.save_steps, gradient_checkpointing=False, report_to='none', use_cpu=not deepspeed,
+                  ddp_backend='gloo' if deepspeed else None, seed=0, data_seed=0, assistant_only_loss=True,
+                  dataloader_drop_last=True, max_length=64, save_on_each_node=a.save_on_each_node, **precision)
     if a.data_file:
         from datasets import load_dataset
         train_dataset = load_dataset('json', data_files=a.data_file, split='train')
     else: train_dataset = tiny_dataset(n=128)
-    trainer = SFTTrainer(model=os.path.join(a.out, 'base'), args=args, train_dataset=train_dataset,
-                         peft_config=peft_config, callbacks=[Kill(a.kill_at, hard_kill)])
+    trainer = Trainer(model=os.path.join(a.out, 'base'), args=args, train_dataset=train_dataset,
+                      peft_config=peft_config, callbacks=[Kill(a.kill_at, hard_kill)])
     rows = []  # the rows of each batch this rank trained on (their input_ids), to check how data is split
     collate = trainer.data_collator
     def recording_collator(features):
@@ -149,7 +173,8 @@ def train(a, hard_kill:bool):
                            'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                            'warnings': warnings.lines, 'killed': killed, 'zero_stage': zero_stage(trainer),
                            'checkpoints': checkpoints(args.output_dir),
-                           'saved': os.path.exists(os.path.join(a.out, 'final'))}, f)
+                           'saved': os.path.exists(os.path.join(a.out, 'final')),
+                           'computed_maps': COMPUTED_MAPS, 'train_cache_files': cache_files(trainer.train_dataset)}, f)
         sft_nb.loss.fused_head_blocker = blocker
     if killed: return
     final = os.path.join(a.out, 'final')

@@ -189,6 +189,29 @@ def test_two_nodes_simulated(tmp_path, tmp_path_factory, each_node):
         assert written == ((True, True) if node.name == 'node0' or each_node else (False, False)), (node, written)
     assert _last(r0, 'num_tokens') == _last(plain, 'num_tokens')
 
+def test_one_node_two_processes_prepare_once(tmp_path):
+    """Two processes on one node (`torchrun --nproc_per_node 2`) share its datasets cache: the second waits for the
+    node's first (its local main) to prepare the dataset, then loads that preparation from the cache. Had it not
+    waited, it would have found no cache and computed its own: only the first computes any map."""
+    data = tmp_path/'train.jsonl'
+    tiny_dataset(n=128).to_json(str(data))
+    out, rec = tmp_path/'node', tmp_path/'rec.json'
+    save_tiny(out/'base')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(ROOT),
+           'HF_DATASETS_CACHE': str(tmp_path/'datasets')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
+           '--master_port', '29711', str(SCRIPT), str(out), '--data_file', str(data), '--record', str(rec),
+           '--max_steps', '2', '--save_steps', '10']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-6000:]
+    r0, r1 = _record(rec, 0), _record(rec, 1)
+    assert (r0['local_rank'], r1['local_rank'], r0['world']) == (0, 1, 2)
+    assert r0['computed_maps'] and r1['computed_maps'] == []
+    files = r0['train_cache_files']
+    assert files and files == r1['train_cache_files'], (files, r1['train_cache_files'])
+    assert all(f.startswith(str(tmp_path/'datasets')) and Path(f).exists() for f in files)
+    assert set(files) <= set(r0['computed_maps'])  # the dataset rank 1 trains on is what rank 0 computed
+
 # DeepSpeed on CPU: its CPU accelerator with gloo, the Trainer's torch AdamW as a client optimizer. The profile is
 # sft_nb's (TRL's) zero3 with 2 processes and no bf16; ZeRO-3 keeps zero3_init_flag and the 16-bit gathered save.
 def _need_deepspeed():
