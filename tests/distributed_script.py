@@ -79,12 +79,16 @@ class Kill(TrainerCallback):
         if self.hard: os.kill(os.getpid(), signal.SIGKILL)
         raise Killed(f'killed at step {self.at}')
 
-class Warnings(logging.Handler):
-    "sft_nb's warnings during one job (a launch of several jobs shares its stderr)"
+class Warnings(logging.StreamHandler):
+    """sft_nb's warnings during one job (a launch of several jobs shares its stderr), kept, and printed to stderr as
+    Python prints them when a logger has no handler"""
     def __init__(self):
-        super().__init__(logging.WARNING)
+        super().__init__(sys.stderr)
+        self.setLevel(logging.WARNING)
         self.lines = []
-    def emit(self, record): self.lines.append(record.getMessage())
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+        super().emit(record)
 
 def set_zero_stage(stage:int):
     "The environment accelerate's zero2 / zero3 profiles give the processes, for this stage"
@@ -120,7 +124,8 @@ def rss_mib() -> float:
 def train(a, hard_kill:bool):
     "One training run as the flags `a` say: train, record, save, reload check"
     # use_cpu=True makes accelerate skip DeepSpeed; without it, on a machine with no GPU, DeepSpeed's CPU accelerator
-    # runs, and ddp_backend='gloo' names the backend accelerate would otherwise leave unset (then it counts one process).
+    # runs, and ddp_backend='gloo' names the backend accelerate would otherwise leave unset (then it counts one
+    # process).
     deepspeed = os.environ.get('ACCELERATE_USE_DEEPSPEED', 'false').lower() == 'true'
     if a.zero_stage: set_zero_stage(a.zero_stage)
     blocker = sft_nb.loss.fused_head_blocker
