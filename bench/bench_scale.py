@@ -1,28 +1,29 @@
 """Per-rank peak memory of the loss under FSDP2 and DeepSpeed ZeRO-3 (issue 22): sft_nb's chunked, label-only LM head
-against the full-logits fallback (the model's own `[batch, length, vocab]` logits, what TRL 1.16's SFTTrainer computes),
-two CPU processes through the real `accelerate launch`, on a tiny Llama with a large vocabulary, where the logits
-dominate the step's memory.
+against TRL 1.16's SFTTrainer on the same work, and against the full-logits fallback (sft_nb with the model's own
+`[batch, length, vocab]` logits, what TRL computes), two CPU processes through the real `accelerate launch`, on a
+tiny Llama with a large vocabulary, where the logits dominate the step's memory.
 
-Each run is `tests/distributed_script.py` (the script tests/test_distributed.py launches), with `--full_logits` for the
-fallback; each rank records its peak resident memory (ru_maxrss) and its resident memory before training. The metric is
-the larger rank's peak above its memory before training: what the training step adds on top of the loaded model.
-Runs alternate chunked / fallback; the median of `--repeats` (>= 3) is kept. TRL has no run here (its own SFTTrainer
-under these profiles computes the fallback's full logits), so `trl` is null; the fallback is the reference column.
+Each run is `tests/distributed_script.py` (the script tests/test_distributed.py launches), with `--trl` for TRL's
+trainer and `--full_logits` for the fallback; each rank records its peak resident memory (ru_maxrss) and its resident
+memory before training. The metric is the larger rank's peak above its memory before training: what the training
+step adds on top of the loaded model. Runs alternate sft_nb / TRL / fallback; the median of `--repeats` (>= 3) is
+kept. The losses of the three must agree (the same work).
 
 DeepSpeed comes from the environment or from SFT_NB_DEEPSPEED_PATH (a `pip install --target` folder); without it the
 ZeRO-3 rows are left out.
 
 python bench/bench_scale.py [--vocab 131072] [--repeats 3] [--steps 3]
 """
-import argparse, json, os, platform, statistics, sys, tempfile
+import argparse, os, statistics, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT/'tests')]
-import torch, transformers, trl  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT/'tests'), str(ROOT/'bench')]
+import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from sft_nb.tiny import tiny_config, tiny_tokenizer  # noqa: E402
 import test_distributed as td  # noqa: E402  (the launcher helpers the tests use)
+from results_file import row, write  # noqa: E402
 
 
 def save_base(path:Path, vocab:int):
@@ -35,15 +36,23 @@ def save_base(path:Path, vocab:int):
     tok.save_pretrained(path)
 
 
-def peak_above_load(tmp:Path, name:str, config:Path, port:int, steps:int, full:bool) -> tuple[float, list]:
+KINDS = {'sft_nb': [], 'trl': ['--trl'], 'full': ['--full_logits']}
+
+
+def peak_above_load(tmp:Path, name:str, config:Path, port:int, steps:int, kind:str) -> tuple[float, list]:
     "One launch: the larger rank's peak RSS above its RSS before training (MiB), and the losses"
     out = tmp/name
     rec = tmp/f'{name}.json'
     flags = ['--max_steps', str(steps), '--save_steps', '1000', '--record', str(rec)]
-    td._run(out, *flags, *(['--full_logits'] if full else []), config=config, port=port)
+    td._run(out, *flags, *KINDS[kind], config=config, port=port)
     recs = [td._record(rec, r) for r in (0, 1)]
-    assert all(r['head_blocker'] is None for r in recs) or full, recs[0]['head_blocker']
+    assert kind != 'sft_nb' or all(r['head_blocker'] is None for r in recs), recs[0]['head_blocker']
     return max(r['peak_rss_mib'] - r['rss_before_train_mib'] for r in recs), list(td._losses(recs[0]).values())
+
+
+def same(xs:list, ys:list) -> bool:
+    "The same losses, to 1e-4"
+    return len(xs) == len(ys) and all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(xs, ys))
 
 
 def has_deepspeed() -> bool:
@@ -66,34 +75,30 @@ def main():
         tmp = Path(d)
         for engine, (profile, changes) in engines.items():
             config = td._config(tmp, profile, changes)
-            runs = {'chunked': [], 'full': []}
+            runs = {kind: [] for kind in KINDS}
             losses = {}
             for i in range(a.repeats):
-                for kind in ('chunked', 'full'):  # interleaved
+                for kind in KINDS:  # interleaved
                     name = f'{engine}-{kind}-{i}'
                     save_base(tmp/name/'base', a.vocab)
                     port += 1
-                    mib, losses[kind] = peak_above_load(tmp, name, config, port, a.steps, kind == 'full')
+                    mib, losses[kind] = peak_above_load(tmp, name, config, port, a.steps, kind)
                     runs[kind].append(mib)
                     print(f'{engine} {kind} run {i}: peak {mib:.0f} MiB above load', flush=True)
-            same = all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(losses['chunked'], losses['full']))
-            chunked, full = statistics.median(runs['chunked']), statistics.median(runs['full'])
-            print(f'{engine}: chunked {chunked:.0f} MiB, full logits {full:.0f} MiB per rank '
-                  f'({chunked / full:.2f}x); same losses: {same}')
-            rows.append({'workload': f'{engine}, 2 CPU processes, tiny Llama with a {a.vocab}-token vocabulary, '
-                                     f'4 rows a rank, full fine-tuning, {a.steps} steps',
-                         'metric': 'peak MiB per rank above the loaded model (RSS)',
-                         'sft_nb': round(chunked, 1), 'trl': None, 'floor': round(full, 1),
-                         'floor_name': "full-logits fallback (the model's [B, T, V] logits, as TRL computes them)",
-                         'ratio_vs_trl': None, 'ratio_vs_floor': round(chunked / full, 3),
-                         'target': '< 1x the full-logits fallback, same losses', 'met': bool(chunked < full and same)})
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"transformers {transformers.__version__}, trl {trl.__version__}")
-    result = {'bench': 'scale', 'machine': machine, 'command': 'python bench/bench_scale.py', 'rows': rows}
-    out = ROOT/'bench'/'results'/'scale.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + '\n')
-    print(f'wrote {out}')
+            agree = same(losses['sft_nb'], losses['full']) and same(losses['sft_nb'], losses['trl'])
+            med = {kind: statistics.median(v) for kind, v in runs.items()}
+            print(f"{engine}: sft_nb {med['sft_nb']:.0f} MiB, TRL {med['trl']:.0f} MiB, full-logits fallback "
+                  f"{med['full']:.0f} MiB per rank ({med['sft_nb'] / med['trl']:.2f}x TRL); same losses: {agree}")
+            rows.append(row(f'{engine}, 2 CPU processes, tiny Llama with a {a.vocab}-token vocabulary, '
+                            f'4 rows a rank, full fine-tuning, {a.steps} steps',
+                            'peak MiB per rank above the loaded model (RSS)',
+                            round(med['sft_nb'], 1), trl=round(med['trl'], 1), floor=round(med['full'], 1),
+                            floor_name="full-logits fallback (sft_nb with the model's [B, T, V] logits)",
+                            target='< 1x TRL and < 1x the full-logits fallback, same losses',
+                            met=bool(med['sft_nb'] < min(med['trl'], med['full']) and agree),
+                            same_losses=agree))
+    out = write('scale', 'python bench/bench_scale.py', rows, threads=1)
+    print(f"wrote bench/results/scale.json: {out['machine']}")
 
 
 if __name__ == '__main__':
