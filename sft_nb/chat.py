@@ -220,14 +220,15 @@ def _render_prefix(render, messages, row, j, **kw):
                               "be found by rendering prefixes. Add `{% generation %}` markers to the "
                               "template.") from e
 
-# %% ../nbs/04_chat.ipynb #baeb51c1
-def assistant_turns(render:ChatRenderer, # renders a conversation to text
-                    messages:list, # the conversation
-                    row:int=0, # its row index, for errors
-                    tools=None, # tool schemas, passed to the template
-                    kwargs:dict|None=None, # template kwargs, passed to the template
-                   ) -> tuple[str, list[tuple[int, tuple[int,int]]]]:
-    "The rendered conversation and `(message index, character span)` of each non-empty assistant turn"
+# %% ../nbs/04_chat.ipynb #a5f1398f
+@patch
+def _turns(self:ChatRenderer, messages, row, tools, kwargs) -> tuple|None:
+    "`assistant_turns` answered without rendering prefixes; None: render and diff them"
+    return None
+
+# %% ../nbs/04_chat.ipynb #1ad20ef0
+def _diffed_turns(render, messages, row, tools, kwargs) -> tuple[str, list]:
+    "`assistant_turns` by rendering the prefixes of the conversation and diffing them"
     full = render(messages, tools, kwargs)[0]
     turns = []
     template_inputs = dict(tools=tools, kwargs=kwargs)
@@ -245,6 +246,19 @@ def assistant_turns(render:ChatRenderer, # renders a conversation to text
         if end > len(before): turns.append((j, (len(before), end)))
     return full, turns
 
+
+# %% ../nbs/04_chat.ipynb #baeb51c1
+def assistant_turns(render:ChatRenderer, # renders a conversation to text
+                    messages:list, # the conversation
+                    row:int=0, # its row index, for errors
+                    tools=None, # tool schemas, passed to the template
+                    kwargs:dict|None=None, # template kwargs, passed to the template
+                   ) -> tuple[str, list[tuple[int, tuple[int,int]]]]:
+    "The rendered conversation and `(message index, character span)` of each non-empty assistant turn"
+    # a renderer that already knows where the turns of this shape lie answers without diffing
+    found = render._turns(messages, row, tools, kwargs)
+    if found is not None: return found
+    return _diffed_turns(render, messages, row, tools, kwargs)
 
 # %% ../nbs/04_chat.ipynb #1ab148f9
 def diff_spans(render:ChatRenderer, # renders a conversation to text

@@ -8,8 +8,8 @@ Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 from __future__ import annotations
 import contextvars, functools, json, re
 from fastcore.basics import patch
-from .chat import (ChatRenderer, GEN_CLOSE, GEN_OPEN, _chat, _has_sentinels, _marked_extension, compile_marked,
-                         reasoning_fields, split_marked)
+from .chat import (ChatRenderer, GEN_CLOSE, GEN_OPEN, _chat, _diffed_turns, _has_sentinels,
+                         _marked_extension, compile_marked, reasoning_fields, split_marked)
 
 # %% auto #0
 __all__ = ['SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil', 'conversation_shape',
@@ -529,3 +529,95 @@ def _stencilled(self:StencilRenderer, row:tuple, shape:tuple, texts:list, tools)
     variants.append((guards, stencil if checked else None))
     return out
 
+
+# %% ../nbs/04a_stencil.ipynb #3288a4c0
+def _prefix_point(prefix:tuple, stencil:tuple, remap) -> tuple[int,int]|None:
+    "Where `prefix`'s fill ends in `stencil`'s, for any texts: `(piece, offset)`; None: not a cut of it"
+    (p_pieces, p_refs, _), (pieces, refs, _) = prefix, stencil
+    m = len(p_refs)
+    if m > len(refs) or p_pieces[:m] != pieces[:m]: return None
+    # the prefix's slots are the conversation's, its tools numbered after its own texts
+    if any((remap(i), mark) != refs[k] for k, (i, mark) in enumerate(p_refs)): return None
+    return (m, len(p_pieces[m])) if pieces[m].startswith(p_pieces[m]) else None
+
+def _renumbered(s:str, remap) -> str:
+    "A guard's slotted string with its slots numbered as the conversation's"
+    return _SLOT_RE.sub(lambda m: f"{SLOT_OPEN}{remap(int(m[1]))}{m[2] or ''}{SLOT_CLOSE}", s)
+
+# %% ../nbs/04a_stencil.ipynb #fe654182
+@patch
+def _stencil_of(self:StencilRenderer, template, shape, texts, tools, kwargs, add_generation_prompt):
+    "The `(guards, stencil)` kept for a shape that `texts` answer as it was built; None: none"
+    variants = self._variants(template, shape, tools, kwargs, add_generation_prompt) or []
+    return next(((g, s) for g, s in variants if guards_hold(g, texts)), None)
+
+@patch
+def _prefix_slots(self:StencilRenderer, messages, tools, slotted:bool) -> tuple|None:
+    "A prefix's shape, its texts (and tools) and the tools as its stencil holds them"
+    found = conversation_shape(messages) or nested_shape(messages, self.memo)
+    if found is None or not slotted: return found and (found[0], found[1], tools)
+    shape, texts = found
+    return shape, texts + tools, tuple(_opaque_slots(len(texts), len(tools)))
+
+# %% ../nbs/04a_stencil.ipynb #6f309802
+@patch
+def _turn_stencil(self:StencilRenderer, template, messages, n:int, tools, form, kwargs) -> tuple:
+    "`(guards, (stencil, assistant indices))` of a conversation whose first `n` texts are its own"
+    slotted = isinstance(form, tuple)
+    full = self._prefix_slots(messages, tools, slotted)
+    got = self._stencil_of(template, full[0], full[1], full[2], kwargs, False)
+    if got is None or got[1] is None: return (got or ([], None))[0], None
+    guards, (pieces, refs, _) = list(got[0]), got[1]
+    points, turns = [], []
+    for j, m in enumerate(messages):
+        if m['role'] != 'assistant': continue
+        for upto, gen in ((j, True), (j + 1, False)):
+            if upto == len(messages):
+                points.append((len(pieces) - 1, len(pieces[-1])))
+                continue
+            shape, texts, p_form = self._prefix_slots(messages[:upto], tools, slotted)
+            p = self._stencil_of(template, shape, texts, p_form, kwargs, gen)
+            k = len(texts) - (len(tools) if slotted else 0)
+            remap = lambda i, k=k: i if i < k else i - k + n
+            point = None if p is None or p[1] is None else _prefix_point(p[1], (pieces, refs, None), remap)
+            if point is None: return guards, None
+            guards += [(_renumbered(s, remap), name, a, r) for s, name, a, r in p[0]]
+            points.append(point)
+        turns.append(j)
+    return guards, ((pieces, refs, points), tuple(turns))
+
+# %% ../nbs/04a_stencil.ipynb #15551243
+def _cut(recipe:tuple, texts:list, memo:dict|None) -> tuple|None:
+    "`assistant_turns`' answer from one fill of a turn stencil; None: a turn's prefixes don't nest"
+    stencil, js = recipe
+    text, pairs = fill_stencil(stencil, texts, memo)
+    turns = []
+    for j, (a, b) in zip(js, pairs):
+        if b < a: return None  # the diff says why
+        e = b
+        # the turn's end with trailing whitespace off: `upto.rstrip()` without the copy
+        while e > a and text[e - 1].isspace(): e -= 1
+        if e > a: turns.append((j, (a, e)))
+    return text, turns
+
+# %% ../nbs/04a_stencil.ipynb #f253752e
+@patch
+def _turns(self:StencilRenderer, messages, row, tools, kwargs) -> tuple|None:
+    "`assistant_turns` from one fill of the turn stencil of the conversation's shape; None: diff it"
+    if len(self.memo) > 4096: self.memo.clear()
+    found = conversation_shape(messages) or nested_shape(messages, self.memo)
+    if found is None: return None
+    shape, texts = found
+    template = self.template or self.tokenizer.get_chat_template(None, tools)
+    slotted = self._tool_slots(tools, len(texts))
+    form, all_texts = (tools, texts) if slotted is None else (tuple(slotted), texts + tools)
+    variants = self._variants(template, ('turns', shape), form, kwargs, False)
+    if variants is None: return None
+    for guards, recipe in variants:
+        if guards_hold(guards, all_texts): return None if recipe is None else _cut(recipe, all_texts, self.memo)
+    if len(variants) >= self.max_variants: return None
+    out = _diffed_turns(self, messages, row, tools, kwargs)  # builds the prefixes' stencils
+    guards, recipe = self._turn_stencil(template, messages, len(texts), tools, form, kwargs)
+    if recipe is not None and _cut(recipe, all_texts, None) != out: recipe = None
+    variants.append((guards, recipe))
+    return out

@@ -127,3 +127,20 @@ def test_tool_and_reasoning_stencils_equal_jinja(path):
     slotted = [k for k, v in fast.stencils.items() if isinstance(k[4], tuple) and any(s for _, s in v)]
     if path.parent == FIXTURES and path.stem in ('qwen2_5', 'qwen3'):
         assert {k[4] for k in slotted} >= {('slots', 1), ('slots', 2)}
+
+
+@pytest.mark.parametrize('path', TEMPLATE_FILES, ids=_id)
+def test_turn_stencils_equal_diffing(path):
+    "Assistant turns from one fill of a shape's turn stencil: the text and spans of diffing Jinja's prefixes"
+    from sft_nb.chat import assistant_turns
+    tok = tiny_tokenizer(path.read_text())
+    tok.bos_token = '<|endoftext|>'
+    fast, plain = StencilRenderer(tok), ChatRenderer(tok)
+    def turns(render, msgs, tools):
+        try: return assistant_turns(render, msgs, tools=tools)
+        except Exception as e: return type(e)  # a template that rejects the row, or that doesn't nest
+    for msgs in tool_and_reasoning_conversations() * 2:  # the second time round, shapes have turn stencils
+        for tools in TOOLSETS:
+            assert turns(fast, msgs, tools) == turns(plain, msgs, tools), (msgs, tools)
+    served = [r for k, v in fast.stencils.items() if k[1][0] == 'turns' for _, r in v if r is not None]
+    if path.parent == FIXTURES and path.stem in ('qwen2_5', 'llama3_1'): assert served
