@@ -25,6 +25,7 @@ from .formats import check_dataset, detect_format, first_row
 from .data import prepare_dataset
 from .vision import (DataCollatorForVisionLanguageModeling, check_vision_dataset,
                             is_vision_dataset, prepare_vision_dataset, vision_peft_config)
+from .images import frozen_heap
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .audit import warn_parity
 from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
@@ -37,7 +38,7 @@ __all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_tr
            'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
            'check_data_before_loading', 'check_virtual_tokens', 'load_for_training', 'prepare_train_eval',
            'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'gate_packing',
-           'warn_engine_downgrade', 'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second']
+           'warn_engine_downgrade', 'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second', 'training_heap']
 
 # %% ../nbs/08_trainer.ipynb #799befcb
 from .answers import answers_from_config, checked_merges
@@ -502,11 +503,16 @@ def log(self:SFTTrainer, logs:dict, start_time=None):
     logs.update(metrics_to_log(self, logs))
     return super(SFTTrainer, self).log(logs, start_time)
 
+# %% ../nbs/08_trainer.ipynb #209dc417
+def training_heap(args:SFTConfig):
+    "On CPU: garbage collections during training skip the objects alive when it starts"
+    return frozen_heap() if args.device.type == 'cpu' else contextlib.nullcontext()
+
 # %% ../nbs/08_trainer.ipynb #c7925f0a
 @patch
 @delegates(Trainer.train)
 def train(self:SFTTrainer, resume_from_checkpoint=None, *args, **kwargs):
-    with handling_signals(self._graceful):
+    with handling_signals(self._graceful), training_heap(self.args):
         out = super(SFTTrainer, self).train(resume_from_checkpoint, *args, **kwargs)
     exit_if_signalled(self._graceful, self.state.global_step, self.args)
     return out

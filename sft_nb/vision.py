@@ -6,8 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/vision.html.md"""
 
 # %% ../nbs/04e_vision.ipynb #6166fa8e
 from __future__ import annotations
-import gc, io, logging, re
-from contextlib import contextmanager
+import logging, re
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -16,16 +15,19 @@ from fastcore.basics import patch
 from .chat import DataFormatError, data_error
 from .formats import detect_format, first_row
 from .tokens import Tokenize
+# the image checks live in `sft_nb.images`; their names stay importable from here, where they were documented
+from .images import (IMAGE_COLUMNS, MAGIC, MAP_BATCH, check_image, check_vision_dataset, count_image_parts,
+                           frozen_heap, image_column, image_placeholder, is_vision_dataset, known_header,
+                           load_image, multimodal_messages, row_images)
+from .images import _check_text, _fields, _undecoded
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'TINY_VLM_TOKENS', 'TINY_VLM_IMAGE', 'MAGIC', 'IMAGE_COLUMNS', 'MAP_BATCH', 'TEXT_KEYS', 'vlm_chat_template',
-           'tiny_processor', 'tiny_vlm_config', 'save_tiny_vlm', 'frozen_heap', 'load_image', 'known_header',
-           'check_image', 'row_images', 'multimodal_messages', 'count_image_parts', 'image_placeholder', 'image_column',
-           'is_vision_dataset', 'VisionTokenize', 'PlainText', 'make_vision_tokenize', 'prepare_vision_dataset',
-           'expand_images', 'DataCollatorForVisionLanguageModeling', 'check_vision_dataset', 'vision_lora_targets',
-           'vision_peft_config', 'image_reply', 'load_processor']
+__all__ = ['logger', 'TINY_VLM_TOKENS', 'TINY_VLM_IMAGE', 'IN_MEMORY_ROWS', 'CHUNK', 'TEXT_KEYS', 'vlm_chat_template',
+           'tiny_processor', 'tiny_vlm_config', 'save_tiny_vlm', 'VisionTokenize', 'PlainText', 'make_vision_tokenize',
+           'image_counts', 'prepare_vision_dataset', 'expand_images', 'DataCollatorForVisionLanguageModeling',
+           'vision_lora_targets', 'vision_peft_config', 'image_reply', 'load_processor']
 
 # %% ../nbs/04e_vision.ipynb #5078999a
 def vlm_chat_template(image:str, # what one image part renders as, e.g. '<image>'
@@ -142,152 +144,7 @@ def save_tiny_vlm(path, # folder to write the model and processor to
     processor.save_pretrained(path)
     return Path(path)
 
-# %% ../nbs/04e_vision.ipynb #7a0d1e02
-_frozen = 0
-
-@contextmanager
-def frozen_heap():
-    "Garbage collections inside skip the objects alive when it starts (nested: the outermost unfreezes)"
-    global _frozen
-    if _frozen == 0: gc.freeze()
-    _frozen += 1
-    try: yield
-    finally:
-        _frozen -= 1
-        if _frozen == 0: gc.unfreeze()
-
-# %% ../nbs/04e_vision.ipynb #ef0e9449
-def _open(x, row:int|None, field:str, decode:bool=False):
-    "A PIL image of a path, bytes or {bytes, path}, its header read (pixels too if `decode`); a clear error"
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(x, dict): x = x.get('bytes') or x.get('path')
-    path = Path(x) if isinstance(x, (str, Path)) else None
-    if path is not None and not path.is_file():
-        raise data_error(row, field, str(x), "an image file that exists", "Fix the path, or drop the row.")
-    if path is None and not isinstance(x, (bytes, bytearray)):
-        raise data_error(row, field, x, "an image: a PIL image, a file path, or the bytes of a file")
-    try:
-        im = Image.open(path if path is not None else io.BytesIO(x))
-        if decode: im.load()  # here, so that a truncated file names itself, not deep in the processor
-        return im
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        what = str(x) if path is not None else f"{len(x)} bytes"
-        raise data_error(row, field, what, "an image PIL can decode (PNG, JPEG, ...)",
-                         f"PIL says: {e}. Re-save the image, or drop the row.") from None
-
-def load_image(x, # a PIL image, a file path, bytes, or a `datasets.Image` dict {bytes, path}
-               row:int|None=None, # where it came from, for the error
-               field:str='images'):
-    "An RGB PIL image from any form a dataset holds it in; a clear error for a missing or bad file"
-    from PIL import Image
-    im = x if isinstance(x, Image.Image) else _open(x, row, field, decode=True)
-    return im if im.mode == 'RGB' else im.convert('RGB')
-
-# %% ../nbs/04e_vision.ipynb #5e1f0c3b
-# the first bytes of the formats image datasets mostly hold (PIL checks no more than these); others go to PIL
-MAGIC = (b'\x89PNG\r\n\x1a\n', b'\xff\xd8\xff', b'GIF87a', b'GIF89a', b'BM', b'II*\x00', b'MM\x00*')
-
-def _head(x) -> bytes|None:
-    "The first 16 bytes of a path, bytes or {bytes, path}; None where there's no file to read"
-    if isinstance(x, dict): x = x.get('bytes') or x.get('path')
-    if isinstance(x, (bytes, bytearray)): return bytes(x[:16])
-    if not isinstance(x, (str, Path)): return None
-    try:
-        with open(x, 'rb') as f: return f.read(16)
-    except OSError: return None
-
-def known_header(head:bytes|None) -> bool:
-    "Do these first bytes start a PNG, JPEG, GIF, BMP, TIFF or WebP file?"
-    if not head: return False
-    return head.startswith(MAGIC) or (head[:4] == b'RIFF' and head[8:12] == b'WEBP')
-
-def check_image(x, row:int|None=None, field:str='images') -> None:
-    "Raise, naming the row, field and path, when `x` is not an image file: missing, or no image format's header"
-    from PIL import Image
-    if isinstance(x, Image.Image) or known_header(_head(x)): return
-    _open(x, row, field)  # PIL's formats beyond the common ones, and its message
-
-# %% ../nbs/04e_vision.ipynb #9b4814c5
-IMAGE_COLUMNS = ('images', 'image')
-
-def row_images(row:dict) -> list:
-    "A row's images as a list: its `images` list, its one `image`, or none"
-    if row.get('images') is not None: return list(row['images'])
-    if row.get('image') is not None: return [row['image']]
-    return []
-
-# %% ../nbs/04e_vision.ipynb #1c746479
-def multimodal_messages(messages:list, # a conversation: string contents, or lists of parts
-                        n_images:int=0, # images of the row: placeholders go before the first user text
-                       ) -> list:
-    "Every content a list of parts; a conversation of plain strings gets `n_images` image parts, as TRL does"
-    out, placed = [], False
-    for m in messages:
-        c = m.get('content')
-        if isinstance(c, str):
-            parts = [{'type': 'text', 'text': c}]
-            if m['role'] == 'user' and not placed:
-                parts = [{'type': 'image'}] * n_images + parts
-                placed = True
-            m = {**m, 'content': parts}
-        out.append(m)
-    return out
-
-def count_image_parts(messages) -> int:
-    return sum(p.get('type') == 'image' for m in messages or [] if isinstance(m.get('content'), list)
-               for p in m['content'])
-
-# %% ../nbs/04e_vision.ipynb #a2c9c994
-def _processor_ids(processor, text:str, images:list|None) -> list[int]:
-    out = processor(text=[text], images=images, return_tensors='pt', add_special_tokens=False)
-    return out['input_ids'][0].tolist()
-
-def image_placeholder(processor) -> tuple[str, int]:
-    "The token a processor expands into an image's tokens, found by rendering one image part both ways"
-    from PIL import Image
-    tok = processor.tokenizer
-    msgs = [{'role': 'user', 'content': [{'type': 'text', 'text': 'a'}, {'type': 'image'},
-                                          {'type': 'text', 'text': 'b'}]}]
-    text = processor.apply_chat_template(msgs, tokenize=False)
-    plain = tok(text, add_special_tokens=False)['input_ids']
-    expanded = _processor_ids(processor, text, [[Image.new('RGB', (32, 32))]])
-    p = next(i for i, (x, y) in enumerate(zip(plain, expanded)) if x != y)
-    s = next(i for i, (x, y) in enumerate(zip(plain[::-1], expanded[::-1])) if x != y)
-    # a repeated image token matches from both ends, and then the placeholder is where they meet
-    at = min(p, len(plain) - s)
-    special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
-    if len(plain) - s - p > 1 or plain[at] not in special:
-        raise ValueError(f"{type(processor).__name__} expands {tok.decode(plain[p:len(plain)-s])!r} into "
-                         f"{tok.decode(expanded[p:len(expanded)-s])!r}, not one special placeholder token: "
-                         "sft_nb can't splice its images. Please report this processor.")
-    return tok.convert_ids_to_tokens(plain[at]), plain[at]
-
 # %% ../nbs/04e_vision.ipynb #6099cd00
-def image_column(columns) -> str|None:
-    "The dataset's image column: `images` (a list per row) or `image` (one per row)"
-    return next((c for c in IMAGE_COLUMNS if c in columns), None)
-
-def is_vision_dataset(dataset) -> bool:
-    "Does `dataset` hold images, as TRL tells (an `image` or `images` key in its first row)?"
-    if dataset is None or isinstance(dataset, dict): return False
-    cols = getattr(dataset, 'column_names', None) or list(first_row(dataset) or {})
-    return image_column(cols) is not None
-
-def _undecoded(dataset, col:str):
-    "`dataset` with its image column left as {bytes, path}: decoding waits for the collator"
-    from datasets import Image, List, Sequence
-    f = (dataset.features or {}).get(col)
-    if isinstance(f, Image) and f.decode: return dataset.cast_column(col, Image(decode=False))
-    inner = getattr(f, 'feature', None)
-    if isinstance(inner, Image) and inner.decode:
-        return dataset.cast_column(col, List(Image(decode=False)))
-    return dataset
-
-def _fields(fmt:str) -> tuple:
-    "The columns holding messages: none for `text`"
-    if fmt == 'text': return ()
-    return ('messages',) if fmt == 'conversational' else ('prompt', 'completion')
-
 def _counts(out, token_id:int) -> list[int]:
     "How often `token_id` occurs in each row of a `Tokenize` output (an Arrow table or lists)"
     import numpy as np
@@ -315,10 +172,13 @@ class VisionTokenize:
         return out
 
     def __call__(self, batch:dict, idx:list[int]):
-        n_rows = len(idx)
         col = batch.get(self.column) if self.column else None
         one = self.column == 'image'
-        n_images = [0 if x is None else 1 if one else len(x) for x in (col or [None] * n_rows)]
+        n_images = [0 if x is None else 1 if one else len(x) for x in (col or [None] * len(idx))]
+        return self.counted(batch, n_images, idx)
+
+    def counted(self, batch:dict, n_images:list[int], idx:list[int]):
+        "`batch` tokenized, its rows' placeholders checked against their `n_images`"
         out = self.tokenize(self._normalize(batch, n_images), idx)
         for i, found, n in zip(idx, _counts(out, self.placeholder_id), n_images):
             if found != n:
@@ -343,15 +203,6 @@ class PlainText:
         return {'input_ids': ids, 'labels': [list(x) for x in ids]}
 
 # %% ../nbs/04e_vision.ipynb #e57a614f
-# rows per batch: `datasets`' 1000 held 16 MB more at the peak on 2,000 short conversations, no faster
-MAP_BATCH = 64
-
-def _check_text(fmt:str, args) -> None:
-    if fmt == 'text' and args.assistant_only_loss:
-        raise ValueError(f"assistant_only_loss=True needs conversations, but the dataset with images has a "
-                         f"`{args.dataset_text_field}` column of plain text. Put it in `messages`, or set "
-                         "assistant_only_loss=False (every text token is then trained, as TRL does).")
-
 def make_vision_tokenize(fmt:str, processor, args, columns) -> VisionTokenize:
     "The `VisionTokenize` for a dataset of format `fmt`: no truncation here, the collator does it"
     _check_text(fmt, args)
@@ -370,17 +221,53 @@ def make_vision_tokenize(fmt:str, processor, args, columns) -> VisionTokenize:
                  chat_template=processor.chat_template)
     return VisionTokenize(t, image_placeholder(processor)[1], image_column(columns))
 
+# %% ../nbs/04e_vision.ipynb #c340a60a
+# rows tokenized in memory (no `map`, no cache file): a small job retokenizes faster than `map` caches it
+IN_MEMORY_ROWS = 20_000
+CHUNK = MAP_BATCH # rows per tokenizer call: 1,024 held 7 MB more at the peak, no faster on 2,000
+
+def image_counts(dataset, # a `Dataset`
+                 column:str|None, # its image column: `images` (lists) or `image` (one or none)
+                ) -> list[int]:
+    "Images per row, from the Arrow column's list lengths: no image is read"
+    import pyarrow.compute as pc
+    if column is None: return [0] * len(dataset)
+    col = dataset.select_columns([column]).with_format('arrow')[:][column]
+    if column == 'image': return pc.is_valid(col).cast('int64').to_pylist()
+    return pc.fill_null(pc.list_value_length(col), 0).to_pylist()
+
+# %% ../nbs/04e_vision.ipynb #1a4becbd
+def _in_memory(dataset, t:VisionTokenize):
+    "`dataset.map(t)`'s columns, a chunk of rows tokenized at a time, set beside the image column"
+    import pyarrow as pa
+    from datasets import Dataset, concatenate_datasets
+    n_images = image_counts(dataset, t.column)
+    rows = dataset.select_columns([c for c in dataset.column_names if c != t.column])
+    t.tokenize.arrow = True
+    tables = []
+    for a in range(0, len(dataset), CHUNK):
+        b = min(a + CHUNK, len(dataset))
+        out = t.counted(rows[a:b], n_images[a:b], list(range(a, b)))
+        tables.append(pa.table(out) if isinstance(out, dict) else out)  # `PlainText` gives lists
+    tokens = Dataset(pa.concat_tables(tables))
+    if t.column is None: return tokens
+    return concatenate_datasets([dataset.select_columns([t.column]), tokens], axis=1)
+
+# %% ../nbs/04e_vision.ipynb #6e069a8a
 def prepare_vision_dataset(dataset, # a `Dataset` or `IterableDataset` with an `images` or `image` column
                            processor, # the VLM's processor (tokenizer, image processor, chat template)
                            args, # an `SFTConfig`
                            dataset_name:str='train', # for the logs
                           ):
-    "Tokenize the text of rows with images (cached, batched); keep the images for the collator"
+    "Tokenize the text of rows with images (batched; cached when large); keep the images for the collator"
     from datasets import Dataset
     columns = dataset.column_names or list(first_row(dataset))
     fmt = detect_format(columns, first_row(dataset), args.dataset_text_field)
     t = make_vision_tokenize(fmt, processor, args, columns)
     if t.column is not None: dataset = _undecoded(dataset, t.column)
+    small = isinstance(dataset, Dataset) and 0 < len(dataset) <= IN_MEMORY_ROWS
+    if small and (args.dataset_num_proc or 1) == 1:
+        with frozen_heap(): return _in_memory(dataset, t)
     drop = [c for c in columns if c != t.column]
     kw = dict(batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=drop)
     # lists, not an Arrow table: `map` keeps the image column beside lists, but not beside a table
@@ -516,84 +403,6 @@ def _tokenized(self:DataCollatorForVisionLanguageModeling, rows:list[dict]) -> l
     t.tokenize.arrow = False
     out = t({c: [r.get(c) for r in rows] for c in columns}, list(range(len(rows))))
     return [{**r, 'input_ids': i, 'labels': l} for r, i, l in zip(rows, out['input_ids'], out['labels'])]
-
-# %% ../nbs/04e_vision.ipynb #c4e8ee25
-def _check_processor(processing_class, name:str, col:str, fmt:str='conversational') -> None:
-    if not hasattr(processing_class, 'image_processor'):
-        raise ValueError(f"Field `{col}`: the {name} dataset is vision-related (it has an `{col}` column), but "
-                         f"the processing class is a text tokenizer ({type(processing_class).__name__}), so the "
-                         "model is not a vision-language model. Train a VLM (its processor is loaded with it), "
-                         "or drop the column.")
-    if fmt != 'text' and not getattr(processing_class, 'chat_template', None):
-        raise ValueError(f"The processor {type(processing_class).__name__} has no chat template, which the "
-                         f"{name} dataset's conversations with images need. Pass `chat_template_path` (a "
-                         ".jinja file that renders `{'type': 'image'}` parts), or a processor that has one.")
-
-def _check_flags(args, name:str) -> None:
-    for flag in ('packing', 'padding_free'):
-        if getattr(args, flag, False):
-            raise ValueError(f"`{flag}=True` with the {name} dataset's images: sft_nb pads rows of images "
-                             "(each image's tokens must stay in one row beside its pixels, and a VLM's "
-                             f"position ids for images are its own). Set {flag}=False.")
-
-# %% ../nbs/04e_vision.ipynb #9d2c4b02
-def _rows(dataset, cols:list[str], limit:int|None):
-    "Rows of `cols`: a `Dataset` read a batch at a time (row by row, Arrow's formatting costs more than the checks)"
-    from itertools import islice
-    from datasets import Dataset
-    if not isinstance(dataset, Dataset):
-        yield from islice(iter(dataset), limit)
-        return
-    d = dataset.select_columns(cols)
-    if limit is not None: d = d.select(range(min(limit, len(d))))
-    for batch in d.iter(batch_size=MAP_BATCH):
-        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
-
-# %% ../nbs/04e_vision.ipynb #aa82daf2
-def _scan(dataset, col:str|None, fmt:str, name:str, limit:int|None,
-          text:tuple|None=None): # `text` rows: (column, image placeholder), the count is checked when known
-    "Every image's header readable and as many images as image parts, row by row (a stream: its first rows)"
-    fields = _fields(fmt)
-    field = col or 'images'
-    cols = [c for c in (col, *fields, text[0] if text else None) if c]
-    for i, r in enumerate(_rows(dataset, cols, limit)):
-        images = row_images(r)
-        for j, x in enumerate(images): check_image(x, i, f"{field}[{j}]" if col == 'images' else field)
-        if fmt == 'text' and not text: continue
-        parts = (r[text[0]] or '').count(text[1]) if fmt == 'text' else \
-            sum(count_image_parts(multimodal_messages(r[f] or [], len(images) if f != 'completion' else 0))
-                for f in fields)
-        if parts != len(images):
-            each = f"`{text[1]}` in the text" if fmt == 'text' else "`{'type': 'image'}` part"
-            raise data_error(i, field, f"{len(images)} image(s)", f"one image per {each}: it has {parts}",
-                             "Add or remove image parts, or images, so the counts match.")
-
-def check_vision_dataset(dataset, # a dataset with an `images` or `image` column
-                         args, # an `SFTConfig`
-                         processing_class=None, # the processor, when known
-                         name:str='train', # for the messages
-                         scan:int|None=None, # rows to check; None: all of a `Dataset`, 64 of a stream
-                        ) -> str:
-    "Everything wrong with a dataset of images that shows before the model loads; returns its format"
-    from datasets import Dataset
-    columns = dataset.column_names or list(first_row(dataset))
-    col = image_column(columns)
-    fmt = detect_format(columns, first_row(dataset), args.dataset_text_field)
-    _check_flags(args, name)
-    if processing_class is not None: _check_processor(processing_class, name, col, fmt)
-    if fmt == 'tokenized': return fmt
-    if fmt not in ('conversational', 'conversational_prompt_completion', 'text'):
-        raise DataFormatError(f"The {name} dataset has images, so it must be conversational (`messages`, or "
-                              f"`prompt` and `completion` message lists) or `{args.dataset_text_field}` with "
-                              f"the image token in it; it is {fmt}.")
-    _check_text(fmt, args)
-    if col is not None and isinstance(dataset, Dataset): dataset = _undecoded(dataset, col)
-    limit = scan if scan is not None else (None if isinstance(dataset, Dataset) else 64)
-    text = None
-    if fmt == 'text' and processing_class is not None:
-        text = (args.dataset_text_field, image_placeholder(processing_class)[0])
-    with frozen_heap(): _scan(dataset, col, fmt, name, limit, text)
-    return fmt
 
 # %% ../nbs/04e_vision.ipynb #b1595906
 def vision_lora_targets(model) -> str:
