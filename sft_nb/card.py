@@ -83,12 +83,17 @@ def write_loss_plot(output_dir, # folder: loss_curve.png goes here
     return Path(output_dir)/'loss_curve.png'
 
 # %% ../nbs/06b_card.ipynb #11054454
+_VERSIONS:dict = {}
+
 def _versions() -> dict[str, str]:
+    "Python's and the libraries' versions, looked up once: each lookup reads package metadata"
     import importlib.metadata as md
+    if _VERSIONS: return dict(_VERSIONS)
     out = {'Python': sys.version.split()[0]}
     for pkg in ['sft_nb', 'transformers', 'torch', 'peft', 'datasets', 'huggingface_hub', 'trl']:
         try: out[pkg] = md.version(pkg)
         except md.PackageNotFoundError: pass
+    _VERSIONS.update(out)
     return out
 
 # %% ../nbs/06b_card.ipynb #b92fda27

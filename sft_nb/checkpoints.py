@@ -10,7 +10,7 @@ import logging, os, re, shutil, tempfile
 from pathlib import Path
 from .card import _card_defaults, plot_is_cheap, write_loss_plot, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
-from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree, flushing
+from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
 from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable, torn_because, write_manifest
 
@@ -134,7 +134,12 @@ def _move_into(stage:Path, dest:Path, flush:bool=True):
 
 # %% ../nbs/07b_checkpoints.ipynb #407c8a6a
 def unwrapped(trainer):
-    return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    "The model as saved; a plain or peft model as it is, without accelerate's walk over all modules"
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+    model = trainer.model
+    if isinstance(model, (PreTrainedModel, PeftModel)) and '_orig_mod' not in model.__dict__: return model
+    return trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
 
 def trainer_hub_api(trainer):
     "The trainer's `HfApi` (`trainer.hub_api`), created on first use (honouring HF_ENDPOINT)"
@@ -295,16 +300,15 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     _write_weights(model, out, state_dict, max_shard_size)
     processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
     if processing_class is not None: processing_class.save_pretrained(out)
-    with flushing(out):  # weights and tokenizer reach the disk while the rest is checked and written
-        verify_saved(out, model if state_dict is None else None)
-        final_save = getattr(trainer, '_stage', None) is None
-        merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
-        if final_save and merge and hasattr(model, 'merge_and_unload'):
-            # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
-            write_merged = getattr(trainer, 'write_merged', None) or _write_merged
-            write_merged(model, out/'merged', max_shard_size, processing_class)
-        save_training_args(trainer.args, out)
-        write_trainer_card(trainer, out, plot=False)  # a new plot is drawn by the flush
+    verify_saved(out, model if state_dict is None else None)
+    final_save = getattr(trainer, '_stage', None) is None
+    merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
+    if final_save and merge and hasattr(model, 'merge_and_unload'):
+        # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
+        write_merged = getattr(trainer, 'write_merged', None) or _write_merged
+        write_merged(model, out/'merged', max_shard_size, processing_class)
+    save_training_args(trainer.args, out)
+    write_trainer_card(trainer, out, plot=False)  # a new plot is drawn by the flush
 
 # %% ../nbs/07b_checkpoints.ipynb #c9e971db
 def final_path(trainer, out:Path) -> Path:

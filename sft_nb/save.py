@@ -326,8 +326,9 @@ _expected = weakref.WeakKeyDictionary()  # model -> (key, shapes): computing the
 
 def _shape_key(model):
     "What changes a model's saved shapes: its adapters, and its (resizable) embeddings"
-    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    shapes = [tuple(l.weight.shape) for l in layers if getattr(l, 'weight', None) is not None]
+    try: layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    except (AttributeError, NotImplementedError): layers = []
+    shapes = tuple(tuple(l.weight.shape) for l in layers if getattr(l, 'weight', None) is not None)
     return repr(getattr(model, 'peft_config', None)), shapes
 
 def _expected_shapes(model) -> dict[str, tuple]:
@@ -373,17 +374,23 @@ def verify_saved(path, # folder written by `save_model` / `save_pretrained`
     return {k: s for k, (s, _) in shapes.items()}
 
 # %% ../nbs/07_save.ipynb #fef676fa
+_sizes = weakref.WeakKeyDictionary()  # model -> {(shape key, save_only_model): bytes}: a walk over all parameters
+
 def checkpoint_bytes(model, # the model being trained
                      save_only_model:bool=False, # no optimizer state in checkpoints
                     ) -> int:
     "Rough size of a checkpoint: weights (or the adapter) plus two Adam moments per trained weight"
     from peft import PeftModel
+    key = (_shape_key(model), save_only_model)
+    known = _sizes.setdefault(model, {})
+    if key in known: return known[key]
     params = list(model.parameters())
     saved = [p for p in params if p.requires_grad or not isinstance(model, PeftModel)]
     weights = sum(p.numel() * p.element_size() for p in saved)
     trained = sum(p.numel() for p in params if p.requires_grad)
     moments = 0 if save_only_model else 2 * 4 * trained  # fp32 Adam m and v
-    return weights + moments
+    known[key] = weights + moments
+    return known[key]
 
 # %% ../nbs/07_save.ipynb #8438ca89
 def _drop_gathered_ties(model, state_dict:dict) -> dict:
