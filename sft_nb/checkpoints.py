@@ -7,22 +7,24 @@ Docs: https://sft-nb.github.io/sft_nb/checkpoints.html.md"""
 # %% ../nbs/07b_checkpoints.ipynb #03ebeeb8
 from __future__ import annotations
 import logging, os, re, shutil, tempfile
+from functools import partial
 from pathlib import Path
 from .card import _card_defaults, plot_is_cheap, write_loss_plot, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
 from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
-from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable, torn_because, write_manifest
+from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable, torn_because
+from .save import write_manifest
 
 # %% auto #0
 __all__ = ['logger', 'MODEL_FILES', 'CHECKPOINT_STATE', 'check_writable', 'check_output_dir', 'save_training_args',
            'rotate_checkpoints', 'unwrapped', 'trainer_hub_api', 'check_trainer_output_dir', 'create_hub_repo',
            'fresh_stage', 'write_staged_checkpoint', 'fix_best_checkpoint', 'publish_checkpoint', 'trainer_flush',
-           'take_plots', 'wait_for_saves', 'flush_checkpoint', 'flush_save', 'pushing_folders',
-           'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path', 'defer_plot',
-           'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card', 'push_trainer',
-           'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'resume_checkpoint',
-           'CrashSafeSaveMixin']
+           'take_pending', 'wait_for_saves', 'flush_checkpoint', 'flush_save', 'pushing_folders',
+           'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path', 'defer',
+           'trainer_card_info', 'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card',
+           'push_trainer', 'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint',
+           'resume_checkpoint', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07b_checkpoints.ipynb #a527c9f5
 logger = logging.getLogger(__name__)
@@ -220,17 +222,17 @@ def trainer_flush(trainer) -> BackgroundFlush:
     if getattr(trainer, '_flush', None) is None: trainer._flush = BackgroundFlush()
     return trainer._flush
 
-def take_plots(trainer) -> list:
-    "The loss plots saves left to draw, `(folder, log_history)`, handed over once"
-    plots = getattr(trainer, '_pending_plots', [])
-    trainer._pending_plots = []
-    return plots
+def take_pending(trainer) -> list:
+    "The writes saves left to the flush (functions of no arguments), handed over once"
+    pending = getattr(trainer, '_pending', [])
+    trainer._pending = []
+    return pending
 
 # %% ../nbs/07b_checkpoints.ipynb #c73911ab
 def wait_for_saves(trainer):
-    "Wait for the last save's background flush, raising its error; draw plots still pending"
+    "Wait for the last save's background flush, raising its error; run writes still pending"
     trainer_flush(trainer).wait()
-    for folder, history in take_plots(trainer): write_loss_plot(folder, history)
+    for write in take_pending(trainer): write()
 
 def _wait_quietly(trainer):
     "`wait_for_saves` while another error propagates: the flush's own error was logged"
@@ -239,11 +241,11 @@ def _wait_quietly(trainer):
 
 # %% ../nbs/07b_checkpoints.ipynb #9076dbf9
 def flush_checkpoint(trainer, final:Path):
-    "In the background: draw `final`'s plot, fsync it, mark it durable, then rotate old checkpoints"
-    args, run_dir, plots = trainer.args, final.parent, take_plots(trainer)
+    "In the background: `final`'s card and plot, fsync, mark it durable, then rotate old checkpoints"
+    args, run_dir, pending = trainer.args, final.parent, take_pending(trainer)
     best, protect = trainer.state.best_model_checkpoint, pushing_folders(trainer)
     def job():
-        for folder, history in plots: write_loss_plot(folder, history)
+        for write in pending: write()
         _fsync_strict(final)
         _fsync_strict(run_dir, walk=False)  # the rename
         mark_durable(final)
@@ -252,10 +254,10 @@ def flush_checkpoint(trainer, final:Path):
 
 # %% ../nbs/07b_checkpoints.ipynb #1b6b7acb
 def flush_save(trainer, dest:Path, names:list[str]):
-    "In the background: draw the final save's plots, fsync the files `names` moved into `dest`"
-    plots = take_plots(trainer)
+    "In the background: the final save's new plots, then fsync the files `names` moved into `dest`"
+    pending = take_pending(trainer)
     def job():
-        for folder, history in plots: write_loss_plot(folder, history)
+        for write in pending: write()
         for name in [*names, 'loss_curve.png']:
             if (dest/name).exists(): _fsync_strict(dest/name)
         _fsync_strict(dest, walk=False)
@@ -308,7 +310,10 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
         write_merged = getattr(trainer, 'write_merged', None) or _write_merged
         write_merged(model, out/'merged', max_shard_size, processing_class)
     save_training_args(trainer.args, out)
-    write_trainer_card(trainer, out, plot=False)  # a new plot is drawn by the flush
+    if final_save: write_trainer_card(trainer, out, plot=False)  # a plot of new losses: by the flush
+    else:  # only a push reads a checkpoint's card, and a push waits for the flush
+        final = final_path(trainer, out)
+        defer(trainer, final, partial(write_model_card, final, **trainer_card_info(trainer, out)))
 
 # %% ../nbs/07b_checkpoints.ipynb #c9e971db
 def final_path(trainer, out:Path) -> Path:
@@ -318,30 +323,39 @@ def final_path(trainer, out:Path) -> Path:
     return out.parent if out.name == f"{TMP_PREFIX}save" else out
 
 # %% ../nbs/07b_checkpoints.ipynb #4acefb92
-def defer_plot(trainer, folder:Path, log_history:list[dict]):
-    "Leave `folder`'s loss plot to the next background flush (see `flush_checkpoint`)"
-    pending = getattr(trainer, '_pending_plots', [])
-    trainer._pending_plots = [*pending, (Path(folder), list(log_history))]
+def defer(trainer, folder:Path, write):
+    "Leave `write` (no arguments) to the next background flush: it runs if `folder` was saved"
+    def if_saved():
+        if Path(folder).is_dir(): write()  # a save that failed has no folder to write into
+    trainer._pending = [*getattr(trainer, '_pending', []), if_saved]
 
 # %% ../nbs/07b_checkpoints.ipynb #1bac5298
-def write_trainer_card(trainer, out:Path, plot:bool=True):
-    "The card of the model saved in `out` (and in `out/merged`); `plot=False` leaves a new plot pending"
+def trainer_card_info(trainer, out:Path) -> dict:
+    "`write_model_card`'s arguments for the model saved in `out`, from the trainer as it is now"
     model = unwrapped(trainer)
     card_info = getattr(trainer, 'card_info', {})
     repo = trainer.hub_model_id or (trainer.args.hub_model_id if trainer.args.push_to_hub else None)
     state = trainer.state
     info = {**_card_defaults(model), **card_info, 'args': trainer.args,
-            'log_history': state.log_history, 'tokens_seen': state.num_input_tokens_seen or None,
+            'log_history': list(state.log_history), 'tokens_seen': state.num_input_tokens_seen or None,
             'repo_id': repo or str(final_path(trainer, out).resolve())}
     model_tags = getattr(model, 'model_tags', None) or []
     info['tags'] = list(dict.fromkeys([*model_tags, *(card_info.get('tags') or [])]))
-    now = plot or plot_is_cheap(state.log_history)
-    if not now: defer_plot(trainer, final_path(trainer, out), state.log_history)
+    return info
+
+# %% ../nbs/07b_checkpoints.ipynb #01411bb3
+def write_trainer_card(trainer, out:Path, plot:bool=True):
+    "The card of the model saved in `out` (and in `out/merged`); `plot=False` leaves a new plot pending"
+    info = trainer_card_info(trainer, out)
+    history = info['log_history']
+    now = plot or plot_is_cheap(history)
+    final = final_path(trainer, out)
+    if not now: defer(trainer, final, partial(write_loss_plot, final, history))
     write_model_card(out, plot=now, **info)
     if (out/'merged'/'config.json').exists():
         sections = {**info.get('sections', {}), **getattr(trainer, 'merged_card_sections', {})}
         merged_info = {**info, 'is_peft': False, 'subfolder': 'merged', 'sections': sections}
-        if not now: defer_plot(trainer, final_path(trainer, out)/'merged', state.log_history)
+        if not now: defer(trainer, final/'merged', partial(write_loss_plot, final/'merged', history))
         write_model_card(out/'merged', plot=now, **merged_info)
 
 # %% ../nbs/07b_checkpoints.ipynb #93136084
@@ -365,9 +379,13 @@ def save_model_staged(trainer, save_model, output_dir=None, internal_call=False)
     stage = fresh_stage(trainer, dest/f"{TMP_PREFIX}save")
     need = checkpoint_bytes(unwrapped(trainer), save_only_model=True)
     cleanup = stage if trainer.args.should_save else None
-    with _explained(dest, _UNTOUCHED, need, cleanup):
-        save_model(str(stage), _internal_call=True)
-        save_gathered_if_sharded(trainer, str(stage))
+    try:
+        with _explained(dest, _UNTOUCHED, need, cleanup):
+            save_model(str(stage), _internal_call=True)
+            save_gathered_if_sharded(trainer, str(stage))
+    except BaseException:
+        take_pending(trainer)  # a plot for the save that failed: not next to the previous one
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         moved = [p.name for p in stage.iterdir()]
@@ -481,8 +499,9 @@ def resume_checkpoint(trainer, resume:bool|str|None):
     if not resume: return resume
     if resume is not True:
         why = torn_because(resume)
-        if why: raise ValueError(f"Cannot resume from {resume}: {why}, so it may be torn. Resume from an "
-                                 "earlier checkpoint, or with resume_from_checkpoint=True to take the newest whole one.")
+        if why:
+            raise ValueError(f"Cannot resume from {resume}: {why}, so it may be torn. Resume from an "
+                             "earlier checkpoint, or with resume_from_checkpoint=True (the newest whole one).")
         return str(_whole(trainer, Path(resume)))
     found = _by_step(Path(trainer.args.output_dir))
     if not found: return True  # the Trainer says that there is no checkpoint
