@@ -240,13 +240,18 @@ def _wait_quietly(trainer):
     except Exception: pass
 
 # %% ../nbs/07b_checkpoints.ipynb #9076dbf9
+_WRITTEN_LATE = ('README.md', 'loss_curve.png', 'merged/README.md', 'merged/loss_curve.png')
+
 def flush_checkpoint(trainer, final:Path):
-    "In the background: `final`'s card and plot, fsync, mark it durable, then rotate old checkpoints"
+    "In the background: fsync `final`, write its card and plot, mark it durable, rotate old checkpoints"
     args, run_dir, pending = trainer.args, final.parent, take_pending(trainer)
     best, protect = trainer.state.best_model_checkpoint, pushing_folders(trainer)
     def job():
+        _fsync_strict(final)  # first: long, and without the GIL, so training goes on at full speed
         for write in pending: write()
-        _fsync_strict(final)
+        for name in _WRITTEN_LATE:
+            if (final/name).exists(): _fsync_strict(final/name)
+        _fsync_strict(final, walk=False)
         _fsync_strict(run_dir, walk=False)  # the rename
         mark_durable(final)
         rotate_checkpoints(run_dir, args.save_total_limit, best, protect)
@@ -254,11 +259,12 @@ def flush_checkpoint(trainer, final:Path):
 
 # %% ../nbs/07b_checkpoints.ipynb #1b6b7acb
 def flush_save(trainer, dest:Path, names:list[str]):
-    "In the background: the final save's new plots, then fsync the files `names` moved into `dest`"
+    "In the background: fsync the files `names` moved into `dest`, then draw its new plots"
     pending = take_pending(trainer)
     def job():
+        for name in names: _fsync_strict(dest/name)
         for write in pending: write()
-        for name in [*names, 'loss_curve.png']:
+        for name in _WRITTEN_LATE:
             if (dest/name).exists(): _fsync_strict(dest/name)
         _fsync_strict(dest, walk=False)
     trainer_flush(trainer).start(job, str(dest))
