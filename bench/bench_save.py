@@ -2,15 +2,20 @@
 
 Model: a Qwen2-shaped causal LM built locally (hidden 1,024, 16 layers, MLP 2,816, vocabulary 32,000, untied head:
 ~246M parameters, float32: ~1.0 GB on disk), random init. One process, contenders interleaved round-robin
-(ROUNDS rounds), `os.sync()` before each timed call so that no contender pays for another's pending writes.
+(ROUNDS rounds, the order rotated each round so that each contender runs first, second and third: the write after
+another's 1 GB delete or sync is slower, and a fixed order credited that to whoever ran first), one untimed warm-up
+save each, `os.sync()` before each timed call so that no contender pays for another's pending writes.
 
 Rows:
-- save full: `trainer.save_model(dir)` of sft_nb's SFTTrainer (staged, fsynced, verified, renamed into place, card
-  and loss plot) and of TRL's SFTTrainer, vs the floor `model.save_pretrained(dir)` + tokenizer.
+- save full: `trainer.save_model(dir)` of sft_nb's SFTTrainer (staged, verified, renamed into place, card and loss
+  plot) and of TRL's SFTTrainer, vs the floor `model.save_pretrained(dir)` + tokenizer.
 - save LoRA: the same with LoRA adapters (r 16, all linear layers) on that model.
 - checkpoint full / LoRA: the stall one checkpoint adds to training, `trainer._save_checkpoint(model, None)` (what
   the Trainer calls every `save_steps`), sft_nb vs TRL vs the floor, `transformers.Trainer`'s own
   `_save_checkpoint`. Full: model only (`save_only_model=True`, 1 GB); LoRA: adapter, AdamW state, scheduler, RNG.
+sft_nb's fsync (and a new loss plot) run on a background thread after its save returns (see nbs/07b_checkpoints):
+the bench waits for it untimed after each sft_nb call (`trainer.wait_for_saves()`), so that it never overlaps
+another contender's timing, and prints how long it took ("flush"); neither TRL nor save_pretrained fsyncs at all.
 Each trainer carries 200 logged losses, so its card has a loss plot as after a real run, and one more loss is
 logged before each round (as between two saves in training), so no save reuses the previous plot.
 
@@ -85,42 +90,65 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+def flushed(t, flushes):
+    "Wait for sft_nb's background flush, untimed in the save, timed on its own (no `os.sync` first: it would flush)"
+    if hasattr(t, 'wait_for_saves'):
+        t0 = time.perf_counter()
+        t.wait_for_saves()
+        flushes.append(time.perf_counter() - t0)
+
+
+def order(r):
+    "Each round rotated: every contender runs first, second and third in turn"
+    names = ['plain', 'trl', 'sft_nb']
+    return names[r % 3:] + names[:r % 3]
+
+
 def save_rows(ts, m, tok, tmp, what):
     "Best-of-ROUNDS seconds of each contender's final save"
     times = {k: [] for k in ('plain', 'trl', 'sft_nb')}
 
+    flushes = []
+
     def plain(d):
         m.save_pretrained(d)
         tok.save_pretrained(d)
-    for r in range(ROUNDS):
+    for r in range(-1, ROUNDS):  # round -1: the warm-up, untimed
         new_loss(ts, r)
-        for k in times:
+        for k in order(r):
             d = f"{tmp}/save-{k}-{r}"
             fn = (lambda: plain(d)) if k == 'plain' else (lambda: ts[k].save_model(d))
-            times[k].append(timed(fn))
+            took = timed(fn)
+            flushed(ts[k], flushes if r >= 0 else [])
+            if r >= 0: times[k].append(took)
             shutil.rmtree(d)
-        print(what, {k: f"{v[-1]:.2f}" for k, v in times.items()}, flush=True)
+        if r >= 0: print(what, order(r), {k: f"{v[-1]:.2f}" for k, v in times.items()}, flush=True)
+    print(f"{what}: sft_nb's background flush took {min(flushes):.2f}-{max(flushes):.2f} s after the save returned")
     return times
 
 
 def checkpoint_rows(ts, tmp, what):
     "Best-of-ROUNDS seconds of one `_save_checkpoint` (the stall in training), each trainer"
     times = {k: [] for k in ('plain', 'trl', 'sft_nb')}
-    for r in range(ROUNDS):
+    flushes = []
+    for r in range(-1, ROUNDS):  # round -1: the warm-up, untimed
         new_loss(ts, r)
-        for k in times:
+        for k in order(r):
             t = ts[k]
             t.state.global_step = 300 + r
-            times[k].append(timed(lambda: t._save_checkpoint(t.model, None)))
+            took = timed(lambda: t._save_checkpoint(t.model, None))
+            flushed(t, flushes if r >= 0 else [])
+            if r >= 0: times[k].append(took)
             shutil.rmtree(f"{t.args.output_dir}/checkpoint-{300 + r}")
-        print(what, {k: f"{v[-1]:.2f}" for k, v in times.items()}, flush=True)
+        if r >= 0: print(what, order(r), {k: f"{v[-1]:.2f}" for k, v in times.items()}, flush=True)
+    print(f"{what}: sft_nb's background flush took {min(flushes):.2f}-{max(flushes):.2f} s after the stall")
     return times
 
 
 def new_loss(ts, r):
     "One more logged loss before each round, as between two saves in training: every card's plot is drawn anew"
     for t in ts.values():
-        t.state.log_history.append({'loss': 6.0 - r / 10, 'grad_norm': 1.0, 'learning_rate': 1e-4, 'step': 201 + r})
+        t.state.log_history.append({'loss': 6.0 - (r + 1) / 10, 'grad_norm': 1.0, 'learning_rate': 1e-4, 'step': 202 + r})
 
 
 def with_optimizer(ts):

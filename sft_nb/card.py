@@ -11,7 +11,7 @@ from pathlib import Path
 from fastcore.meta import delegates
 
 # %% auto #0
-__all__ = ['is_hub_id', 'plot_loss', 'plot_loss_reusing', 'model_card', 'write_model_card']
+__all__ = ['is_hub_id', 'plot_loss', 'plot_loss_reusing', 'plot_is_cheap', 'write_loss_plot', 'model_card', 'write_model_card']
 
 # %% ../nbs/06b_card.ipynb #a5e2a75b
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
@@ -64,13 +64,36 @@ def plot_loss_reusing(log_history:list[dict], # `trainer.state.log_history`
     if image: _last_plot.update(points=points, png=image.read_bytes())
     return image
 
+# %% ../nbs/06b_card.ipynb #777d1777
+def _has_losses(log_history:list[dict]) -> bool:
+    return any(('loss' in r or 'eval_loss' in r) and 'step' in r for r in log_history)
+
+def plot_is_cheap(log_history:list[dict], # `trainer.state.log_history`
+                 ) -> bool:
+    "True when `plot_loss_reusing` draws nothing: no losses, or the ones it drew last"
+    return not _has_losses(log_history) or _last_plot.get('points') == _plot_points(log_history)
+
+def write_loss_plot(output_dir, # folder: loss_curve.png goes here
+                    log_history:list[dict], # `trainer.state.log_history`
+                   ) -> Path|None:
+    "Draw `loss_curve.png` into `output_dir`, replacing it atomically; None when nothing was logged"
+    image = plot_loss_reusing(log_history, Path(output_dir)/'loss_curve.png.tmp')
+    if image is None: return None
+    os.replace(image, Path(output_dir)/'loss_curve.png')
+    return Path(output_dir)/'loss_curve.png'
+
 # %% ../nbs/06b_card.ipynb #11054454
+_VERSIONS:dict = {}
+
 def _versions() -> dict[str, str]:
+    "Python's and the libraries' versions, looked up once: each lookup reads package metadata"
     import importlib.metadata as md
+    if _VERSIONS: return dict(_VERSIONS)
     out = {'Python': sys.version.split()[0]}
     for pkg in ['sft_nb', 'transformers', 'torch', 'peft', 'datasets', 'huggingface_hub', 'trl']:
         try: out[pkg] = md.version(pkg)
         except md.PackageNotFoundError: pass
+    _VERSIONS.update(out)
     return out
 
 # %% ../nbs/06b_card.ipynb #b92fda27
@@ -233,13 +256,14 @@ def model_card(base_model:str|None=None, # what was fine-tuned: in the metadata 
 @delegates(model_card)
 def write_model_card(output_dir, # the saved model's folder: README.md (and loss_curve.png) go here
                      log_history:list[dict]|None=None, # drawn as loss_curve.png when it has losses
+                     plot:bool=True, # draw it now; False: only name it in the card, the caller draws it
                      **kwargs, # passed to `model_card`
                     ) -> Path:
     "Write README.md (and the loss curve) into `output_dir`, each file replaced atomically"
     output_dir = Path(output_dir)
-    image = plot_loss_reusing(log_history or [], output_dir/'loss_curve.png.tmp')
-    if image: os.replace(image, output_dir/'loss_curve.png')
-    loss_image = 'loss_curve.png' if image else None
+    if plot: drawn = write_loss_plot(output_dir, log_history or []) is not None
+    else: drawn = _has_losses(log_history or [])
+    loss_image = 'loss_curve.png' if drawn else None
     card = model_card(log_history=log_history, loss_image=loss_image, **kwargs)
     tmp = output_dir/'README.md.tmp'
     card.save(tmp)

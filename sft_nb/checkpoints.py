@@ -7,19 +7,24 @@ Docs: https://sft-nb.github.io/sft_nb/checkpoints.html.md"""
 # %% ../nbs/07b_checkpoints.ipynb #03ebeeb8
 from __future__ import annotations
 import logging, os, re, shutil, tempfile
+from functools import partial
 from pathlib import Path
-from .card import _card_defaults, write_model_card
+from .card import _card_defaults, plot_is_cheap, write_loss_plot, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
-from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree, flushing
+from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
+from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable, torn_because
+from .save import write_manifest
 
 # %% auto #0
 __all__ = ['logger', 'MODEL_FILES', 'CHECKPOINT_STATE', 'check_writable', 'check_output_dir', 'save_training_args',
            'rotate_checkpoints', 'unwrapped', 'trainer_hub_api', 'check_trainer_output_dir', 'create_hub_repo',
-           'fresh_stage', 'write_staged_checkpoint', 'fix_best_checkpoint', 'publish_checkpoint', 'pushing_folders',
-           'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path',
-           'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card', 'push_trainer',
-           'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'CrashSafeSaveMixin']
+           'fresh_stage', 'write_staged_checkpoint', 'fix_best_checkpoint', 'publish_checkpoint', 'trainer_flush',
+           'take_pending', 'wait_for_saves', 'flush_checkpoint', 'flush_save', 'pushing_folders',
+           'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path', 'defer',
+           'trainer_card_info', 'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card',
+           'push_trainer', 'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint',
+           'resume_checkpoint', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07b_checkpoints.ipynb #a527c9f5
 logger = logging.getLogger(__name__)
@@ -105,11 +110,12 @@ def rotate_checkpoints(run_dir, # folder holding `checkpoint-N` folders
                        best:str|None=None, # best checkpoint: never deleted
                        protect=(), # more folders never deleted (e.g. still being pushed)
                       ) -> list[Path]:
-    "Delete the oldest complete checkpoints beyond the limit, never the newest or best; return them"
+    "Delete the oldest complete, durable checkpoints beyond the limit, never the newest or best"
     if not save_total_limit or save_total_limit <= 0: return []
     folders = [p for p in Path(run_dir).iterdir() if _CKPT.fullmatch(p.name) and p.is_dir()]
     by_step = sorted(folders, key=lambda p: int(p.name.split('-')[1]))
-    complete = [p for p in by_step if (p/'trainer_state.json').exists()]
+    # a checkpoint whose flush is not finished is neither counted nor deleted
+    complete = [p for p in by_step if (p/'trainer_state.json').exists() and is_durable(p)]
     keep = {p.resolve() for p in [*complete[-1:], *(Path(x) for x in [best, *protect] if x)]}
     kept = len([p for p in complete if p.resolve() in keep])
     excess = len(complete) - max(save_total_limit, kept)
@@ -118,20 +124,25 @@ def rotate_checkpoints(run_dir, # folder holding `checkpoint-N` folders
     return doomed
 
 # %% ../nbs/07b_checkpoints.ipynb #2449da34
-def _move_into(stage:Path, dest:Path):
+def _move_into(stage:Path, dest:Path, flush:bool=True):
     "Move `stage`'s files into `dest` (weights first, index and config last), drop stale weights"
     entries = sorted(stage.iterdir(), key=lambda p: (p.name.endswith('.json'), p.name))
     new = {p.name for p in entries}
-    _fsync_tree(stage)
+    if flush: _fsync_tree(stage)  # False: a background flush follows
     for p in entries:
-        if p.is_dir(): publish_dir(p, dest/p.name)
+        if p.is_dir(): publish_dir(p, dest/p.name, flush)
         else: os.replace(p, dest/p.name)
     for p in dest.iterdir():
         if p.name not in new and (p.name in MODEL_FILES or _SHARD.fullmatch(p.name)): p.unlink()
 
 # %% ../nbs/07b_checkpoints.ipynb #407c8a6a
 def unwrapped(trainer):
-    return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    "The model as saved; a plain or peft model as it is, without accelerate's walk over all modules"
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+    model = trainer.model
+    if isinstance(model, (PreTrainedModel, PeftModel)) and '_orig_mod' not in model.__dict__: return model
+    return trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
 
 def trainer_hub_api(trainer):
     "The trainer's `HfApi` (`trainer.hub_api`), created on first use (honouring HF_ENDPOINT)"
@@ -201,9 +212,63 @@ def publish_checkpoint(trainer, staged:Path, final:Path):
     "Rename the complete `staged` checkpoint to `final`, drop its staging folder; all wait"
     if trainer.args.should_save:
         fix_best_checkpoint(trainer, staged, final)
-        publish_dir(staged, final)
+        write_manifest(staged)
+        publish_dir(staged, final, flush=False)  # see `flush_checkpoint`
         shutil.rmtree(staged.parent, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+
+# %% ../nbs/07b_checkpoints.ipynb #852f0c10
+def trainer_flush(trainer) -> BackgroundFlush:
+    "The trainer's background flush (one job at a time), created on first use"
+    if getattr(trainer, '_flush', None) is None: trainer._flush = BackgroundFlush()
+    return trainer._flush
+
+def take_pending(trainer) -> list:
+    "The writes saves left to the flush (functions of no arguments), handed over once"
+    pending = getattr(trainer, '_pending', [])
+    trainer._pending = []
+    return pending
+
+# %% ../nbs/07b_checkpoints.ipynb #c73911ab
+def wait_for_saves(trainer):
+    "Wait for the last save's background flush, raising its error; run writes still pending"
+    trainer_flush(trainer).wait()
+    for write in take_pending(trainer): write()
+
+def _wait_quietly(trainer):
+    "`wait_for_saves` while another error propagates: the flush's own error was logged"
+    try: wait_for_saves(trainer)
+    except Exception: pass
+
+# %% ../nbs/07b_checkpoints.ipynb #9076dbf9
+_WRITTEN_LATE = ('README.md', 'loss_curve.png', 'merged/README.md', 'merged/loss_curve.png')
+
+def flush_checkpoint(trainer, final:Path):
+    "In the background: fsync `final`, write its card and plot, mark it durable, rotate old checkpoints"
+    args, run_dir, pending = trainer.args, final.parent, take_pending(trainer)
+    best, protect = trainer.state.best_model_checkpoint, pushing_folders(trainer)
+    def job():
+        _fsync_strict(final)  # first: long, and without the GIL, so training goes on at full speed
+        for write in pending: write()
+        for name in _WRITTEN_LATE:
+            if (final/name).exists(): _fsync_strict(final/name)
+        _fsync_strict(final, walk=False)
+        _fsync_strict(run_dir, walk=False)  # the rename
+        mark_durable(final)
+        rotate_checkpoints(run_dir, args.save_total_limit, best, protect)
+    trainer_flush(trainer).start(job, str(final))
+
+# %% ../nbs/07b_checkpoints.ipynb #1b6b7acb
+def flush_save(trainer, dest:Path, names:list[str]):
+    "In the background: fsync the files `names` moved into `dest`, then draw its new plots"
+    pending = take_pending(trainer)
+    def job():
+        for name in names: _fsync_strict(dest/name)
+        for write in pending: write()
+        for name in _WRITTEN_LATE:
+            if (dest/name).exists(): _fsync_strict(dest/name)
+        _fsync_strict(dest, walk=False)
+    trainer_flush(trainer).start(job, str(dest))
 
 # %% ../nbs/07b_checkpoints.ipynb #4e550330
 def pushing_folders(trainer) -> list[str]:
@@ -214,19 +279,21 @@ def pushing_folders(trainer) -> list[str]:
 # %% ../nbs/07b_checkpoints.ipynb #e9ac6949
 def save_checkpoint_atomically(trainer, save_checkpoint, model, trial):
     "Trainer's `_save_checkpoint`: its own `save_checkpoint` staged, then renamed to `checkpoint-N`"
+    wait_for_saves(trainer)  # the checkpoint before is durable and rotated (or its error raised here)
     run_dir = Path(trainer._get_output_dir(trial))
     final = run_dir/f"checkpoint-{trainer.state.global_step}"
     stage = fresh_stage(trainer, run_dir/f"{TMP_PREFIX}{final.name}")  # same name on every process
     write_staged_checkpoint(trainer, save_checkpoint, model, trial, stage, final)
     publish_checkpoint(trainer, stage/final.name, final)
-    if trainer._pending_push: trainer._push_from_checkpoint(str(final))
-    if trainer.args.should_save:
-        best = trainer.state.best_model_checkpoint
-        rotate_checkpoints(run_dir, trainer.args.save_total_limit, best, pushing_folders(trainer))
+    if trainer.args.should_save: flush_checkpoint(trainer, final)
+    if trainer._pending_push:
+        wait_for_saves(trainer)  # the upload reads the checkpoint as flushed, plot drawn
+        trainer._push_from_checkpoint(str(final))
 
 # %% ../nbs/07b_checkpoints.ipynb #19cd495f
 def finalize_keeping_newest(trainer, finalize_training, *args, **kwargs):
     "Trainer's `_finalize_training` with `save_total_limit=1` lifted meanwhile"
+    wait_for_saves(trainer)  # rotation done before the Trainer deletes or loads checkpoints
     limit = trainer.args.save_total_limit
     if limit == 1: trainer.args.save_total_limit = None
     try: return finalize_training(*args, **kwargs)
@@ -242,16 +309,18 @@ def write_model_files(trainer, output_dir=None, state_dict=None):
     _write_weights(model, out, state_dict, max_shard_size)
     processing_class = trainer.processing_class or getattr(trainer.data_collator, 'tokenizer', None)
     if processing_class is not None: processing_class.save_pretrained(out)
-    with flushing(out):  # weights and tokenizer reach the disk while the rest is checked and written
-        verify_saved(out, model if state_dict is None else None)
-        final_save = getattr(trainer, '_stage', None) is None
-        merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
-        if final_save and merge and hasattr(model, 'merge_and_unload'):
-            # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
-            write_merged = getattr(trainer, 'write_merged', None) or _write_merged
-            write_merged(model, out/'merged', max_shard_size, processing_class)
-        save_training_args(trainer.args, out)
-        write_trainer_card(trainer, out)
+    verify_saved(out, model if state_dict is None else None)
+    final_save = getattr(trainer, '_stage', None) is None
+    merge = getattr(trainer.args, 'save_merged_model', False)  # an SFTConfig field
+    if final_save and merge and hasattr(model, 'merge_and_unload'):
+        # SFTTrainer sets `write_merged` to a merge checked against the adapter model (sft_nb.answers)
+        write_merged = getattr(trainer, 'write_merged', None) or _write_merged
+        write_merged(model, out/'merged', max_shard_size, processing_class)
+    save_training_args(trainer.args, out)
+    if final_save: write_trainer_card(trainer, out, plot=False)  # a plot of new losses: by the flush
+    else:  # only a push reads a checkpoint's card, and a push waits for the flush
+        final = final_path(trainer, out)
+        defer(trainer, final, partial(write_model_card, final, **trainer_card_info(trainer, out)))
 
 # %% ../nbs/07b_checkpoints.ipynb #c9e971db
 def final_path(trainer, out:Path) -> Path:
@@ -260,23 +329,41 @@ def final_path(trainer, out:Path) -> Path:
     if stage is not None: return Path(stage).parent/out.name
     return out.parent if out.name == f"{TMP_PREFIX}save" else out
 
+# %% ../nbs/07b_checkpoints.ipynb #4acefb92
+def defer(trainer, folder:Path, write):
+    "Leave `write` (no arguments) to the next background flush: it runs if `folder` was saved"
+    def if_saved():
+        if Path(folder).is_dir(): write()  # a save that failed has no folder to write into
+    trainer._pending = [*getattr(trainer, '_pending', []), if_saved]
+
 # %% ../nbs/07b_checkpoints.ipynb #1bac5298
-def write_trainer_card(trainer, out:Path):
-    "The card of the model saved in `out` (and of the merged model in `out/merged` if there is one)"
+def trainer_card_info(trainer, out:Path) -> dict:
+    "`write_model_card`'s arguments for the model saved in `out`, from the trainer as it is now"
     model = unwrapped(trainer)
     card_info = getattr(trainer, 'card_info', {})
     repo = trainer.hub_model_id or (trainer.args.hub_model_id if trainer.args.push_to_hub else None)
     state = trainer.state
     info = {**_card_defaults(model), **card_info, 'args': trainer.args,
-            'log_history': state.log_history, 'tokens_seen': state.num_input_tokens_seen or None,
+            'log_history': list(state.log_history), 'tokens_seen': state.num_input_tokens_seen or None,
             'repo_id': repo or str(final_path(trainer, out).resolve())}
     model_tags = getattr(model, 'model_tags', None) or []
     info['tags'] = list(dict.fromkeys([*model_tags, *(card_info.get('tags') or [])]))
-    write_model_card(out, **info)
+    return info
+
+# %% ../nbs/07b_checkpoints.ipynb #01411bb3
+def write_trainer_card(trainer, out:Path, plot:bool=True):
+    "The card of the model saved in `out` (and in `out/merged`); `plot=False` leaves a new plot pending"
+    info = trainer_card_info(trainer, out)
+    history = info['log_history']
+    now = plot or plot_is_cheap(history)
+    final = final_path(trainer, out)
+    if not now: defer(trainer, final, partial(write_loss_plot, final, history))
+    write_model_card(out, plot=now, **info)
     if (out/'merged'/'config.json').exists():
         sections = {**info.get('sections', {}), **getattr(trainer, 'merged_card_sections', {})}
         merged_info = {**info, 'is_peft': False, 'subfolder': 'merged', 'sections': sections}
-        write_model_card(out/'merged', **merged_info)
+        if not now: defer(trainer, final/'merged', partial(write_loss_plot, final/'merged', history))
+        write_model_card(out/'merged', plot=now, **merged_info)
 
 # %% ../nbs/07b_checkpoints.ipynb #93136084
 def _fsdp_sharded(trainer) -> bool:
@@ -294,17 +381,24 @@ def save_gathered_if_sharded(trainer, output_dir):
 def save_model_staged(trainer, save_model, output_dir=None, internal_call=False):
     "Trainer's `save_model`: its own `save_model` into a staging folder, moved into `output_dir`"
     if getattr(trainer, '_stage', None) is not None: return save_model(output_dir, internal_call)
+    wait_for_saves(trainer)
     dest = Path(output_dir or trainer.args.output_dir)
     stage = fresh_stage(trainer, dest/f"{TMP_PREFIX}save")
     need = checkpoint_bytes(unwrapped(trainer), save_only_model=True)
     cleanup = stage if trainer.args.should_save else None
-    with _explained(dest, _UNTOUCHED, need, cleanup):
-        save_model(str(stage), _internal_call=True)
-        save_gathered_if_sharded(trainer, str(stage))
+    try:
+        with _explained(dest, _UNTOUCHED, need, cleanup):
+            save_model(str(stage), _internal_call=True)
+            save_gathered_if_sharded(trainer, str(stage))
+    except BaseException:
+        take_pending(trainer)  # a plot for the save that failed: not next to the previous one
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
-        _move_into(stage, dest)
+        moved = [p.name for p in stage.iterdir()]
+        _move_into(stage, dest, flush=False)  # flushed in the background
         shutil.rmtree(stage, ignore_errors=True)
+        flush_save(trainer, dest, moved)
     if trainer.args.push_to_hub and not internal_call:
         trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
 
@@ -328,6 +422,7 @@ def push_trainer(trainer, commit_message='End of training', blocking=True, token
     given = {k: kwargs[k] for k in ('tags', 'license', 'dataset_name') if kwargs.get(k)}
     trainer.card_info = {**getattr(trainer, 'card_info', {}), **given}
     trainer.save_model(_internal_call=True)
+    wait_for_saves(trainer)  # the upload reads the save as flushed, plot drawn
     if not trainer.is_world_process_zero(): return
     trainer._finish_current_push()
     api = trainer_hub_api(trainer)
@@ -393,6 +488,38 @@ def push_checkpoint(trainer, checkpoint_folder):
     folder = str(checkpoint_folder)
     track_pushes(trainer, folder, start_checkpoint_pushes(trainer, folder))
 
+# %% ../nbs/07b_checkpoints.ipynb #187cb21a
+def _whole(trainer, checkpoint:Path) -> Path:
+    "Mark a whole checkpoint written in this boot durable, once flushed (the writing process only)"
+    if trainer.args.should_save and not is_durable(checkpoint):
+        _fsync_strict(checkpoint)
+        mark_durable(checkpoint)
+    return checkpoint
+
+def _by_step(run:Path) -> list[Path]:
+    folders = [p for p in run.iterdir() if _CKPT.fullmatch(p.name) and p.is_dir()] if run.is_dir() else []
+    return sorted(folders, key=lambda p: int(p.name.split('-')[1]), reverse=True)
+
+# %% ../nbs/07b_checkpoints.ipynb #5ca9edd1
+def resume_checkpoint(trainer, resume:bool|str|None):
+    "`resume_from_checkpoint` with a checkpoint that a power loss may have torn passed over, or refused"
+    if not resume: return resume
+    if resume is not True:
+        why = torn_because(resume)
+        if why:
+            raise ValueError(f"Cannot resume from {resume}: {why}, so it may be torn. Resume from an "
+                             "earlier checkpoint, or with resume_from_checkpoint=True (the newest whole one).")
+        return str(_whole(trainer, Path(resume)))
+    found = _by_step(Path(trainer.args.output_dir))
+    if not found: return True  # the Trainer says that there is no checkpoint
+    for i, checkpoint in enumerate(found):
+        why = torn_because(checkpoint)
+        if why is None: return str(_whole(trainer, checkpoint))
+        instead = f"resuming from {found[i + 1].name} instead" if i + 1 < len(found) else "none is left"
+        logger.warning(f"{checkpoint} may be torn ({why}): {instead}.")
+    raise ValueError(f"No checkpoint in {trainer.args.output_dir} is whole (see the warnings above); "
+                     "start the run again with overwrite_output_dir=True.")
+
 # %% ../nbs/07b_checkpoints.ipynb #8707b642
 class CrashSafeSaveMixin:
     "Checkpoints and saves staged, verified, renamed into place, carded, token-free and pushed"
@@ -402,7 +529,17 @@ class CrashSafeSaveMixin:
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         check_trainer_output_dir(self, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        resume = resume_checkpoint(self, resume_from_checkpoint)
+        try: result = super().train(resume, *args, **kwargs)
+        except BaseException:
+            _wait_quietly(self)
+            raise
+        wait_for_saves(self)  # the last checkpoint durable, rotation done
+        return result
+
+    def wait_for_saves(self):
+        "Wait until the last checkpoint or save is flushed to disk (and its loss plot drawn)"
+        wait_for_saves(self)
 
     def init_hf_repo(self, token=None, private=None):
         create_hub_repo(self, token, private)

@@ -6,13 +6,14 @@ Docs: https://sft-nb.github.io/sft_nb/save.html.md"""
 
 # %% ../nbs/07_save.ipynb #080c0955
 from __future__ import annotations
-import errno, json, os, shutil, uuid
+import errno, json, logging, os, shutil, threading, uuid, weakref
 from contextlib import contextmanager
 from pathlib import Path
 from .card import _card_defaults, write_model_card
 
 # %% auto #0
-__all__ = ['TMP_PREFIX', 'flushing', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'checkpoint_bytes',
+__all__ = ['TMP_PREFIX', 'logger', 'MANIFEST', 'flushing', 'BackgroundFlush', 'write_manifest', 'mark_durable', 'is_durable',
+           'torn_because', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'checkpoint_bytes',
            'save_model']
 
 # %% ../nbs/07_save.ipynb #c973d7f8
@@ -46,6 +47,105 @@ def flushing(path, # a folder whose files are written
         flusher.join()
 
 
+# %% ../nbs/07_save.ipynb #dff48953
+logger = logging.getLogger(__name__)
+
+def _fsync_strict(path:Path, walk:bool=True):
+    "fsync the files under `path`, then its folders (their entries): a file's error raises"
+    paths = sorted(path.rglob('*'), reverse=True) + [path] if walk and path.is_dir() else [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try: os.fsync(fd)
+        except OSError:
+            if not p.is_dir(): raise  # some filesystems refuse fsync on folders
+        finally: os.close(fd)
+
+# %% ../nbs/07_save.ipynb #d306641c
+class BackgroundFlush:
+    "One job at a time on a background thread; `wait` joins it and raises what it raised"
+    def __init__(self): self.thread, self.error, self.what = None, None, ''
+
+    def start(self, job, # a function of no arguments: draw, fsync, mark durable, rotate
+              what:str, # the folder it makes durable, for messages
+             ):
+        "Wait for the job before (raising its error), then run `job` in the background"
+        self.wait()
+        self.what = what
+        # not a daemon: the interpreter's exit waits for it; a kill -9 leaves the writes to the kernel
+        self.thread = threading.Thread(target=self._run, args=(job,), name='sft_nb-flush')
+        self.thread.start()
+
+    def _run(self, job):
+        try: job()
+        except BaseException as e:
+            self.error = e
+            logger.error(f"Flushing {self.what} to disk failed: {e}")
+
+    def wait(self):
+        "Block until the job is done; raise an `OSError` saying what failed if it failed"
+        if self.thread is not None: self.thread.join()
+        self.thread = None
+        error, self.error = self.error, None
+        if error is None: return
+        raise OSError(getattr(error, 'errno', None) or errno.EIO,
+                      f"Flushing {self.what} to disk failed: {error}. It is in place and complete, but a "
+                      "power loss or OS crash could tear it; fix the disk, then save again.") from error
+
+# %% ../nbs/07_save.ipynb #eccd789a
+MANIFEST = '_manifest.json'
+
+def _boot_id() -> str|None:
+    "This boot's id (Linux): it changes when the machine restarts, after a power loss or an OS crash"
+    try: return Path('/proc/sys/kernel/random/boot_id').read_text().strip()
+    except OSError: return None
+
+def _write_json(path:Path, data:dict, sync:bool=False):
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(data, f)
+        f.flush()
+        if sync: os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# %% ../nbs/07_save.ipynb #7338b5c2
+def write_manifest(folder, # a complete folder, before it is renamed into place
+                  ) -> Path:
+    "Record each file's size and this boot's id in `folder/_manifest.json`, not yet durable"
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob('*'))
+             if p.is_file() and p.name != MANIFEST}
+    _write_json(folder/MANIFEST, {'boot_id': _boot_id(), 'durable': False, 'files': files})
+    return folder/MANIFEST
+
+def mark_durable(folder, # a folder whose files were fsynced
+                ):
+    "Mark `folder`'s manifest durable, and flush the manifest and the folder"
+    path = Path(folder)/MANIFEST
+    _write_json(path, {**json.loads(path.read_text()), 'durable': True}, sync=True)
+    _fsync_strict(Path(folder), walk=False)
+
+def is_durable(folder) -> bool:
+    "True if `folder`'s flush finished, or it has no manifest (written by the plain Trainer)"
+    path = Path(folder)/MANIFEST
+    if not path.exists(): return True
+    try: return json.loads(path.read_text())['durable']
+    except (OSError, ValueError, KeyError): return False
+
+# %% ../nbs/07_save.ipynb #e8bd5424
+def torn_because(folder, # a checkpoint folder
+                ) -> str|None:
+    "Why a power loss may have torn `folder`, or None if it is whole (or has no manifest)"
+    folder = Path(folder)
+    if not (folder/MANIFEST).exists(): return None
+    try: manifest = json.loads((folder/MANIFEST).read_text())
+    except (OSError, ValueError): return f"its {MANIFEST} is unreadable"
+    for name, size in manifest['files'].items():
+        p = folder/name
+        if not p.is_file(): return f"{name} is missing"
+        if p.stat().st_size != size: return f"{name} has {p.stat().st_size} bytes where {size} were written"
+    if manifest['durable'] or manifest['boot_id'] in (None, _boot_id()): return None
+    return "the machine restarted before its flush to disk finished"
+
 # %% ../nbs/07_save.ipynb #c1d569f5
 def _exchange(a:Path, b:Path) -> bool:
     "Swap two existing paths atomically (Linux `renameat2`); False where the OS or filesystem can't"
@@ -60,10 +160,11 @@ def _exchange(a:Path, b:Path) -> bool:
 # %% ../nbs/07_save.ipynb #a1c5a9f7
 def publish_dir(src, # a complete folder
                 dest, # where it must end up
+                flush:bool=True, # fsync `src` first; False when a background flush follows the rename
                ) -> Path:
     "Rename `src` onto `dest` atomically, replacing a previous `dest` only once `src` is in place"
     src, dest = Path(src), Path(dest)
-    _fsync_tree(src)
+    if flush: _fsync_tree(src)
     if dest.exists() and _exchange(src, dest):  # dest is never missing, not even for an instant
         shutil.rmtree(src, ignore_errors=True)  # now the previous dest
         return dest
@@ -221,12 +322,25 @@ def saved_shapes(model) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in _revert(model, state_dict).items()}
 
 # %% ../nbs/07_save.ipynb #14cddf54
+_expected = weakref.WeakKeyDictionary()  # model -> (key, shapes): computing them walks every module
+
+def _shape_key(model):
+    "What changes a model's saved shapes: its adapters, and its (resizable) embeddings"
+    try: layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    except (AttributeError, NotImplementedError): layers = []
+    shapes = tuple(tuple(l.weight.shape) for l in layers if getattr(l, 'weight', None) is not None)
+    return repr(getattr(model, 'peft_config', None)), shapes
+
 def _expected_shapes(model) -> dict[str, tuple]:
     "What the model should have written: peft's adapter state dict, or the model's `saved_shapes`"
     from peft import PeftModel, get_peft_model_state_dict
+    key = _shape_key(model)
+    if model in _expected and _expected[model][0] == key: return _expected[model][1]
     if isinstance(model, PeftModel):
-        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    return saved_shapes(model)
+        shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    else: shapes = saved_shapes(model)
+    _expected[model] = (key, shapes)
+    return shapes
 
 # %% ../nbs/07_save.ipynb #68262965
 def _check_shapes(path:Path, shapes:dict, model):
@@ -260,17 +374,23 @@ def verify_saved(path, # folder written by `save_model` / `save_pretrained`
     return {k: s for k, (s, _) in shapes.items()}
 
 # %% ../nbs/07_save.ipynb #fef676fa
+_sizes = weakref.WeakKeyDictionary()  # model -> {(shape key, save_only_model): bytes}: a walk over all parameters
+
 def checkpoint_bytes(model, # the model being trained
                      save_only_model:bool=False, # no optimizer state in checkpoints
                     ) -> int:
     "Rough size of a checkpoint: weights (or the adapter) plus two Adam moments per trained weight"
     from peft import PeftModel
+    key = (_shape_key(model), save_only_model)
+    known = _sizes.setdefault(model, {})
+    if key in known: return known[key]
     params = list(model.parameters())
     saved = [p for p in params if p.requires_grad or not isinstance(model, PeftModel)]
     weights = sum(p.numel() * p.element_size() for p in saved)
     trained = sum(p.numel() for p in params if p.requires_grad)
     moments = 0 if save_only_model else 2 * 4 * trained  # fp32 Adam m and v
-    return weights + moments
+    known[key] = weights + moments
+    return known[key]
 
 # %% ../nbs/07_save.ipynb #8438ca89
 def _drop_gathered_ties(model, state_dict:dict) -> dict:

@@ -97,6 +97,78 @@ def test_kill_during_checkpoint_keeps_previous(tmp_path):
     assert res['step'] == 6
     assert res['dirs'] == ['checkpoint-2', 'checkpoint-4', 'checkpoint-6']  # the killed save's temp folder was cleaned
 
+def test_kill_during_background_flush_keeps_checkpoint(tmp_path):
+    "SIGKILL after checkpoint-2 is renamed into place but before its flush finished: the kernel keeps it, resume uses it"
+    out = tmp_path/'run'
+    proc = spawn(f"""
+    import sft_nb.checkpoints as C
+    from transformers import TrainerCallback
+    def stuck(path, walk=True): time.sleep(60)  # the flush never finishes
+    C._fsync_strict = stuck
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw): os.kill(os.getpid(), 9)
+    tr = make_trainer({str(out)!r})
+    tr.add_callback(Kill())
+    tr.train()
+    """)
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    ck = out/'checkpoint-2'
+    manifest = json.loads((ck/'_manifest.json').read_text())
+    assert manifest['durable'] is False and S.torn_because(ck) is None  # not flushed, but whole: same boot
+    r = run_py(f"""
+    tr = make_trainer({str(out)!r})
+    tr.train(resume_from_checkpoint=True)
+    print(json.dumps({{'step': tr.state.global_step, 'dirs': sorted(p.name for p in Path({str(out)!r}).iterdir())}}))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res['step'] == 6 and res['dirs'] == ['checkpoint-2', 'checkpoint-4', 'checkpoint-6']
+    assert all(json.loads((out/d/'_manifest.json').read_text())['durable'] for d in res['dirs'])  # checkpoint-2: at resume
+
+def test_torn_checkpoint_on_resume_falls_back(tmp_path, caplog):
+    "A power loss tore the newest checkpoint (not flushed, written before a restart): resume takes the one before, says so"
+    ns = {}
+    exec(TRAIN, ns)
+    out = tmp_path/'run'
+    tr = ns['make_trainer'](out)
+    tr.train()
+    losses = {h['step']: h['loss'] for h in tr.state.log_history if 'loss' in h}
+    ck = out/'checkpoint-6'
+    manifest = json.loads((ck/'_manifest.json').read_text())
+    (ck/'_manifest.json').write_text(json.dumps({**manifest, 'durable': False, 'boot_id': 'before the power loss'}))
+    resumed = ns['make_trainer'](out, max_steps=8)
+    with caplog.at_level('WARNING', logger='sft_nb.checkpoints'):
+        resumed.train(resume_from_checkpoint=True)
+    assert (f"{ck} may be torn (the machine restarted before its flush to disk finished): "
+            "resuming from checkpoint-4 instead.") in caplog.text
+    again = {h['step']: h['loss'] for h in resumed.state.log_history if 'loss' in h}
+    for step in (5, 6): assert again[step] == pytest.approx(losses[step], rel=1e-5), step  # retrained from step 4
+    assert S.torn_because(ck) is None and json.loads((ck/'_manifest.json').read_text())['durable']  # rewritten
+    last = out/'checkpoint-8'
+    torn = {**json.loads((last/'_manifest.json').read_text()), 'durable': False, 'boot_id': 'before the power loss'}
+    (last/'_manifest.json').write_text(json.dumps(torn))
+    with pytest.raises(ValueError, match=f"Cannot resume from {last}: the machine restarted before its flush"):
+        ns['make_trainer'](out, max_steps=10).train(resume_from_checkpoint=str(last))  # a path given: refused
+
+def test_background_flush_error_surfaces_and_rotation_keeps_last_durable(tmp_path, monkeypatch, caplog):
+    "The flush of checkpoint-4 fails: the error is logged at once and raised by the next save; checkpoint-2 is not rotated"
+    ns = {}
+    exec(TRAIN, ns)
+    fsync = C._fsync_strict
+    def failing(path, walk=True):
+        if path.name == 'checkpoint-4': raise OSError(5, 'Input/output error')
+        fsync(path, walk)
+    monkeypatch.setattr(C, '_fsync_strict', failing)
+    out = tmp_path/'run'
+    tr = ns['make_trainer'](out, save_total_limit=1)
+    with pytest.raises(OSError, match=f"Flushing {out/'checkpoint-4'} to disk failed: .*Input/output error"):
+        tr.train()
+    assert f"Flushing {out/'checkpoint-4'} to disk failed" in caplog.text  # logged when it happened
+    assert sorted(p.name for p in out.iterdir()) == ['checkpoint-2', 'checkpoint-4']  # no checkpoint-6
+    assert S.is_durable(out/'checkpoint-2') and not S.is_durable(out/'checkpoint-4')
+    S.verify_saved(out/'checkpoint-4')  # in place and complete, only not confirmed on disk
+
 def test_kill_during_final_save_keeps_previous(tmp_path):
     "SIGKILL in the middle of `save_model`: the previous save in the folder still loads, with its own logits"
     tok = tiny_tokenizer()
