@@ -20,6 +20,8 @@ def _value(x, metric):
         return '–'
     if 'MiB' in metric:
         return f"{x:,.0f} MiB"
+    if 'per second' in metric:  # a rate, not a duration
+        return f"{x:.1f} {metric.removesuffix(' per second')}/s"
     if 'second' in metric or metric.startswith('time'):
         return f"{x:.3f} s" if x < 1 else f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
     return f"{x:.4g}"
