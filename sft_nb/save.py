@@ -12,9 +12,9 @@ from pathlib import Path
 from .card import _card_defaults, write_model_card
 
 # %% auto #0
-__all__ = ['TMP_PREFIX', 'logger', 'MANIFEST', 'flushing', 'BackgroundFlush', 'write_manifest', 'mark_durable', 'is_durable',
-           'torn_because', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved', 'checkpoint_bytes',
-           'save_model']
+__all__ = ['TMP_PREFIX', 'logger', 'MANIFEST', 'UNLISTED', 'flushing', 'BackgroundFlush', 'write_manifest', 'mark_durable',
+           'is_durable', 'torn_because', 'publish_dir', 'atomic_dir', 'saved_shapes', 'verify_saved',
+           'checkpoint_bytes', 'save_model']
 
 # %% ../nbs/07_save.ipynb #c973d7f8
 TMP_PREFIX = '_tmp-'  # with '_': Trainer's push ignores it, and it never matches `checkpoint-*`
@@ -108,12 +108,16 @@ def _write_json(path:Path, data:dict, sync:bool=False):
     os.replace(tmp, path)
 
 # %% ../nbs/07_save.ipynb #7338b5c2
+# the card and its plot are (re)written by the background flush after the manifest (peft's adapter card is
+# replaced then), and resuming needs neither
+UNLISTED = {MANIFEST, 'README.md', 'loss_curve.png'}
+
 def write_manifest(folder, # a complete folder, before it is renamed into place
                   ) -> Path:
     "Record each file's size and this boot's id in `folder/_manifest.json`, not yet durable"
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob('*'))
-             if p.is_file() and p.name != MANIFEST}
+             if p.is_file() and p.relative_to(folder).as_posix() not in UNLISTED}
     _write_json(folder/MANIFEST, {'boot_id': _boot_id(), 'durable': False, 'files': files})
     return folder/MANIFEST
 

@@ -566,3 +566,22 @@ def test_chat_template_from_a_path_on_gpt_neox(tmp_path):
     trainer.save_model()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path/'run')
     torch.testing.assert_close(logits(back), logits(trainer.model))
+
+def test_lora_run_resumes_from_its_newest_checkpoint(tmp_path, base, caplog):
+    """An SFTTrainer LoRA run resumes from its newest checkpoint: peft's adapter card, which the background flush
+    replaces by sft_nb's after the manifest is written, does not make the checkpoint look torn"""
+    from peft import LoraConfig
+    from sft_nb import SFTConfig, SFTTrainer
+    from sft_nb.tiny import tiny_dataset
+    def trainer(steps):
+        args = SFTConfig(output_dir=str(tmp_path/'run'), max_steps=steps, save_steps=2, logging_steps=1, report_to=[],
+                         use_cpu=True, per_device_train_batch_size=2, learning_rate=1e-3, seed=0)
+        return SFTTrainer(str(base), args=args, train_dataset=tiny_dataset(n=32), peft_config=LoraConfig(r=4))
+    first = trainer(4)
+    first.train()
+    for ck in ('checkpoint-2', 'checkpoint-4'):
+        assert (tmp_path/'run'/ck/'README.md').exists() and S.torn_because(tmp_path/'run'/ck) is None, ck
+    again = trainer(6)
+    with caplog.at_level('WARNING', logger='sft_nb.checkpoints'):
+        again.train(resume_from_checkpoint=True)
+    assert 'may be torn' not in caplog.text and again.state.global_step == 6
