@@ -13,17 +13,53 @@ from .cli import COMMANDS, parse_flags, user_errors
 # %% auto #0
 __all__ = ['load_for_generation', 'reply', 'generate_command', 'chat_command', 'merge_command', 'export_command']
 
+# %% ../nbs/09b_trained.ipynb #66d2ae71
+def _add_qlora_flags(p:argparse.ArgumentParser):
+    "`ModelConfig`'s QLoRA flags, as `trl sft` spells them; one not given takes the adapter's record"
+    on_off = dict(action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument('--load_in_4bit', '--load-in-4bit', **on_off,
+                   help="trained with QLoRA (the default where the adapter's folder records it): load the "
+                        "base in 4 bits as in training, merge onto both the 16-bit and the dequantized "
+                        "4-bit weights, keep the closer")
+    p.add_argument('--bnb_4bit_quant_type', default=None, choices=('nf4', 'fp4'),
+                   help="the 4-bit type used in training (default: as recorded, else nf4)")
+    p.add_argument('--use_bnb_nested_quant', **on_off,
+                   help="training used double quantization (default: as recorded)")
+
+# %% ../nbs/09b_trained.ipynb #8ccb6d0a
+def _recorded_flags(record:dict|None) -> dict:
+    "The QLoRA flags that match `read_base_quantization`'s record: all off without one"
+    r = record or {}
+    return dict(load_in_4bit=bool(r.get('load_in_4bit')),
+                bnb_4bit_quant_type=r.get('bnb_4bit_quant_type') or 'nf4',
+                use_bnb_nested_quant=bool(r.get('bnb_4bit_use_double_quant')))
+
+def _merge_model_args(a:argparse.Namespace, record:dict|None=None) -> tuple:
+    "How `merge` (or `chat`, `generate`) loads the base: flags given, else the record; a warning per flag it contradicts"
+    from sft_nb.config import ModelConfig
+    recorded = _recorded_flags(record)
+    given = {k: getattr(a, k) for k in recorded if getattr(a, k) is not None}
+    clashes = [k for k, v in given.items() if record is not None and v != recorded[k]]
+    warnings = [f"--{k} {given[k]} contradicts the adapter's base_quantization.json, which records "
+                f"{k}={recorded[k]} in training: loading the base as the flag says "
+                "(leave it out to load it as trained)."
+                for k in clashes]
+    return ModelConfig(dtype=a.dtype, **{**recorded, **given}), warnings
+
 # %% ../nbs/09b_trained.ipynb #7eaeef3f
 def load_for_generation(path, # a full or merged model folder, or an adapter folder
                         dtype:str='auto', # dtype to load the weights in
+                        model_args=None, # a `ModelConfig` (dtype, 4-bit base); overrides `dtype`
                        ) -> tuple:
     "The model (on the GPU if there is one) and tokenizer saved in `path`"
     import torch
     from sft_nb.models import check_model_path, load_model, load_tokenizer
     from sft_nb.adapters import load_adapter
+    from sft_nb.config import ModelConfig
     p = Path(check_model_path(str(path), need_config=False))
-    if (p/'adapter_config.json').exists(): model = load_adapter(p, is_trainable=False, dtype=dtype)
-    else: model = load_model(str(p), dtype=dtype)
+    if model_args is None: model_args = ModelConfig(dtype=dtype)
+    if (p/'adapter_config.json').exists(): model = load_adapter(p, model_args=model_args, is_trainable=False)
+    else: model = load_model(str(p), model_args=model_args)
     if torch.cuda.is_available() and not getattr(model, 'is_quantized', False):
         model = model.to('cuda')
     return model.eval(), load_tokenizer(str(p))
@@ -63,7 +99,19 @@ def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
     p.add_argument('--dtype', default='auto')
     p.add_argument('--image', action='append', default=[],
                    help="an image file shown before the first user message (repeatable; a vision-language model)")
+    _add_qlora_flags(p)  # defined with `merge`, below
     return p
+
+# %% ../nbs/09b_trained.ipynb #a1c0q4b2
+def _generation_model_args(a:argparse.Namespace):
+    "The `ModelConfig` `chat` and `generate` load `a.path` with; a warning printed per contradicted record"
+    from sft_nb.adapters import BASE_QUANTIZATION, read_base_quantization
+    record = read_base_quantization(a.path)
+    model_args, warnings = _merge_model_args(a, record)
+    for w in warnings: print(f"sft-nb: warning: {w}", file=sys.stderr)
+    if model_args.load_in_4bit and a.load_in_4bit is None:
+        print(f"{Path(a.path)/BASE_QUANTIZATION} records a 4-bit base (QLoRA): loading it so", file=sys.stderr)
+    return model_args
 
 # %% ../nbs/09b_trained.ipynb #d56bd1e8
 def _answer(a:argparse.Namespace, model, tok, msgs:list[dict]) -> str:
@@ -78,7 +126,7 @@ def _answer(a:argparse.Namespace, model, tok, msgs:list[dict]) -> str:
 def generate_command(argv:list[str]) -> str:
     "`sft-nb generate PATH --prompt TEXT`: print the model's answer"
     a = parse_flags(_generation_parser('sft-nb generate', prompt=True), argv)
-    with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
+    with user_errors(): model, tok = load_for_generation(a.path, model_args=_generation_model_args(a))
     system = [{'role': 'system', 'content': a.system}] if a.system else []
     msgs = system + [{'role': 'user', 'content': a.prompt}]
     answer = _answer(a, model, tok, msgs)
@@ -89,7 +137,7 @@ def generate_command(argv:list[str]) -> str:
 def chat_command(argv:list[str], lines=None) -> list[dict]:
     "`sft-nb chat PATH`: one user turn per line of stdin (or `lines`), each answered; the conversation"
     a = parse_flags(_generation_parser('sft-nb chat', prompt=False), argv)
-    with user_errors(): model, tok = load_for_generation(a.path, a.dtype)
+    with user_errors(): model, tok = load_for_generation(a.path, model_args=_generation_model_args(a))
     interactive = lines is None and sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {a.path}: type a message, Ctrl-D to end.", file=sys.stderr)
@@ -101,39 +149,6 @@ def chat_command(argv:list[str], lines=None) -> list[dict]:
         msgs.append({'role': 'assistant', 'content': answer})
         print(msgs[-1]['content'], flush=True)
     return msgs
-
-# %% ../nbs/09b_trained.ipynb #66d2ae71
-def _add_qlora_flags(p:argparse.ArgumentParser):
-    "`ModelConfig`'s QLoRA flags, as `trl sft` spells them; one not given takes the adapter's record"
-    on_off = dict(action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument('--load_in_4bit', '--load-in-4bit', **on_off,
-                   help="trained with QLoRA (the default where the adapter's folder records it): load the "
-                        "base in 4 bits as in training, merge onto both the 16-bit and the dequantized "
-                        "4-bit weights, keep the closer")
-    p.add_argument('--bnb_4bit_quant_type', default=None, choices=('nf4', 'fp4'),
-                   help="the 4-bit type used in training (default: as recorded, else nf4)")
-    p.add_argument('--use_bnb_nested_quant', **on_off,
-                   help="training used double quantization (default: as recorded)")
-
-# %% ../nbs/09b_trained.ipynb #8ccb6d0a
-def _recorded_flags(record:dict|None) -> dict:
-    "The QLoRA flags that match `read_base_quantization`'s record: all off without one"
-    r = record or {}
-    return dict(load_in_4bit=bool(r.get('load_in_4bit')),
-                bnb_4bit_quant_type=r.get('bnb_4bit_quant_type') or 'nf4',
-                use_bnb_nested_quant=bool(r.get('bnb_4bit_use_double_quant')))
-
-def _merge_model_args(a:argparse.Namespace, record:dict|None=None) -> tuple:
-    "How `merge` loads the base: flags given, else the record; and a warning per flag it contradicts"
-    from sft_nb.config import ModelConfig
-    recorded = _recorded_flags(record)
-    given = {k: getattr(a, k) for k in recorded if getattr(a, k) is not None}
-    clashes = [k for k, v in given.items() if record is not None and v != recorded[k]]
-    warnings = [f"--{k} {given[k]} contradicts the adapter's base_quantization.json, which records "
-                f"{k}={recorded[k]} in training: merging as the flag says "
-                "(leave it out to merge as trained)."
-                for k in clashes]
-    return ModelConfig(dtype=a.dtype, **{**recorded, **given}), warnings
 
 # %% ../nbs/09b_trained.ipynb #66fbb86b
 def merge_command(argv:list[str]) -> Path:

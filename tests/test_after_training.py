@@ -82,10 +82,11 @@ def merge_rows(folder:Path) -> list[str]:
     card = (folder/'README.md').read_text()
     return sorted(re.findall(r'\| (16-bit base|dequantized 4-bit base)(?: \(kept\))? \| [0-9.e+-]+ \|', card))
 
-def test_merge_reads_how_the_adapter_was_trained(tmp_path):
+def test_merge_reads_how_the_adapter_was_trained(tmp_path, capsys):
     "`sft-nb train` after QLoRA leaves base_quantization.json beside the adapter, so `sft-nb merge` without "
     "`--load_in_4bit` takes the QLoRA path (both merges in the card); after LoRA there is no record and the plain "
-    "path; `--no-load_in_4bit` over a QLoRA record merges the plain way, with a warning"
+    "path; `--no-load_in_4bit` over a QLoRA record merges the plain way, with a warning; `generate` loads "
+    "the base as recorded"
     pytest.importorskip('bitsandbytes')
     import json
     from sft_nb.tiny import save_tiny_dataset
@@ -109,6 +110,18 @@ def test_merge_reads_how_the_adapter_was_trained(tmp_path):
     r = sft_nb('merge', tmp_path/'qlora', tmp_path/'merged_plain', '--no-load_in_4bit', '--dtype', 'float32')
     assert 'sft-nb: warning: --load_in_4bit False contradicts the adapter\'s base_quantization.json' in r.stderr, r.stderr
     assert merge_rows(tmp_path/'merged_plain') == ['16-bit base']
+    # `generate` (and `chat`) read the record too: the answer is the 4-bit model's, the one that was trained
+    import bitsandbytes as bnb
+    from sft_nb.config import ModelConfig
+    from sft_nb.trained import generate_command, load_for_generation, reply
+    ask = 'What is 2 + 2?'
+    answer = generate_command([str(tmp_path/'qlora'), '--prompt', ask, '--max_new_tokens', '6', '--dtype', 'float32'])
+    assert 'records a 4-bit base (QLoRA): loading it so' in capsys.readouterr().err
+    model4, tok = load_for_generation(tmp_path/'qlora', model_args=ModelConfig(dtype='float32', load_in_4bit=True))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model4.modules())
+    assert answer == reply(model4, tok, [{'role': 'user', 'content': ask}], max_new_tokens=6)
+    generate_command([str(tmp_path/'lora'), '--prompt', ask, '--max_new_tokens', '6', '--dtype', 'float32'])
+    assert 'records a 4-bit base' not in capsys.readouterr().err
 
 def test_sample_answers_in_log_tensorboard_and_card(tmp_path, caplog):
     "SFTTrainer with `eval_answer_count`: answers before training and at each evaluation, in the log, in "
