@@ -35,7 +35,7 @@ def _recorded_flags(record:dict|None) -> dict:
                 use_bnb_nested_quant=bool(r.get('bnb_4bit_use_double_quant')))
 
 def _merge_model_args(a:argparse.Namespace, record:dict|None=None) -> tuple:
-    "How `merge` (or `chat`, `generate`) loads the base: flags given, else the record; a warning per flag it contradicts"
+    "How the base loads: flags given, else the record; and a warning per flag it contradicts"
     from sft_nb.config import ModelConfig
     recorded = _recorded_flags(record)
     given = {k: getattr(a, k) for k in recorded if getattr(a, k) is not None}
@@ -58,8 +58,10 @@ def load_for_generation(path, # a full or merged model folder, or an adapter fol
     from sft_nb.config import ModelConfig
     p = Path(check_model_path(str(path), need_config=False))
     if model_args is None: model_args = ModelConfig(dtype=dtype)
-    if (p/'adapter_config.json').exists(): model = load_adapter(p, model_args=model_args, is_trainable=False)
-    else: model = load_model(str(p), model_args=model_args)
+    if (p/'adapter_config.json').exists():
+        model = load_adapter(p, model_args=model_args, is_trainable=False)
+    else:
+        model = load_model(str(p), model_args=model_args)
     if torch.cuda.is_available() and not getattr(model, 'is_quantized', False):
         model = model.to('cuda')
     return model.eval(), load_tokenizer(str(p))
