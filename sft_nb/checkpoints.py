@@ -6,90 +6,29 @@ Docs: https://sft-nb.github.io/sft_nb/checkpoints.html.md"""
 
 # %% ../nbs/07b_checkpoints.ipynb #03ebeeb8
 from __future__ import annotations
-import logging, os, re, shutil, tempfile
+import logging, os, shutil
 from functools import partial
 from pathlib import Path
 from .card import _card_defaults, plot_is_cheap, write_loss_plot, write_model_card
 from .hub import push_to_hub, resolve_token, with_retries
 from .save import TMP_PREFIX, _UNTOUCHED, _explained, _fsync_tree
 from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, verify_saved
-from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable, torn_because
+from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable
 from .save import write_manifest
+from .output_dir import MODEL_FILES, _CKPT, _SHARD, check_output_dir, resume_checkpoint
+from .output_dir import check_writable  # noqa: F401 (imported from here by sft_nb.trainer)
 
 # %% auto #0
-__all__ = ['logger', 'MODEL_FILES', 'CHECKPOINT_STATE', 'check_writable', 'check_output_dir', 'save_training_args',
-           'rotate_checkpoints', 'unwrapped', 'trainer_hub_api', 'check_trainer_output_dir', 'create_hub_repo',
-           'fresh_stage', 'write_staged_checkpoint', 'fix_best_checkpoint', 'publish_checkpoint', 'trainer_flush',
-           'take_pending', 'wait_for_saves', 'flush_checkpoint', 'flush_save', 'pushing_folders',
-           'save_checkpoint_atomically', 'finalize_keeping_newest', 'write_model_files', 'final_path', 'defer',
-           'trainer_card_info', 'write_trainer_card', 'save_gathered_if_sharded', 'save_model_staged', 'update_card',
-           'push_trainer', 'should_push_checkpoint', 'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint',
-           'resume_checkpoint', 'CrashSafeSaveMixin']
+__all__ = ['logger', 'CHECKPOINT_STATE', 'save_training_args', 'rotate_checkpoints', 'unwrapped', 'trainer_hub_api',
+           'check_trainer_output_dir', 'create_hub_repo', 'fresh_stage', 'write_staged_checkpoint',
+           'fix_best_checkpoint', 'publish_checkpoint', 'trainer_flush', 'take_pending', 'wait_for_saves',
+           'flush_checkpoint', 'flush_save', 'pushing_folders', 'save_checkpoint_atomically', 'finalize_keeping_newest',
+           'write_model_files', 'final_path', 'defer', 'trainer_card_info', 'write_trainer_card',
+           'save_gathered_if_sharded', 'save_model_staged', 'update_card', 'push_trainer', 'should_push_checkpoint',
+           'start_checkpoint_pushes', 'track_pushes', 'push_checkpoint', 'CrashSafeSaveMixin']
 
 # %% ../nbs/07b_checkpoints.ipynb #a527c9f5
 logger = logging.getLogger(__name__)
-
-_CKPT = re.compile(r'checkpoint-\d+')
-MODEL_FILES = ('model.safetensors', 'model.safetensors.index.json', 'adapter_model.safetensors',
-               'adapter_config.json', 'pytorch_model.bin', 'adapter_model.bin',
-               'base_quantization.json')  # beside an adapter after QLoRA (sft_nb.adapters)
-_SHARD = re.compile(r'model-\d+-of-\d+\.safetensors')
-
-# %% ../nbs/07b_checkpoints.ipynb #22364a72
-def check_writable(output_dir) -> None:
-    "Create `output_dir` and write a file in it, or raise an `OSError` that names the folder"
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix='.sft_nb-probe-'): pass
-    except OSError as e:
-        message = (f"Cannot write to output_dir {path}: {e.strerror}. Choose a writable folder "
-                   "(checked before loading the model, so nothing was lost).")
-        raise OSError(e.errno, message) from e
-
-# %% ../nbs/07b_checkpoints.ipynb #c75c965a
-def _run_files(path:Path) -> list[str]:
-    "What in `path` belongs to a previous run: checkpoints, model files, a card, a trainer state"
-    if not path.is_dir(): return []
-    names = (*MODEL_FILES, 'trainer_state.json', 'training_args.bin', 'README.md', 'config.json',
-             'loss_curve.png')
-    def of_a_run(p):
-        if p.name == 'merged': return (p/'config.json').exists()
-        return p.name in names or _CKPT.fullmatch(p.name) or _SHARD.fullmatch(p.name)
-    return sorted(p.name for p in path.iterdir() if of_a_run(p))
-
-# %% ../nbs/07b_checkpoints.ipynb #8a6a263a
-def _clear_run(path:Path):
-    for name in _run_files(path):
-        p = path/name
-        if p.is_dir(): shutil.rmtree(p)
-        else: p.unlink()
-
-# %% ../nbs/07b_checkpoints.ipynb #3d059bfc
-def check_output_dir(output_dir, # the run's folder
-                     resume:bool|str|None=None, # `resume_from_checkpoint` as given to `train`
-                     overwrite:bool=False, # remove a previous run's checkpoints and model files
-                     needed_bytes:int=0, # room a checkpoint needs (see `checkpoint_bytes`)
-                    ) -> Path:
-    "Raise before training if `output_dir` holds another run, cannot be written, or is too full"
-    path = Path(output_dir)
-    found = _run_files(path)
-    if found and not resume:
-        more = ', ...' if len(found) > 4 else ''
-        if not overwrite: raise FileExistsError(
-            f"{path} already holds a training run ({', '.join(found[:4])}{more}). Pass "
-            "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to replace it, "
-            "or choose another output_dir.")
-        _clear_run(path)
-    check_writable(path)
-    free = shutil.disk_usage(path).free
-    if needed_bytes and free < needed_bytes:
-        raise OSError(28, f"output_dir {path} has {free/2**30:.2f} GiB free but a checkpoint needs "
-                          f"about {needed_bytes/2**30:.2f} GiB. Free space, set "
-                          "save_only_model=True, or choose another output_dir.")
-    for stale in path.glob(f"{TMP_PREFIX}*"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
-    return path
 
 # %% ../nbs/07b_checkpoints.ipynb #2f3738a5
 def save_training_args(args, # `TrainingArguments` / `SFTConfig`
@@ -487,38 +426,6 @@ def push_checkpoint(trainer, checkpoint_folder):
     trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
     folder = str(checkpoint_folder)
     track_pushes(trainer, folder, start_checkpoint_pushes(trainer, folder))
-
-# %% ../nbs/07b_checkpoints.ipynb #187cb21a
-def _whole(trainer, checkpoint:Path) -> Path:
-    "Mark a whole checkpoint written in this boot durable, once flushed (the writing process only)"
-    if trainer.args.should_save and not is_durable(checkpoint):
-        _fsync_strict(checkpoint)
-        mark_durable(checkpoint)
-    return checkpoint
-
-def _by_step(run:Path) -> list[Path]:
-    folders = [p for p in run.iterdir() if _CKPT.fullmatch(p.name) and p.is_dir()] if run.is_dir() else []
-    return sorted(folders, key=lambda p: int(p.name.split('-')[1]), reverse=True)
-
-# %% ../nbs/07b_checkpoints.ipynb #5ca9edd1
-def resume_checkpoint(trainer, resume:bool|str|None):
-    "`resume_from_checkpoint` with a checkpoint that a power loss may have torn passed over, or refused"
-    if not resume: return resume
-    if resume is not True:
-        why = torn_because(resume)
-        if why:
-            raise ValueError(f"Cannot resume from {resume}: {why}, so it may be torn. Resume from an "
-                             "earlier checkpoint, or with resume_from_checkpoint=True (the newest whole one).")
-        return str(_whole(trainer, Path(resume)))
-    found = _by_step(Path(trainer.args.output_dir))
-    if not found: return True  # the Trainer says that there is no checkpoint
-    for i, checkpoint in enumerate(found):
-        why = torn_because(checkpoint)
-        if why is None: return str(_whole(trainer, checkpoint))
-        instead = f"resuming from {found[i + 1].name} instead" if i + 1 < len(found) else "none is left"
-        logger.warning(f"{checkpoint} may be torn ({why}): {instead}.")
-    raise ValueError(f"No checkpoint in {trainer.args.output_dir} is whole (see the warnings above); "
-                     "start the run again with overwrite_output_dir=True.")
 
 # %% ../nbs/07b_checkpoints.ipynb #8707b642
 class CrashSafeSaveMixin:

@@ -200,7 +200,7 @@ def resume_value(v):
 # %% ../nbs/09_cli.ipynb #3b4a0bad
 def check_run_folder(args) -> None:
     "Before loading anything: `output_dir` holds no other run, and a resume has a checkpoint"
-    from sft_nb.checkpoints import check_output_dir
+    from sft_nb.output_dir import check_output_dir
     from transformers.trainer_utils import get_last_checkpoint
     out, resume = Path(args.output_dir), resume_value(args.resume_from_checkpoint)
     if resume is True and (not out.is_dir() or get_last_checkpoint(str(out)) is None):
