@@ -6,7 +6,8 @@ assistant-only loss, batch 8, STEPS steps. Each run is a fresh process, with no 
 run; the runs are interleaved (TRL, sft_nb, floor, TRL, ...) and the best of REPEATS counts. Measured for each:
 
 - time to the first step: from the trainer's construction to the end of its first optimizer step (sft_nb tokenizes
-  and checks every row up front and caches it; TRL does its work per batch);
+  and checks every row up front and caches it; TRL does its work per batch); the process's CPU seconds over the same
+  span are printed too, a steadier measure on a loaded machine (both libraries compute with 2 threads);
 - training throughput: steps per second after the first;
 - peak memory: the largest resident set size of the process while that trainer runs.
 
@@ -16,7 +17,7 @@ from the same rows (no masks, no checks), AdamW.
 Run: `python bench/bench_vision.py` (N=2000, about 5 minutes on 2 cores) or `python bench/bench_vision.py 400`.
 Writes bench/results/vision.json.
 """
-import json, os, platform, resource, subprocess, sys, tempfile, time
+import json, os, platform, resource, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_file import machine  # noqa: E402
@@ -84,18 +85,21 @@ def run_one(lib_name:str, folder:Path) -> dict:
     marks = []
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw): begin.append(time.perf_counter())
-        def on_step_end(self, args, state, control, **kw): marks.append(time.perf_counter())
-    begin = []
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+            cpu.append(time.process_time())
+    begin, cpu = [], []
     ds = _fresh_data(folder)
     args = lib.SFTConfig(output_dir=str(folder/lib_name), report_to=[], max_steps=STEPS,
                          per_device_train_batch_size=BATCH, learning_rate=1e-3, save_strategy='no',
                          logging_steps=STEPS, assistant_only_loss=True, bf16=False, use_cpu=True,
                          dataloader_num_workers=0, seed=0)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     t = lib.SFTTrainer(str(folder/'model'), args=args, train_dataset=ds, callbacks=[Clock()])
     built = time.perf_counter()
     t.train()
-    return {'first_step_s': marks[0] - start, 'construct_s': built - start, 'train_begin_s': begin[0] - start,
+    return {'first_step_s': marks[0] - start, 'first_step_cpu_s': cpu[0] - start_cpu,
+            'construct_s': built - start, 'train_begin_s': begin[0] - start,
             'steps_per_s': (len(marks) - 1) / (marks[-1] - marks[0]),
             'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -130,6 +134,8 @@ def main():
                      'ratio_vs_trl': b / a, 'ratio_vs_floor': b / f, 'target': target, 'met': met})
     build = min(r['construct_s'] for r in runs['sft_nb'])
     print(f"(sft_nb's trainer construction, best: {build:.2f} s; TRL's: {min(r['construct_s'] for r in runs['trl']):.2f} s)")
+    cpu = [statistics.median(r['first_step_cpu_s'] for r in runs[lib]) for lib in ('trl', 'sft_nb')]
+    print(f"(CPU seconds to the first step, median: TRL {cpu[0]:.2f}, sft_nb {cpu[1]:.2f}, {cpu[1] / cpu[0]:.2f}x)")
     out = Path(__file__).parent/'results'
     out.mkdir(exist_ok=True)
     res = {'bench': 'vision', 'machine': machine(), 'command': f"python bench/bench_vision.py {N}", 'rows': rows}

@@ -24,7 +24,7 @@ __all__ = ['logger', 'PAD_CANDIDATES', 'NEW_TOKENS_ATTR', 'CHATML_GENERATION_TEM
            'check_dtype', 'config_dtype', 'is_vlm', 'model_class', 'check_vlm_support', 'get_quantization_config',
            'keep_bnb_layout', 'packing_problems', 'warn_packing', 'prepare_model', 'model_init_kwargs',
            'vision_skip_modules', 'load_model', 'pick_pad_token', 'sync_model_with_tokenizer', 'add_chatml_template',
-           'clone_chat_template', 'prepare_tokenizer', 'load_tokenizer']
+           'clone_chat_template', 'prepare_tokenizer', 'load_tokenizer', 'lazy_deepspeed']
 
 # %% ../nbs/02_models.ipynb #99b61050
 def _looks_local(name:str) -> bool:
@@ -507,3 +507,17 @@ def load_tokenizer(model_name_or_path, # Hub id or local folder
     kw = dict(revision=model_args.model_revision if model_args else None,
               trust_remote_code=bool(args and args.trust_remote_code))
     return prepare_tokenizer(_load_processing_class(name, kw), args=args)
+
+# %% ../nbs/02_models.ipynb #b9020d59
+def lazy_deepspeed() -> bool:
+    "Let accelerate's model unwrapping import deepspeed only once something else has; False if done already"
+    import sys
+    from accelerate.utils import other
+    check = other.is_deepspeed_available
+    if getattr(check, 'sft_nb_lazy', False): return False
+    def imported_and_available() -> bool: return 'deepspeed' in sys.modules and check()
+    imported_and_available.sft_nb_lazy = True
+    other.is_deepspeed_available = imported_and_available
+    return True
+
+lazy_deepspeed()  # on import: every trainer built after `import sft_nb` gets it

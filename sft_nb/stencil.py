@@ -16,8 +16,8 @@ from .slots import (SLOT_CLOSE, SLOT_OPEN, Escaped, Opaque, Slot, compile_stenci
 _all_ = ['SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil']
 
 # %% auto #0
-__all__ = ['conversation_shape', 'message_shape', 'nested_shape', 'build_stencil', 'fill_stencil', 'StencilRenderer', 'SLOT_OPEN',
-           'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil']
+__all__ = ['conversation_shape', 'message_shape', 'nested_shape', 'build_stencil', 'fill_stencil', 'StencilRenderer',
+           'parts_shape', 'SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil']
 
 # %% ../nbs/04a_stencil.ipynb #6a9acd89
 def conversation_shape(messages:list) -> tuple[tuple, list[str]]|None:
@@ -35,6 +35,10 @@ def conversation_shape(messages:list) -> tuple[tuple, list[str]]|None:
                 else:
                     put(k)
                     put_text(v)
+            elif k == 'content' and v.__class__ is list:
+                # text and image parts: their types fixed in the shape, their texts slots
+                if (f := parts_shape(v, texts)) is None: return None
+                put((k, None, f))
             elif v is not None: return None
         put(None)
     return tuple(shape), texts
@@ -383,3 +387,19 @@ def _turns(self:StencilRenderer, messages, row, tools, kwargs) -> tuple|None:
     if recipe is not None and _cut(recipe, all_texts, None) != out: recipe = None
     variants.append((guards, recipe))
     return out
+
+# %% ../nbs/04a_stencil.ipynb #b2711331
+def parts_shape(parts:list, # a message's content: a list of part dicts
+                texts:list, # gets the parts' texts, in order
+               ) -> tuple|None:
+    "The shape of a content of parts, as `nested_shape` writes it but with each `type` fixed; None: not parts"
+    out = []
+    for p in parts:
+        if p.__class__ is not dict: return None
+        items = []
+        for k, v in p.items():
+            if k == 'type' and v.__class__ is str: items.append((k, ('=', str, v)))
+            elif (f := _frozen(v, texts, k)) is None: return None
+            else: items.append((k, f))
+        out.append(('d', tuple(items)))
+    return ('l', tuple(out))

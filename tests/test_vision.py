@@ -1,5 +1,6 @@
 "Vision-language SFT against TRL 1.16 on tiny local VLMs of four families: batches, losses, saving"
 import copy, os
+from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import pytest, torch
 import transformers
@@ -329,3 +330,52 @@ def test_trl_vision_dataset_with_text_model_raises(tmp_path):
     args = sft_nb.SFTConfig(output_dir=str(tmp_path/'out'), report_to=[])
     with pytest.raises(ValueError, match='vision-related.*vision-language model'):
         sft_nb.SFTTrainer(str(path), args=args, train_dataset=Dataset.from_list(_rows(2)))
+
+AWKWARD = ['  padded  ', 'a</think>b', '{{ x }}', 'line\nbreak\n', '\tx', 'ünïcode ✓', '[INST] x', '"quote"', '4', ' ']
+# VLM templates whose conversations of parts render from stencils (llava_next's only since `parts_shape`)
+STENCILLED_VLM = {'qwen2_5_vl.jinja', 'qwen3_vl.jinja', 'llava_next.jinja', 'idefics3.jinja', 'smolvlm.jinja',
+                  'gemma3.jinja'}
+TRL_TEMPLATES = sorted((Path(trl.__file__).parent/'chat_templates').glob('*.jinja'))
+
+def _parts_conversations(n=40, seed=0):
+    "Conversations of parts as an Arrow dataset gives them back (every part has `text`, None for an image), awkward texts"
+    import random
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        msgs = []
+        for turn in range(rng.randint(1, 3)):
+            user = [{'type': 'image', 'text': None}] * rng.randint(0, 2) * (turn == 0)
+            user += [{'type': 'text', 'text': rng.choice(AWKWARD + ['Which colour?'])}]
+            reply = rng.choice(AWKWARD + ['Red.', ''])
+            msgs += [{'role': 'user', 'content': rng.sample(user, len(user))},
+                     {'role': 'assistant', 'content': reply if rng.random() < .3 else [{'type': 'text', 'text': reply}]}]
+        out.append(msgs)
+    return out
+
+def _turns_or_error(render, msgs):
+    "`assistant_turns`, or the message of its error for a template that doesn't render prefix by prefix"
+    from sft_nb.chat import NotNested, assistant_turns
+    try: return assistant_turns(render, msgs)
+    except NotNested as e: return str(e)
+
+@pytest.mark.parametrize('path', TRL_TEMPLATES, ids=lambda p: p.name)
+def test_parts_stencils_equal_jinja(path):
+    """Contents of parts (images, awkward texts) through every template TRL ships and the tiny VLM template: the stencil
+    path (`parts_shape`) gives transformers' own text and generation spans, and turn spans equal diffing's"""
+    from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
+    from sft_nb.chat import ChatRenderer
+    from sft_nb.stencil import StencilRenderer
+    from sft_nb.tiny import tiny_tokenizer
+    tok = tiny_tokenizer(path.read_text())
+    tok.bos_token = '<|endoftext|>'  # Llama 3's template writes one
+    render, plain, ref = StencilRenderer(tok), ChatRenderer(tok), _compile_jinja_template(tok.chat_template)
+    n = 0
+    for msgs in _parts_conversations() * 2:  # the second time round, shapes have their stencils
+        try: want = _render_with_assistant_indices(ref, msgs, None, None, False, **tok.special_tokens_map)
+        except Exception: continue  # a template that rejects parts or images rejects them both ways
+        assert render(msgs, markers=True) == want
+        assert _turns_or_error(render, msgs) == _turns_or_error(plain, msgs)
+        n += 1
+    assert n > 0 or 'image' not in path.read_text(), path.name
+    if path.name.replace('_training', '') in STENCILLED_VLM:  # the stencil path taken, not all row by row
+        assert any(s is not None for v in render.stencils.values() for _, s in v), path.name
