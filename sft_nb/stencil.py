@@ -296,6 +296,7 @@ def _seed_tools(template:str, tools:list, memo:dict) -> bool:
     for t, x in zip(tools, texts): memo[id(t), chain] = (t, x)
     return True
 
+# %% ../nbs/04a_stencil.ipynb #376b2249
 @patch
 def _stencilled(self:StencilRenderer, row:tuple, shape:tuple, texts:list, tools) -> tuple|None:
     "`row` filled into its stencil, or rendered to build one; None: render it; `_ESCAPED`: the stencil escaped"
