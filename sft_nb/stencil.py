@@ -309,6 +309,10 @@ def _stencilled(self:StencilRenderer, row:tuple, shape:tuple, texts:list, tools)
     if len(variants) >= self.max_variants: return None
     guards = []
     stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt, tools, texts, guards)
+    if stencil is None and isinstance(tools, tuple):
+        # the tools as slots escaped (GPT-OSS reads them): this row builds the stencil with them written out
+        variants.append((guards, None))
+        return _ESCAPED
     out = split_marked(self._marked(*row))
     checked = stencil is not None and out is not None and fill_stencil(stencil, texts) == out
     variants.append((guards, stencil if checked else None))

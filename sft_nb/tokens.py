@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
            'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
-           'pipelined', 'piece_pattern', 'PieceEncoding', 'encode_pieces', 'check_markers']
+           'pipelined', 'piece_pattern', 'PieceEncoding', 'PieceCache', 'encode_pieces', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -241,6 +241,7 @@ class Tokenize:
         self.render = StencilRenderer(self.tokenizer, self.chat_template) if conversations else None
         # rendered conversations are encoded piece by piece where that is exact (`piece_pattern`)
         self.pieces = piece_pattern(self.backend) if conversations else None
+        self.piece_cache = PieceCache()
 
     def encode(self, texts, special):
         if special or self.pieces is None: return self.backend.encode_batch(texts, add_special_tokens=special)
@@ -379,25 +380,42 @@ class PieceEncoding:
         t = self.encs[i].char_to_token(c - self.chars[i]) if i >= 0 else None
         return None if t is None else t + self.tokens[i]
 
+# %% ../nbs/04c_tokens.ipynb #2bbcfb23
+def _make_room(cache:dict, used, n_new:int, max_cached:int):
+    "Empty `cache` but for the pieces in `used` where `n_new` more would pass `max_cached`"
+    if len(cache) + n_new <= max_cached: return
+    kept = {p: cache[p] for p in used if p in cache}
+    cache.clear()
+    cache.update(kept)
+
+class PieceCache(dict):
+    "The pieces a `Tokenize` encoded in earlier batches; pickled empty (worker processes, fingerprints)"
+    def __reduce__(self): return (PieceCache, ())
+
 # %% ../nbs/04c_tokens.ipynb #9f1a9563
 def encode_pieces(backend, # a `tokenizers.Tokenizer`
                   pattern:re.Pattern, # from `piece_pattern(backend)`
                   texts:list[str], # the texts, encoded without adding special tokens
-                  min_saving:float=0.25, # encode whole texts where distinct pieces save less of the characters
+                  min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
+                  cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
+                  max_cached:int=4096, # pieces kept in `cache`
                  ) -> list:
     "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
     from itertools import accumulate, chain
+    cache = {} if cache is None else cache
     index, rows = {}, []
     for t in texts:
         parts = pattern.split(t)
         # a piece: an added token and the text up to the next one
         cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
         rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
+    new = [p for p in index if p not in cache]
     # few repeats: joining pieces would cost more than it saves
-    if sum(map(len, index)) > (1 - min_saving) * sum(map(len, texts)):
+    if sum(map(len, new)) > (1 - min_saving) * sum(map(len, texts)):
         return backend.encode_batch(texts, add_special_tokens=False)
-    encs = backend.encode_batch(list(index), add_special_tokens=False)
-    ids = [e.ids for e in encs]
+    _make_room(cache, index, len(new), max_cached)
+    cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
+    encs, ids = zip(*[cache[p] for p in index])
     sizes = [len(x) for x in ids]
     out = []
     for keys, cut in rows:
@@ -411,7 +429,7 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
 @patch
 def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
     "`encode_pieces`; if a call's first text encodes otherwise whole, whole texts from then on"
-    out = encode_pieces(self.backend, self.pieces, texts)
+    out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache)
     if not out or not isinstance(out[0], PieceEncoding): return out  # encoded whole
     if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids: return out
     logger.warning(f"`{type(self.tokenizer).__name__}` encodes a text differently piece by piece (between "
