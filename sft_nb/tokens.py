@@ -381,9 +381,10 @@ class PieceEncoding:
         return None if t is None else t + self.tokens[i]
 
 # %% ../nbs/04c_tokens.ipynb #2bbcfb23
-def _make_room(cache:dict, used, n_new:int, max_cached:int):
-    "Empty `cache` but for the pieces in `used` where `n_new` more would pass `max_cached`"
-    if len(cache) + n_new <= max_cached: return
+def _make_room(cache:dict, used, new_chars:int, max_cached:int):
+    "Empty `cache` but for `used` pieces where `new_chars` more characters would pass `max_cached`"
+    # bounded by characters: an encoding's memory grows with its text
+    if sum(map(len, cache)) + new_chars <= max_cached: return
     kept = {p: cache[p] for p in used if p in cache}
     cache.clear()
     cache.update(kept)
@@ -398,7 +399,7 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
                   texts:list[str], # the texts, encoded without adding special tokens
                   min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
                   cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
-                  max_cached:int=4096, # pieces kept in `cache`
+                  max_cached:int=1 << 20, # characters of the pieces kept in `cache`
                  ) -> list:
     "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
     from itertools import accumulate, chain
@@ -413,7 +414,7 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
     # few repeats: joining pieces would cost more than it saves
     if sum(map(len, new)) > (1 - min_saving) * sum(map(len, texts)):
         return backend.encode_batch(texts, add_special_tokens=False)
-    _make_room(cache, index, len(new), max_cached)
+    _make_room(cache, index, sum(map(len, new)), max_cached)
     cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
     encs, ids = zip(*[cache[p] for p in index])
     sizes = [len(x) for x in ids]
