@@ -9,7 +9,9 @@ the template itself, which inference uses). Writes bench/results/turns.json.
 - reasoning: Qwen 3's own template with `reasoning_content`; both train on TRL's `qwen3_training` variant.
 
 Both kinds render through sft_nb's stencils (04a_stencil): Jinja once per conversation shape, reads of a text kept as
-guards. Issue 20 asks for >= 4x TRL's speed on 20k conversations of each kind (`--full`).
+guards. sft_nb then encodes each distinct piece between added tokens once (04c_tokens, `encode_pieces`): the system
+prompt with the tool schemas, the turn headers. Where pieces repeat it can take less time than the floor, which encodes
+every text whole. Issue 20 asks for >= 4x TRL's speed on 20k conversations of each kind (`--full`).
 
     python bench/bench_turns.py [--n 2000 | --full] [--repeat 3]
 """

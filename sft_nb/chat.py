@@ -80,18 +80,21 @@ def _sandbox():
     return Sandbox
 
 # %% ../nbs/04_chat.ipynb #9f9d08b4
+def _marked_env(sandbox:type, base):
+    "A `sandbox` environment set up as transformers' own, with `base`'s filters and globals"
+    import jinja2
+    extensions = [_marked_extension(), jinja2.ext.loopcontrols]
+    env = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    env.filters.update(base.filters)
+    env.globals.update(base.globals)
+    return env
+
 @functools.lru_cache(maxsize=16)
 def compile_marked(template:str):
     "`template` compiled as transformers compiles it, with sentinel-writing generation blocks"
-    import jinja2
     # private: transformers' compiled template, whose environment has the filters and globals
     from transformers.utils.chat_template_utils import _compile_jinja_template
-    ref = _compile_jinja_template(template).environment
-    extensions = [_marked_extension(), jinja2.ext.loopcontrols]
-    env = _sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
-    env.filters.update(ref.filters)
-    env.globals.update(ref.globals)
-    return env.from_string(template)
+    return _marked_env(_sandbox(), _compile_jinja_template(template).environment).from_string(template)
 
 # %% ../nbs/04_chat.ipynb #aa250c09
 def split_marked(text:str) -> tuple[str, list[tuple[int,int]]]|None:

@@ -7,7 +7,7 @@ Docs: https://sft-nb.github.io/sft_nb/slots.html.md"""
 # %% ../nbs/04a_slots.ipynb #5a0d1e04
 from __future__ import annotations
 import contextvars, functools, re
-from .chat import _marked_extension, compile_marked
+from .chat import _marked_env, compile_marked
 
 # %% auto #0
 __all__ = ['SLOT_OPEN', 'SLOT_CLOSE', 'Escaped', 'Slot', 'guards_hold', 'Opaque', 'compile_stencil']
@@ -244,12 +244,10 @@ def _slot_sandbox(base_env):
 @functools.lru_cache(maxsize=16)
 def compile_stencil(template:str):
     "`template` compiled as by `compile_marked`, in a sandbox that raises `Escaped` where a slot is read"
-    import jinja2
     base = compile_marked(template).environment
-    extensions = [_marked_extension(), jinja2.ext.loopcontrols]
-    env = _slot_sandbox(base)(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    env = _marked_env(_slot_sandbox(base), base)
+    # the same filters and tests, guarded
     env.filters.update({k: _guard_filter(k, f) for k, f in base.filters.items()}, trim=_trim)
     if 'tojson' in base.filters: env.filters['tojson'] = _slot_tojson(base.filters['tojson'])
     env.tests.update({k: _guard_test(k, f) for k, f in base.tests.items()})
-    env.globals.update(base.globals)
     return env.from_string(template)

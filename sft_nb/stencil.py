@@ -51,14 +51,23 @@ def _frozen(v, texts:list, key=None):
         if v.isspace() or (not v.isascii() and _SENTINEL_RE.search(v)): return None
         texts.append(v)
         return 's'
-    if isinstance(v, dict) and key == 'arguments' and v:
-        if _has_sentinels(v): return None
-        texts.append(v)
-        return 'o'
-    if isinstance(v, (dict, list)):
-        items = [(k, _frozen(x, texts, k)) for k, x in (v.items() if isinstance(v, dict) else enumerate(v))]
-        if any(f is None for _, f in items): return None
-        return ('d', tuple(items)) if isinstance(v, dict) else ('l', tuple(f for _, f in items))
+    if isinstance(v, dict):
+        if key == 'arguments' and v:
+            if _has_sentinels(v): return None
+            texts.append(v)
+            return 'o'
+        items = []
+        for k, x in v.items():
+            # loops, not comprehensions: one shape per tool call of every row, stopping at the first miss
+            if (f := _frozen(x, texts, k)) is None: return None
+            items.append((k, f))
+        return ('d', tuple(items))
+    if isinstance(v, list):
+        items = []
+        for x in v:
+            if (f := _frozen(x, texts)) is None: return None
+            items.append(f)
+        return ('l', tuple(items))
     # the type too: True == 1 == 1.0, but a template writes each differently
     if v is None or v.__class__ in (bool, int, float): return ('=', v.__class__, v)
     return None
@@ -74,25 +83,32 @@ def _reasoning_order() -> tuple:
 def message_shape(m:dict) -> tuple[tuple, list]|None:
     "A message's part of a conversation shape, and its texts, as `apply_chat_template` hands it over"
     # `None`s dropped, reasoning aliased: `_chat`'s steps, here in one pass
-    reasoning = next((m[k] for k in _reasoning_order() if m.get(k) is not None), None)
-    if reasoning is not None:
-        m = {'thinking': reasoning, **{k: v for k, v in m.items() if v is not None}, 'reasoning_content': reasoning}
+    for k in _reasoning_order():
+        if (reasoning := m.get(k)) is not None:
+            m = {'thinking': reasoning, **{k: v for k, v in m.items() if v is not None},
+                 'reasoning_content': reasoning}
+            break
     shape, texts = [], []
+    put = shape.append
     for k, v in m.items():
         if v is None: continue
-        if k == 'role' and v.__class__ is str: shape.append((k, v))
-        elif v.__class__ is str and not v: shape.append((k, v))
+        # texts inline, as `_frozen` shapes them: most values of every row are texts
+        if v.__class__ is str:
+            if k == 'role' or not v: put((k, v))
+            elif v.isspace() or (not v.isascii() and _SENTINEL_RE.search(v)): return None
+            else:
+                put(k)
+                texts.append(v)
         elif (f := _frozen(v, texts, k)) is None: return None
-        elif f == 's': shape.append(k)
-        else: shape.append((k, None, f))  # a nested value
-    shape.append(None)
+        else: put((k, None, f))  # a nested value
+    put(None)
     return tuple(shape), texts
 
 def nested_shape(messages:list, # the conversation
                  memo:dict|None=None, # `{id(message): (message, its shape)}`, kept across calls
                 ) -> tuple[tuple, list]|None:
     "A conversation's shape and texts, with nested fields and aliased reasoning, as the template sees them"
-    shape, texts = (), []
+    shape, texts = [], []
     for m in messages:
         hit = memo.get(id(m)) if memo is not None else None
         # prefixes of a conversation share its message dicts: each is shaped once
@@ -101,7 +117,7 @@ def nested_shape(messages:list, # the conversation
         if memo is not None and hit is None: memo[id(m)] = (m, found)
         shape += found[0]
         texts += found[1]
-    return shape, texts
+    return tuple(shape), texts
 
 # %% ../nbs/04a_stencil.ipynb #c344005a
 def _unfrozen(f, n:int) -> tuple:
@@ -249,7 +265,7 @@ def _by_shape(self:StencilRenderer, template, messages, tools, kwargs, add_gener
     if found is None: return None
     shape, texts = found
     row = template, messages, tools, kwargs, add_generation_prompt
-    slotted = self._tool_slots(tools, len(texts))
+    slotted = self._tool_slots(template, tools, len(texts))
     if slotted is not None:
         out = self._stencilled(row, shape, texts + tools, tuple(slotted))
         if out is not _ESCAPED: return out
@@ -257,12 +273,13 @@ def _by_shape(self:StencilRenderer, template, messages, tools, kwargs, add_gener
     return None if out is _ESCAPED else out
 
 @patch
-def _tool_slots(self:StencilRenderer, tools, n:int) -> list|None:
+def _tool_slots(self:StencilRenderer, template, tools, n:int) -> list|None:
     "`tools` as `Opaque` slots numbered from `n`; None: not non-empty dicts of JSON values"
     if tools.__class__ is not list or not tools: return None
     hit = self.memo.get(('tools', id(tools)))
     # a row's prefixes share its tools: checked once
-    if hit is None or hit[0] is not tools: hit = self.memo['tools', id(tools)] = (tools, _slottable_tools(tools))
+    if hit is None or hit[0] is not tools:
+        hit = self.memo['tools', id(tools)] = (tools, _seed_tools(template, tools, self.memo))
     return _opaque_slots(n, len(tools)) if hit[1] else None
 
 @functools.lru_cache(maxsize=1024)
@@ -270,14 +287,20 @@ def _opaque_slots(n:int, k:int) -> list:
     "`k` `Opaque` slots numbered from `n`: the same for every row of a shape, as they hold no text"
     return [Opaque(f"{SLOT_OPEN}{n + i}{SLOT_CLOSE}") for i in range(k)]
 
-def _slottable_tools(tools:list) -> bool:
-    "Are `tools` non-empty dicts of JSON values, free of generation sentinels?"
+def _seed_tools(template:str, tools:list, memo:dict) -> bool:
+    "Are `tools` non-empty dicts of JSON values, free of generation sentinels? Their `tojson` goes in `memo`"
     if not all(t.__class__ is dict and t for t in tools): return False
-    # one C-speed pass over everything, keys too
-    try: text = json.dumps(tools, ensure_ascii=False)
+    tojson = compile_marked(template).environment.filters.get('tojson')
+    if tojson is None: return False
+    # written once as the check, kept for `fill_stencil`: `{{ tool | tojson }}` needs no second pass
+    try: texts = [tojson(t) for t in tools]
     except (TypeError, ValueError): return False
-    return GEN_OPEN not in text and GEN_CLOSE not in text
+    if any(GEN_OPEN in x or GEN_CLOSE in x for x in texts): return False
+    chain = ((tojson, (), ()),)  # what `{{ tool | tojson }}` marks a slot with
+    for t, x in zip(tools, texts): memo[id(t), chain] = (t, x)
+    return True
 
+# %% ../nbs/04a_stencil.ipynb #376b2249
 @patch
 def _stencilled(self:StencilRenderer, row:tuple, shape:tuple, texts:list, tools) -> tuple|None:
     "`row` filled into its stencil, or rendered to build one; None: render it; `_ESCAPED`: the stencil escaped"
@@ -290,6 +313,10 @@ def _stencilled(self:StencilRenderer, row:tuple, shape:tuple, texts:list, tools)
     if len(variants) >= self.max_variants: return None
     guards = []
     stencil = build_stencil(template, shape, self._kw(kwargs), add_generation_prompt, tools, texts, guards)
+    if stencil is None and isinstance(tools, tuple):
+        # the tools as slots escaped (GPT-OSS reads them): this row builds the stencil with them written out
+        variants.append((guards, None))
+        return _ESCAPED
     out = split_marked(self._marked(*row))
     checked = stencil is not None and out is not None and fill_stencil(stencil, texts) == out
     variants.append((guards, stencil if checked else None))
@@ -375,7 +402,7 @@ def _turns(self:StencilRenderer, messages, row, tools, kwargs) -> tuple|None:
     if found is None: return None
     shape, texts = found
     template = self.template or self.tokenizer.get_chat_template(None, tools)
-    slotted = self._tool_slots(tools, len(texts))
+    slotted = self._tool_slots(template, tools, len(texts))
     form, all_texts = (tools, texts) if slotted is None else (tuple(slotted), texts + tools)
     variants = self._variants(template, ('turns', shape), form, kwargs, False)
     if variants is None: return None

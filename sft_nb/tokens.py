@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/tokens.html.md"""
 
 # %% ../nbs/04c_tokens.ipynb #f8044919
 from __future__ import annotations
-import json, traceback
+import bisect, contextlib, gc, json, logging, re, traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 from fastcore.basics import patch
@@ -15,10 +15,12 @@ from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
 
+logger = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
+__all__ = ['logger', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
            'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
-           'pipelined', 'check_markers']
+           'pipelined', 'piece_pattern', 'PieceEncoding', 'PieceCache', 'encode_pieces', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -237,9 +239,13 @@ class Tokenize:
         self.eos = self.eos_token or self.tokenizer.eos_token
         conversations = self.fmt.startswith('conversational')
         self.render = StencilRenderer(self.tokenizer, self.chat_template) if conversations else None
+        # rendered conversations are encoded piece by piece where that is exact (`piece_pattern`)
+        self.pieces = piece_pattern(self.backend) if conversations else None
+        self.piece_cache = PieceCache()
 
     def encode(self, texts, special):
-        return self.backend.encode_batch(texts, add_special_tokens=special)
+        if special or self.pieces is None: return self.backend.encode_batch(texts, add_special_tokens=special)
+        return self._encode_pieces(texts)
     def _eos(self, t): return t if t.endswith(self.eos) else t + self.eos
 
     def spans(self, messages, row, tools=None, kwargs=None) -> tuple[str, list]:
@@ -339,6 +345,99 @@ def pipelined(n:int, # number of items
         out += pending.result()
     return out
 
+# %% ../nbs/04c_tokens.ipynb #6a73adac
+# pre-tokenizer steps that treat each piece alike wherever it starts (Metaspace marks the text's first one)
+_PIECEWISE = frozenset({'ByteLevel', 'Split', 'Digits', 'Punctuation', 'Whitespace', 'WhitespaceSplit'})
+
+def _piecewise(pre:dict|None) -> bool:
+    "Is a pre-tokenizer (as JSON) made only of steps that treat each piece alike?"
+    if pre is None: return True
+    if pre.get('type') == 'Sequence': return all(map(_piecewise, pre['pretokenizers']))
+    return pre.get('type') in _PIECEWISE
+
+def piece_pattern(backend) -> re.Pattern|None:
+    "Matches `backend`'s added tokens as it does, where texts cut into pieces it encodes alone; None: can't"
+    added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]
+    # a token that takes in whitespace, or only matches as a whole word, moves the cut
+    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added): return None
+    pre = backend.pre_tokenizer
+    if not _piecewise(None if pre is None else json.loads(pre.__getstate__())): return None
+    # longest first: at each position the longest token matches, as the tokenizer's own matcher does
+    contents = sorted({t.content for t in added}, key=len, reverse=True)
+    return re.compile('(' + '|'.join(map(re.escape, contents)) + ')')
+
+# %% ../nbs/04c_tokens.ipynb #b02fcb7d
+class PieceEncoding:
+    "A text's encoding joined from its pieces': `ids`, `len` and `char_to_token` as a `tokenizers.Encoding`'s"
+    __slots__ = ('ids', 'encs', 'chars', 'tokens')
+    def __init__(self, ids:list, encs:list, chars:list, tokens:list):
+        # each piece's encoding, and where it starts in characters and in tokens
+        self.ids, self.encs, self.chars, self.tokens = ids, encs, chars, tokens
+    def __len__(self): return len(self.ids)
+    def char_to_token(self, c:int) -> int|None:
+        # the last piece starting at or before `c` (`chars` ends with the text's length)
+        i = bisect.bisect_right(self.chars, c, 0, len(self.encs)) - 1
+        t = self.encs[i].char_to_token(c - self.chars[i]) if i >= 0 else None
+        return None if t is None else t + self.tokens[i]
+
+# %% ../nbs/04c_tokens.ipynb #2bbcfb23
+def _make_room(cache:dict, used, new_chars:int, max_cached:int):
+    "Empty `cache` but for `used` pieces where `new_chars` more characters would pass `max_cached`"
+    # bounded by characters: an encoding's memory grows with its text
+    if sum(map(len, cache)) + new_chars <= max_cached: return
+    kept = {p: cache[p] for p in used if p in cache}
+    cache.clear()
+    cache.update(kept)
+
+class PieceCache(dict):
+    "The pieces a `Tokenize` encoded in earlier batches; pickled empty (worker processes, fingerprints)"
+    def __reduce__(self): return (PieceCache, ())
+
+# %% ../nbs/04c_tokens.ipynb #9f1a9563
+def encode_pieces(backend, # a `tokenizers.Tokenizer`
+                  pattern:re.Pattern, # from `piece_pattern(backend)`
+                  texts:list[str], # the texts, encoded without adding special tokens
+                  min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
+                  cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
+                  max_cached:int=1 << 20, # characters of the pieces kept in `cache`
+                 ) -> list:
+    "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
+    from itertools import accumulate, chain
+    cache = {} if cache is None else cache
+    index, rows = {}, []
+    for t in texts:
+        parts = pattern.split(t)
+        # a piece: an added token and the text up to the next one
+        cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
+        rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
+    new = [p for p in index if p not in cache]
+    # few repeats: joining pieces would cost more than it saves
+    if sum(map(len, new)) > (1 - min_saving) * sum(map(len, texts)):
+        return backend.encode_batch(texts, add_special_tokens=False)
+    _make_room(cache, index, sum(map(len, new)), max_cached)
+    cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
+    encs, ids = zip(*[cache[p] for p in index])
+    sizes = [len(x) for x in ids]
+    out = []
+    for keys, cut in rows:
+        row_ids = list(chain.from_iterable([ids[k] for k in keys]))
+        chars = list(accumulate(map(len, cut), initial=0))
+        tokens = list(accumulate([sizes[k] for k in keys], initial=0))
+        out.append(PieceEncoding(row_ids, [encs[k] for k in keys], chars, tokens))
+    return out
+
+# %% ../nbs/04c_tokens.ipynb #2dd306a2
+@patch
+def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
+    "`encode_pieces`; if a call's first text encodes otherwise whole, whole texts from then on"
+    out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache)
+    if not out or not isinstance(out[0], PieceEncoding): return out  # encoded whole
+    if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids: return out
+    logger.warning(f"`{type(self.tokenizer).__name__}` encodes a text differently piece by piece (between "
+                   "its added tokens) than whole: texts are encoded whole from now on, which is slower.")
+    self.pieces = None
+    return self.backend.encode_batch(texts, add_special_tokens=False)
+
 # %% ../nbs/04c_tokens.ipynb #8feee7e9
 @patch
 def conversational(self:Tokenize, rows, idx):
@@ -398,6 +497,16 @@ def tokenized(self:Tokenize, rows, idx):
         return [mask_spans(m) for m in ms]
     return [list(r['input_ids']) for r in rows], [masks(r) for r in rows]
 
+# %% ../nbs/04c_tokens.ipynb #e4649bd1
+@contextlib.contextmanager
+def _gc_paused():
+    "Cyclic garbage collection off inside the block, back on after it if it was on"
+    was_on = gc.isenabled()
+    gc.disable()
+    try: yield
+    finally:
+        if was_on: gc.enable()
+
 # %% ../nbs/04c_tokens.ipynb #716d577d
 @patch
 def __call__(self:Tokenize, batch:dict, idx:list[int]) -> dict:
@@ -408,7 +517,7 @@ def __call__(self:Tokenize, batch:dict, idx:list[int]) -> dict:
             check_row(r, i, self.fmt, self.text_field, self.assistant_only_loss)
     if 'conversations' in batch:
         for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
-    ids, masks = getattr(self, self.fmt)(rows, idx)
+    with _gc_paused(): ids, masks = getattr(self, self.fmt)(rows, idx)
     given = [r.get('labels') for r in rows] if self.fmt == 'tokenized' else None
     out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given,
                    self.weighted)

@@ -144,3 +144,28 @@ def test_turn_stencils_equal_diffing(path):
             assert turns(fast, msgs, tools) == turns(plain, msgs, tools), (msgs, tools)
     served = [r for k, v in fast.stencils.items() if k[1][0] == 'turns' for _, r in v if r is not None]
     if path.parent == FIXTURES and path.stem in ('qwen2_5', 'llama3_1'): assert served
+
+
+PIECE_TEMPLATES = [p for p in TEMPLATE_FILES if p.parent == FIXTURES and p.stem in ('qwen2_5', 'qwen3')]
+
+
+@pytest.mark.parametrize('path', PIECE_TEMPLATES, ids=_id)
+def test_pieces_prepare_what_whole_texts_do(path, monkeypatch):
+    "Texts encoded piece by piece between added tokens give the rows (ids, labels) of texts encoded whole"
+    import sft_nb.tokens as tokens
+    tok = tiny_tokenizer(path.read_text())
+    tok.add_special_tokens({'additional_special_tokens': ['<tool_call>', '</tool_call>', '<think>', '</think>']})
+    convs = tool_and_reasoning_conversations(60)
+    batch = {'messages': convs, 'tools': [TOOLSETS[k % len(TOOLSETS)] for k in range(len(convs))]}
+    def prepared():
+        t = tokens.Tokenize(tok, 'conversational', assistant_only_loss=True, arrow=False, drop_untrained=False)
+        return t, t(batch, list(range(len(convs))))
+    t, pieces = prepared()
+    texts = [t.render(c, tools)[0] for c, tools in zip(convs, batch['tools'])]
+    # the tools' system prompts and the headers repeat: these texts are joined from pieces
+    assert t.pieces is not None and all(isinstance(e, tokens.PieceEncoding) for e in t.encode(texts, False))
+    monkeypatch.setattr(tokens, 'piece_pattern', lambda backend: None)
+    t_whole, whole = prepared()
+    assert t_whole.pieces is None
+    assert pieces == whole and len(whole['input_ids']) >= len(convs)
+    assert sum(x != -100 for row in whole['labels'] for x in row) > 0
