@@ -114,9 +114,10 @@ def _ranges(n:int, # rows
 def _map_range(dataset, t:Tokenize, rows:range, kw:dict, k:int):
     "`dataset.map(t)` over `rows` (a slice), `t` seeing each row's index in the whole dataset"
     def shifted(batch, idx): return t(batch, [i + rows.start for i in idx])
-    # named from the whole map's fingerprint: hashing `shifted` would pickle the tokenizer
-    part_kw = {**kw, 'num_proc': None, 'new_fingerprint': f"{kw['new_fingerprint']}-{k}"}
-    return dataset.select(rows).map(shifted, **part_kw)
+    # named from the whole map's name and the range (a cache file's name); hashing `shifted`, as
+    # `datasets` would, would pickle the tokenizer
+    name = f"{kw['new_fingerprint']}-{rows.start}-{rows.stop}"
+    return dataset.select(rows).map(shifted, **{**kw, 'num_proc': None, 'new_fingerprint': name})
 
 def _child(dataset, t:Tokenize, rows:range, kw:dict, k:int, w:int):
     "In a forked child: map `rows`, write `(table, split counts)` or the error to `w`, and exit"
@@ -125,7 +126,7 @@ def _child(dataset, t:Tokenize, rows:range, kw:dict, k:int, w:int):
         datasets.disable_progress_bars()  # one bar: the parent's
         inherited = dict(t.split_stats)  # the parent's head: counted there
         try:
-            table = _map_range(dataset, t, rows, kw, k).data.table
+            table = _map_range(dataset, t, rows, kw, k).data  # a mapped cache file pickles as its path
             out = ('rows', table, {key: n - inherited[key] for key, n in t.split_stats.items()})
         except BaseException as e: out = ('error', e, traceback.format_exc())
         try: data = pickle.dumps(out, protocol=5)
@@ -138,7 +139,6 @@ def _collect(pid:int, r:int, t:Tokenize):
     "A child's rows as a `Dataset` (its split counts added to `t`'s), or its error raised here"
     import os, pickle
     from datasets import Dataset
-    from datasets.table import InMemoryTable
     with os.fdopen(r, 'rb') as f: data = f.read()
     _, status = os.waitpid(pid, 0)
     if not data:
@@ -147,7 +147,7 @@ def _collect(pid:int, r:int, t:Tokenize):
     kind, payload, extra = pickle.loads(data)
     if kind == 'error': raise payload from RuntimeError(f"In the forked process:\n{extra}")
     for key, n in extra.items(): t.split_stats[key] += n
-    return Dataset(InMemoryTable(payload))
+    return Dataset(payload)
 
 def _reap(pid:int, r:int):
     "Stop a child whose rows are no longer wanted (another range failed)"
@@ -157,13 +157,16 @@ def _reap(pid:int, r:int):
     os.close(r)
 
 # %% ../nbs/04d_data.ipynb #25b2ffca
-def forked_map(dataset, # a `Dataset` held in memory
+def forked_map(dataset, # a `Dataset`
                t:Tokenize, # what `prepare_dataset` maps
-               kw:dict, # `_map_kwargs`'s: `num_proc` processes, `new_fingerprint` set
+               kw:dict, # `_map_kwargs`'s, with `num_proc` processes
               ):
     "`dataset.map(t, **kw)` in `kw['num_proc']` processes forked from this one, which is one of them"
     import os
     from datasets import concatenate_datasets
+    from datasets.fingerprint import Hasher
+    if 'new_fingerprint' not in kw:  # cache files outlive the run: named from all of `t`, as `datasets` does
+        kw = {**kw, 'new_fingerprint': Hasher.hash((dataset._fingerprint, t))}
     if len(dataset) < kw['num_proc']: return dataset.map(t, **{**kw, 'num_proc': None})
     head, mine, *theirs = _ranges(len(dataset), kw['num_proc'])
     pieces = [_map_range(dataset, t, head, kw, 0)] if len(head) else []
@@ -190,11 +193,10 @@ def forked_map(dataset, # a `Dataset` held in memory
     return out
 
 def _forks(dataset, kw:dict) -> bool:
-    "Map with `forked_map`: processes asked for, a `Dataset` held in memory, and Linux's `fork`"
+    "Map with `forked_map`: processes asked for, a `Dataset` (not a stream), and Linux's `fork`"
     import sys
     from datasets import Dataset
-    in_memory = isinstance(dataset, Dataset) and not dataset.cache_files
-    return bool(kw.get('num_proc')) and in_memory and sys.platform == 'linux'
+    return bool(kw.get('num_proc')) and isinstance(dataset, Dataset) and sys.platform == 'linux'
 
 # %% ../nbs/04d_data.ipynb #0415488a
 def _prepare_dicts(dataset, *args, **kwargs):
