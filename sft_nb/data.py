@@ -103,10 +103,10 @@ FORK_HEAD = 256  # rows the parent maps before forking, at most: their shapes' s
 
 def _ranges(n:int, # rows
             num_proc:int, # processes
-            head:int=FORK_HEAD,
+            head:int|None=None, # default `FORK_HEAD`
            ) -> list[range]:
     "Rows the parent maps before forking, then one contiguous range per process, the parent's first"
-    head = min(head, n // (2 * num_proc))  # the rest stays most of the work
+    head = min(FORK_HEAD if head is None else head, n // (2 * num_proc))  # the rest: most of the work
     cuts = [head + (n - head) * k // num_proc for k in range(num_proc + 1)]
     return [range(0, head)] + [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
