@@ -111,13 +111,24 @@ def _ranges(n:int, # rows
     return [range(0, head)] + [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
 # %% ../nbs/04d_data.ipynb #d63c8635
+def _cache_folder(dataset) -> str:
+    "Where `datasets` puts a map's cache file: beside the dataset's files, or (caching off) a temporary folder"
+    import os
+    from datasets import is_caching_enabled
+    from datasets.fingerprint import get_temporary_cache_files_directory
+    if is_caching_enabled(): return os.path.dirname(dataset.cache_files[0]['filename'])
+    return get_temporary_cache_files_directory()
+
 def _map_range(dataset, t:Tokenize, rows:range, kw:dict, k:int):
     "`dataset.map(t)` over `rows` (a slice), `t` seeing each row's index in the whole dataset"
+    import os
     def shifted(batch, idx): return t(batch, [i + rows.start for i in idx])
-    # named from the whole map's name and the range (a cache file's name); hashing `shifted`, as
-    # `datasets` would, would pickle the tokenizer
+    # named from the whole map's name and the range; hashing `shifted`, as `datasets` would, would
+    # pickle the tokenizer, and with caching off it would draw a random file name, the same in every child
     name = f"{kw['new_fingerprint']}-{rows.start}-{rows.stop}"
-    return dataset.select(rows).map(shifted, **{**kw, 'num_proc': None, 'new_fingerprint': name})
+    path = os.path.join(_cache_folder(dataset), f"cache-{name}.arrow") if dataset.cache_files else None
+    part = {**kw, 'num_proc': None, 'new_fingerprint': name, 'cache_file_name': path}
+    return dataset.select(rows).map(shifted, **part)
 
 def _child(dataset, t:Tokenize, rows:range, kw:dict, k:int, w:int):
     "In a forked child: map `rows`, write `(table, split counts)` or the error to `w`, and exit"
@@ -170,6 +181,7 @@ def forked_map(dataset, # a `Dataset`
     if len(dataset) < kw['num_proc']: return dataset.map(t, **{**kw, 'num_proc': None})
     head, mine, *theirs = _ranges(len(dataset), kw['num_proc'])
     pieces = [_map_range(dataset, t, head, kw, 0)] if len(head) else []
+    if dataset.cache_files: _cache_folder(dataset)  # made before forking: the one the children write to
     saved = os.environ.get('TOKENIZERS_PARALLELISM')
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'
     kids = []
