@@ -179,7 +179,8 @@ def forked_map(dataset, # a `Dataset`
     if 'new_fingerprint' not in kw:  # cache files outlive the run: named from all of `t`, as `datasets` does
         kw = {**kw, 'new_fingerprint': Hasher.hash((dataset._fingerprint, t))}
     if len(dataset) < kw['num_proc']: return dataset.map(t, **{**kw, 'num_proc': None})
-    head, mine, *theirs = _ranges(len(dataset), kw['num_proc'])
+    warm = None if t.render is not None else 0  # a head only where there are stencils to build once
+    head, mine, *theirs = _ranges(len(dataset), kw['num_proc'], warm)
     pieces = [_map_range(dataset, t, head, kw, 0)] if len(head) else []
     if dataset.cache_files: _cache_folder(dataset)  # made before forking: the one the children write to
     saved = os.environ.get('TOKENIZERS_PARALLELISM')
