@@ -96,8 +96,10 @@ def run_case(workload, vocab, n, repeat, configs):
     backend = tok.backend_tokenizer
     texts = rendered(rows, tok, workload)
     warm = ds.select(range(min(50, n)))
-    ours(warm, tok, workload, 1, False)  # first-call costs (lazy imports, template compiles) out of the clock
-    trl(warm, tok, workload, 1, False)
+    for packing in sorted({mode == 'packed' for mode, _ in configs}):
+        # first-call costs (lazy imports, template compiles, the packing code's first run) out of the clock
+        ours(warm, tok, workload, 1, packing)
+        trl(warm, tok, workload, 1, packing)
     out = []
     for mode, num_proc in configs:
         packing = mode == 'packed'
@@ -120,10 +122,14 @@ def run_case(workload, vocab, n, repeat, configs):
               f"vs floor {r['sft_nb'] / r['floor']:4.2f}x  labels vs TRL: {agree}", flush=True)
     return out
 
-def matrix(workloads, vocabs, everything):
+def matrix(workloads, vocabs, everything, only=None):
     """(workload, vocab, [(mode, num_proc)]) in order of importance, so a cut-short run has the main numbers:
     every workload and tokenizer truncated in one process, then packing and `dataset_num_proc=2` on the first
-    tokenizer (every combination with `everything`)"""
+    tokenizer (every combination with `everything`); `only`: just these (mode, num_proc), on every tokenizer"""
+    if only:
+        for w in workloads:
+            for v in vocabs: yield w, v, only
+        return
     if everything:
         for w in workloads:
             for v in vocabs: yield w, v, [(m, p) for m in ('truncate', 'packed') for p in (1, 2)]
@@ -225,6 +231,9 @@ if __name__ == '__main__':
     ap.add_argument('--rss-child', default=None, help=argparse.SUPPRESS)
     ap.add_argument('--rss-only', action='store_true', help="only the memory runs (results to --out)")
     ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'prep.json'))
+    ap.add_argument('--only', default='', help="just these configs, e.g. 'packed:1,truncate:2' (implies --merge)")
+    ap.add_argument('--merge', action='store_true',
+                    help="keep --out's other rows: a row measured now replaces the row of the same name")
     a = ap.parse_args()
     workloads, vocabs = a.workloads.split(','), [int(v) for v in a.vocabs.split(',')]
     if a.rss_child:
@@ -232,18 +241,27 @@ if __name__ == '__main__':
         sys.exit()
     if a.full:
         a.n, a.rss = 20_000, '20000,100000,1000000'
+    only = [(m, int(p)) for m, p in (c.split(':') for c in a.only.split(',') if c)]
+    a.merge = a.merge or bool(only)
+    old = json.load(open(a.out)) if a.merge and os.path.exists(a.out) else {'rows': []}
+    kept = old['rows']
     datasets.disable_caching()
     datasets.disable_progress_bars()
     import logging
     logging.getLogger('sft_nb').setLevel(logging.ERROR)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     cmd = 'python bench/bench_prep.py' + (' --full' if a.full else '')
+    if only: cmd += f" --only {a.only} --workloads {a.workloads} --vocabs {a.vocabs} --rss '{a.rss}'"
     if a.rss_only: cmd += f' --rss-only --rss {a.rss} --out {os.path.relpath(a.out)}'
+    if kept: cmd = f"{old['command']}; then, re-measuring its rows: {cmd}"
     def write(cases, rss):
-        "Rewritten after every case: a run cut short keeps what it measured"
+        "Rewritten after every case: a run cut short keeps what it measured (and with --merge, the other rows)"
+        new = {r['workload']: r for r in result_rows(cases, rss)}
+        rows = [new.pop(r['workload'], r) for r in kept]  # in place
+        rows += list(new.values())
         with open(a.out, 'w') as f:
             json.dump({'bench': 'prep', 'machine': machine(extra=TOKENIZERS), 'command': cmd, 'load': os.getloadavg(),
-                       'rows': result_rows(cases, rss)}, f, indent=1)
+                       'rows': rows}, f, indent=1)
     print(f"load: {os.getloadavg()}")
     cases, rss = [], []
     rss_sizes = [int(x) for x in a.rss.split(',') if x]
@@ -260,10 +278,10 @@ if __name__ == '__main__':
         memory()
         print(f"wrote {a.out}")
         sys.exit()
-    for k, (w, v, configs) in enumerate(matrix(workloads, vocabs, a.all or a.full)):
-        if k == len(workloads) * len(vocabs): memory()  # after the main numbers
+    for k, (w, v, configs) in enumerate(matrix(workloads, vocabs, a.all or a.full, only)):
+        if k == len(workloads) * len(vocabs) and not only: memory()  # after the main numbers
         cases += run_case(w, v, a.n, a.repeat, configs)
         write(cases, rss)
-    if len(rss) < len(rss_sizes): memory()
+    if len(rss) < len(rss_sizes) and not only: memory()
     print(f"load: {os.getloadavg()}")
     print(f"wrote {a.out}")

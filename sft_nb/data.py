@@ -18,7 +18,8 @@ from .formats import carries_weights
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'make_tokenize', 'light_fingerprint', 'prepare_dataset', 'TrainedText', 'show_trained']
+__all__ = ['logger', 'FORK_HEAD', 'make_tokenize', 'light_fingerprint', 'forked_map', 'prepare_dataset', 'TrainedText',
+           'show_trained']
 
 # %% ../nbs/04d_data.ipynb #07c0f477
 def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
@@ -97,6 +98,119 @@ def light_fingerprint(dataset, t:Tokenize) -> str:
     who = (type(tok).__name__, tok.name_or_path, len(tok), getattr(tok, 'chat_template', None))
     return Hasher.hash((dataset._fingerprint, settings, who))
 
+# %% ../nbs/04d_data.ipynb #c66af126
+FORK_HEAD = 256  # rows the parent maps before forking, at most: their shapes' stencils are built once
+
+def _ranges(n:int, # rows
+            num_proc:int, # processes
+            head:int|None=None, # default `FORK_HEAD`
+           ) -> list[range]:
+    "Rows the parent maps before forking, then one contiguous range per process, the parent's first"
+    head = min(FORK_HEAD if head is None else head, n // (2 * num_proc))  # the rest: most of the work
+    cuts = [head + (n - head) * k // num_proc for k in range(num_proc + 1)]
+    return [range(0, head)] + [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+
+# %% ../nbs/04d_data.ipynb #d63c8635
+def _cache_folder(dataset) -> str:
+    "Where `datasets` puts a map's cache file: beside the dataset's files, or (caching off) a temporary folder"
+    import os
+    from datasets import is_caching_enabled
+    from datasets.fingerprint import get_temporary_cache_files_directory
+    if is_caching_enabled(): return os.path.dirname(dataset.cache_files[0]['filename'])
+    return get_temporary_cache_files_directory()
+
+def _map_range(dataset, t:Tokenize, rows:range, kw:dict, k:int):
+    "`dataset.map(t)` over `rows` (a slice), `t` seeing each row's index in the whole dataset"
+    import os
+    def shifted(batch, idx): return t(batch, [i + rows.start for i in idx])
+    # named from the whole map's name and the range; hashing `shifted`, as `datasets` would, would
+    # pickle the tokenizer, and with caching off it would draw a random file name, the same in every child
+    name = f"{kw['new_fingerprint']}-{rows.start}-{rows.stop}"
+    path = os.path.join(_cache_folder(dataset), f"cache-{name}.arrow") if dataset.cache_files else None
+    part = {**kw, 'num_proc': None, 'new_fingerprint': name, 'cache_file_name': path}
+    return dataset.select(rows).map(shifted, **part)
+
+def _child(dataset, t:Tokenize, rows:range, kw:dict, k:int, w:int):
+    "In a forked child: map `rows`, write `(table, split counts)` or the error to `w`, and exit"
+    import os, pickle, traceback, datasets
+    try:
+        datasets.disable_progress_bars()  # one bar: the parent's
+        inherited = dict(t.split_stats)  # the parent's head: counted there
+        try:
+            table = _map_range(dataset, t, rows, kw, k).data  # a mapped cache file pickles as its path
+            out = ('rows', table, {key: n - inherited[key] for key, n in t.split_stats.items()})
+        except BaseException as e: out = ('error', e, traceback.format_exc())
+        try: data = pickle.dumps(out, protocol=5)
+        except Exception: data = pickle.dumps(('error', RuntimeError(out[2]), out[2]))
+        with os.fdopen(w, 'wb') as f: f.write(data)
+    finally: os._exit(0)  # never back into the parent's code
+
+# %% ../nbs/04d_data.ipynb #97506348
+def _collect(pid:int, r:int, t:Tokenize):
+    "A child's rows as a `Dataset` (its split counts added to `t`'s), or its error raised here"
+    import os, pickle
+    from datasets import Dataset
+    with os.fdopen(r, 'rb') as f: data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError(f"A process preparing the dataset died (wait status {status}), e.g. killed for "
+                           "memory: lower `dataset_num_proc`, or leave it unset.")
+    kind, payload, extra = pickle.loads(data)
+    if kind == 'error': raise payload from RuntimeError(f"In the forked process:\n{extra}")
+    for key, n in extra.items(): t.split_stats[key] += n
+    return Dataset(payload)
+
+def _reap(pid:int, r:int):
+    "Stop a child whose rows are no longer wanted (another range failed)"
+    import os, signal
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(r)
+
+# %% ../nbs/04d_data.ipynb #25b2ffca
+def forked_map(dataset, # a `Dataset`
+               t:Tokenize, # what `prepare_dataset` maps
+               kw:dict, # `_map_kwargs`'s, with `num_proc` processes
+              ):
+    "`dataset.map(t, **kw)` in `kw['num_proc']` processes forked from this one, which is one of them"
+    import os
+    from datasets import concatenate_datasets
+    from datasets.fingerprint import Hasher
+    if 'new_fingerprint' not in kw:  # cache files outlive the run: named from all of `t`, as `datasets` does
+        kw = {**kw, 'new_fingerprint': Hasher.hash((dataset._fingerprint, t))}
+    if len(dataset) < kw['num_proc']: return dataset.map(t, **{**kw, 'num_proc': None})
+    warm = None if t.render is not None else 0  # a head only where there are stencils to build once
+    head, mine, *theirs = _ranges(len(dataset), kw['num_proc'], warm)
+    pieces = [_map_range(dataset, t, head, kw, 0)] if len(head) else []
+    if dataset.cache_files: _cache_folder(dataset)  # made before forking: the one the children write to
+    saved = os.environ.get('TOKENIZERS_PARALLELISM')
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+    kids = []
+    try:
+        for k, rows in enumerate(theirs, 2):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                _child(dataset, t, rows, kw, k, w)
+            os.close(w)
+            kids.append((pid, r))
+        pieces.append(_map_range(dataset, t, mine, kw, 1))
+        while kids: pieces.append(_collect(*kids.pop(0), t))
+    finally:
+        if saved is None: os.environ.pop('TOKENIZERS_PARALLELISM', None)
+        else: os.environ['TOKENIZERS_PARALLELISM'] = saved
+        for pid, r in kids: _reap(pid, r)
+    out = concatenate_datasets(pieces)
+    out._fingerprint = kw['new_fingerprint']  # as `datasets.map` names its result (no public setter)
+    return out
+
+def _forks(dataset, kw:dict) -> bool:
+    "Map with `forked_map`: processes asked for, a `Dataset` (not a stream), and Linux's `fork`"
+    import sys
+    from datasets import Dataset
+    return bool(kw.get('num_proc')) and isinstance(dataset, Dataset) and sys.platform == 'linux'
+
 # %% ../nbs/04d_data.ipynb #0415488a
 def _prepare_dicts(dataset, *args, **kwargs):
     return type(dataset)({k: prepare_dataset(v, *args, **{**kwargs, 'dataset_name': k})
@@ -142,7 +256,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     kw = _map_kwargs(dataset, t, args, formatting_func, fmt, columns, dataset_name)
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         _check_head(dataset, t, fmt, args)
-    out = dataset.map(t, **kw)
+    out = forked_map(dataset, t, kw) if _forks(dataset, kw) else dataset.map(t, **kw)
     _log_split(t, dataset_name)
     if isinstance(dataset, Dataset) and len(out) == 0:
         raise _all_dropped(dataset, t, args, dataset_name)
