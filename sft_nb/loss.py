@@ -55,7 +55,7 @@ def _logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 # %% ../nbs/06_loss.ipynb #2690585c
-def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, tw=None):
+def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, tw=None, first=True):
     "Loss, hits and entropy of a chunk of tokens; with `grads` (gh, gw, gb), add d loss / d inputs to them"
     n = len(t)
     z = _logits(h, weight, bias, zbuf[:n])                               # (n, V)
@@ -85,8 +85,10 @@ def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, t
         if softcap: dz.mul_(1 - z.div_(softcap).square_())
         gh, gw, gb = grads
         if gh is not None: gh.copy_(dz.to(weight.dtype) @ weight)
-        if gw is not None: gw.addmm_(dz.t(), h.float())
-        if gb is not None: gb.add_(dz.sum(0))
+        # the first chunk overwrites gw and gb (allocated empty: no pass to zero 4 x V x H bytes)
+        if gw is not None: gw.addmm_(dz.t(), h.float(), beta=0 if first else 1)  # beta=0 ignores NaNs
+        if gb is not None and first: gb.copy_(dz.sum(0))
+        elif gb is not None: gb.add_(dz.sum(0))
     return loss, (top == t).sum(), entropy.sum()
 
 # %% ../nbs/06_loss.ipynb #1bd2bb62
@@ -97,9 +99,10 @@ class ChunkedLMHead(torch.autograd.Function):
                 smoothing=0.0, token_weights=None):
         need = ctx.needs_input_grad
         gh = hidden.new_empty(hidden.shape) if need[0] else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        new = torch.empty if len(targets) else torch.zeros  # the first chunk writes them all
+        gw = new(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         gb = None
-        if bias is not None and need[2]: gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        if bias is not None and need[2]: gb = new(bias.shape, dtype=torch.float32, device=bias.device)
         want = any(g is not None for g in (gh, gw, gb))
         dtypes = (torch.float32, torch.long, torch.float32)
         loss, hits, ent = (torch.zeros((), dtype=d, device=hidden.device) for d in dtypes)
@@ -110,7 +113,7 @@ class ChunkedLMHead(torch.autograd.Function):
             chunk_grads = (None if gh is None else gh[sl], gw, gb) if want else None
             tw = None if token_weights is None else token_weights[sl]
             l, c, e = _chunk(hidden[sl].to(weight.dtype), weight, bias, targets[sl], dft, softcap,
-                             chunk_grads, zbuf, ebuf, smoothing, tw)
+                             chunk_grads, zbuf, ebuf, smoothing, tw, first=i == 0)
             loss += l
             hits += c
             ent += e
@@ -122,7 +125,8 @@ class ChunkedLMHead(torch.autograd.Function):
     def backward(ctx, g, *_):
         gh, gw, gb = ctx.grads
         del ctx.grads
-        scaled = [None if x is None else x * g.to(x.dtype) for x in (gh, gw, gb)]
+        # in place: no second V x H buffer (they are ours alone, and backward runs once)
+        scaled = [None if x is None else x.mul_(g.to(x.dtype)) for x in (gh, gw, gb)]
         return *scaled, None, None, None, None, None, None
 
 # %% ../nbs/06_loss.ipynb #5dae53c5
