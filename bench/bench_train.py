@@ -24,7 +24,7 @@ step (the most logging a user can ask for). What the floor leaves out, and the t
 - activation checkpointing is off in all three (`gradient_checkpointing=False` in both trainers). TRL's default
   (and so sft_nb's) turns it on: the forward then runs twice, a memory-for-time trade that is the same in both
   trainers and no cost of the Trainer; `--checkpointing` turns it on in all three (the floor through
-  `model.gradient_checkpointing_enable()`, as `Trainer` does), to see the default configuration's step times.
+  `model.activation_checkpointing_enable()`, as `Trainer` does), to see the default configuration's step times.
 
 Step time: the time between consecutive step ends (so it includes data loading, logging and callbacks), median over
 the steps after WARMUP; the best round counts. Fairness check: the first losses of the three must agree.
@@ -135,7 +135,7 @@ def run_plain(workload, ds, tok, tmp):
     m = model()
     m.train()
     if CHECKPOINTING:
-        m.gradient_checkpointing_enable()
+        m.activation_checkpointing_enable()  # what `Trainer` calls for `activation_checkpointing=True`
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     ends, losses = [], []
     for b in batches:
