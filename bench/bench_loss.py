@@ -43,7 +43,7 @@ def _trainer(kind, model, ds, tok, out, **kw):
     from transformers import Trainer, TrainingArguments
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from sft_nb.loss import SFTLossMixin
+    from sft_nb.loss_trainer import SFTLossMixin
     if kind == 'trl': return SFTTrainer(model=model, args=_args(SFTConfig, out, **kw), train_dataset=ds, processing_class=tok)
     cls = Trainer if kind == 'plain' else type('LossTrainer', (SFTLossMixin, Trainer), {})
     return cls(model=model, args=_args(TrainingArguments, out, **kw), train_dataset=ds,

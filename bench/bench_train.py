@@ -16,14 +16,21 @@ Contenders, each in its own process, round-robin (ROUNDS rounds; other load on t
 - trl: `trl.SFTTrainer` (1.16)
 - plain: the floor. The batches sft_nb's trainer would draw (same sampler, same collator), collated beforehand,
   then a bare loop: `model(**batch)` (the model's own loss), `loss.backward()`, `AdamW.step()`, `zero_grad()`.
-All three use `torch.set_num_threads(THREADS)`, the same init, lr 1e-4 constant, AdamW (torch), no grad clipping
-in the loop and `max_grad_norm=1.0` in both trainers (their default; clipping is part of a Trainer step), logging
-every step (the most logging a user can ask for).
+All three use `torch.set_num_threads(THREADS)`, the same init, lr 1e-4 constant, and the optimizer both trainers
+default to (`optim='adamw_torch_fused'`: `torch.optim.AdamW(fused=True)`, one pass over the weights), logging every
+step (the most logging a user can ask for). What the floor leaves out, and the trainers do:
+- gradient clipping: both trainers clip at `max_grad_norm=1.0` (their default; two more passes over the gradients,
+  about 5% of a step here); the floor does not clip. So the floor is the strict "forward + backward + AdamW".
+- activation checkpointing is off in all three (`gradient_checkpointing=False` in both trainers). TRL's default
+  (and so sft_nb's) turns it on: the forward then runs twice, a memory-for-time trade that is the same in both
+  trainers and no cost of the Trainer; `--checkpointing` turns it on in all three (the floor through
+  `model.activation_checkpointing_enable()`, as `Trainer` does), to see the default configuration's step times.
 
 Step time: the time between consecutive step ends (so it includes data loading, logging and callbacks), median over
 the steps after WARMUP; the best round counts. Fairness check: the first losses of the three must agree.
 
-Run: `PYTHONPATH=. python bench/bench_train.py` (a few minutes on 2 cores); `--full` runs more steps and rounds.
+Run: `PYTHONPATH=. python bench/bench_train.py` (a few minutes on 2 cores); `--full` runs more steps and rounds;
+`--checkpointing` as above (it writes bench/results/train_checkpointing.json instead).
 Writes bench/results/train.json after each complete round (a run cut short keeps its complete rounds;
 `--from-log LOG LO-HI` rebuilds the file from a run's printed `round ...` lines and the load average seen).
 """
@@ -35,13 +42,15 @@ from results_file import machine  # noqa: E402
 warnings.filterwarnings('ignore')
 
 VOCAB, HIDDEN, LAYERS, MLP = 32000, 512, 8, 1408
-THREADS, WARMUP = 2, 2
+THREADS, WARMUP = int(os.environ.get('BENCH_THREADS', 2)), 2
 FULL = '--full' in sys.argv
+CHECKPOINTING = '--checkpointing' in sys.argv
 STEPS, ROUNDS = (20, 5) if FULL else (5, 3)
 STEPS, ROUNDS = int(os.environ.get('BENCH_STEPS', STEPS)), int(os.environ.get('BENCH_ROUNDS', ROUNDS))
 WORKLOADS = {'padded': dict(packing=False, max_length=128, per_device_train_batch_size=2),
              'packed': dict(packing=True, max_length=256, per_device_train_batch_size=1)}
 CONTENDERS = ('plain', 'trl', 'sft_nb')
+NAME = 'train_checkpointing' if CHECKPOINTING else 'train'
 
 
 def tokenizer():
@@ -83,7 +92,7 @@ def config(kind, out, workload, **kw):
     common = dict(output_dir=out, learning_rate=1e-4, lr_scheduler_type='constant', warmup_steps=0,
                   logging_steps=1, save_strategy='no', report_to=[], seed=0, data_seed=0, use_cpu=True,
                   disable_tqdm=True, bf16=False, max_steps=STEPS, dataloader_num_workers=0,
-                  dataset_num_proc=None, optim='adamw_torch', completion_only_loss=True,
+                  dataset_num_proc=None, completion_only_loss=True, gradient_checkpointing=CHECKPOINTING,
                   **WORKLOADS[workload])
     if kind == 'trl':
         from trl import SFTConfig
@@ -125,7 +134,9 @@ def run_plain(workload, ds, tok, tmp):
     del t, it
     m = model()
     m.train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
+    if CHECKPOINTING:
+        m.activation_checkpointing_enable()  # what `Trainer` calls for `activation_checkpointing=True`
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     ends, losses = [], []
     for b in batches:
         loss = m(**b).loss
@@ -168,15 +179,17 @@ def report(best, loads, rounds):
         for k in CONTENDERS:
             print(f"   {k:6s} first losses {' '.join(f'{x:.4f}' for x in l0[k])}")
         rows.append({'workload': f"train {w}: Qwen2 55M, vocab 32k, {WORKLOADS[w]['max_length']} tok, "
-                                 f"batch {WORKLOADS[w]['per_device_train_batch_size']}",
+                                 f"batch {WORKLOADS[w]['per_device_train_batch_size']}"
+                                 + (", activation checkpointing" if CHECKPOINTING else ""),
                      'metric': 'step seconds', 'sft_nb': round(s, 4), 'trl': round(t, 4), 'floor': round(p, 4),
                      'floor_name': 'plain loop', 'ratio_vs_trl': round(s / t, 3), 'ratio_vs_floor': round(s / p, 3),
                      'target': '<= 1.15x floor, < TRL', 'met': met, 'first_loss_max_rel_diff': float(f"{drift:.2e}"),
                      'cpu_seconds': {'sft_nb': round(cs, 4), 'trl': round(ct, 4), 'plain': round(cp, 4)}})
     os.makedirs('bench/results', exist_ok=True)
-    out = {'bench': 'train', 'machine': machine(THREADS), 'command': 'python bench/bench_train.py', 'rows': rows,
+    command = 'python bench/bench_train.py' + (' --checkpointing' if CHECKPOINTING else '')
+    out = {'bench': NAME, 'machine': machine(THREADS), 'command': command, 'rows': rows,
            'rounds': rounds, 'load_average': [round(min(loads), 2), round(max(loads), 2)]}
-    with open('bench/results/train.json', 'w') as f:
+    with open(f"bench/results/{NAME}.json", 'w') as f:
         json.dump(out, f, indent=1)
 
 
@@ -195,7 +208,8 @@ def main():
     for r in range(ROUNDS):
         for kind in CONTENDERS:
             loads.append(os.getloadavg()[0])
-            p = subprocess.run([sys.executable, __file__, '--child', kind], capture_output=True, text=True)
+            flags = ['--checkpointing'] if CHECKPOINTING else []
+            p = subprocess.run([sys.executable, __file__, '--child', kind, *flags], capture_output=True, text=True)
             if p.returncode:
                 raise RuntimeError(f"{kind} failed:\n{p.stderr[-4000:]}")
             keep_best(best, r, kind, json.loads(p.stdout.strip().splitlines()[-1]))

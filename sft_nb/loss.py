@@ -10,15 +10,10 @@ import logging
 from contextlib import contextmanager
 
 import torch, torch.nn as nn
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 # %% auto #0
 __all__ = ['logger', 'IGNORE_INDEX', 'CHUNK_ELEMENTS', 'SOFTCAP_MODEL_TYPES', 'loss_from_logits', 'ChunkedLMHead',
-           'fused_head_blocker', 'hidden_states_from_head', 'sft_loss', 'configure_router_aux', 'token_metrics',
-           'MetricsAccumulator', 'TokenCounter', 'input_tokens', 'find_token_counter', 'setup_sft_loss', 'loss_scale',
-           'aux_loss_weight', 'gather_stats', 'trainer_loss', 'metrics_to_log', 'outputs_for_metrics', 'predict_loss',
-           'SFTLossMixin']
+           'fused_head_blocker', 'hidden_states_from_head', 'sft_loss', 'configure_router_aux']
 
 # %% ../nbs/06_loss.ipynb #42742c1d
 logger = logging.getLogger(__name__)
@@ -55,7 +50,7 @@ def _logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 # %% ../nbs/06_loss.ipynb #2690585c
-def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, tw=None):
+def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, tw=None, first=True):
     "Loss, hits and entropy of a chunk of tokens; with `grads` (gh, gw, gb), add d loss / d inputs to them"
     n = len(t)
     z = _logits(h, weight, bias, zbuf[:n])                               # (n, V)
@@ -85,8 +80,10 @@ def _chunk(h, weight, bias, t, dft, softcap, grads, zbuf, ebuf, smoothing=0.0, t
         if softcap: dz.mul_(1 - z.div_(softcap).square_())
         gh, gw, gb = grads
         if gh is not None: gh.copy_(dz.to(weight.dtype) @ weight)
-        if gw is not None: gw.addmm_(dz.t(), h.float())
-        if gb is not None: gb.add_(dz.sum(0))
+        # the first chunk overwrites gw and gb (allocated empty: no pass to zero 4 x V x H bytes)
+        if gw is not None: gw.addmm_(dz.t(), h.float(), beta=0 if first else 1)  # beta=0 ignores NaNs
+        if gb is not None and first: gb.copy_(dz.sum(0))
+        elif gb is not None: gb.add_(dz.sum(0))
     return loss, (top == t).sum(), entropy.sum()
 
 # %% ../nbs/06_loss.ipynb #1bd2bb62
@@ -97,9 +94,10 @@ class ChunkedLMHead(torch.autograd.Function):
                 smoothing=0.0, token_weights=None):
         need = ctx.needs_input_grad
         gh = hidden.new_empty(hidden.shape) if need[0] else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        new = torch.empty if len(targets) else torch.zeros  # the first chunk writes them all
+        gw = new(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         gb = None
-        if bias is not None and need[2]: gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        if bias is not None and need[2]: gb = new(bias.shape, dtype=torch.float32, device=bias.device)
         want = any(g is not None for g in (gh, gw, gb))
         dtypes = (torch.float32, torch.long, torch.float32)
         loss, hits, ent = (torch.zeros((), dtype=d, device=hidden.device) for d in dtypes)
@@ -110,7 +108,7 @@ class ChunkedLMHead(torch.autograd.Function):
             chunk_grads = (None if gh is None else gh[sl], gw, gb) if want else None
             tw = None if token_weights is None else token_weights[sl]
             l, c, e = _chunk(hidden[sl].to(weight.dtype), weight, bias, targets[sl], dft, softcap,
-                             chunk_grads, zbuf, ebuf, smoothing, tw)
+                             chunk_grads, zbuf, ebuf, smoothing, tw, first=i == 0)
             loss += l
             hits += c
             ent += e
@@ -122,7 +120,8 @@ class ChunkedLMHead(torch.autograd.Function):
     def backward(ctx, g, *_):
         gh, gw, gb = ctx.grads
         del ctx.grads
-        scaled = [None if x is None else x * g.to(x.dtype) for x in (gh, gw, gb)]
+        # in place: no second V x H buffer (they are ours alone, and backward runs once)
+        scaled = [None if x is None else x.mul_(g.to(x.dtype)) for x in (gh, gw, gb)]
         return *scaled, None, None, None, None, None, None
 
 # %% ../nbs/06_loss.ipynb #5dae53c5
@@ -344,176 +343,3 @@ def configure_router_aux(model, # the model to train (PEFT / DDP wrappers are lo
     if hasattr(cfg, 'router_aux_loss_coef'):
         cfg.output_router_logits, cfg.router_aux_loss_coef = coef != 0, coef
     return coef
-
-# %% ../nbs/06_loss.ipynb #2b68c66b
-def token_metrics(n_correct, n_labelled, entropy_sum) -> dict:
-    "`mean_token_accuracy` and `entropy` over the labelled tokens of summed stats (0 with no labels)"
-    n = float(n_labelled)
-    if not n: return {'mean_token_accuracy': 0.0, 'entropy': 0.0}
-    return {'mean_token_accuracy': float(n_correct) / n, 'entropy': float(entropy_sum) / n}
-
-# %% ../nbs/06_loss.ipynb #b6808890
-class MetricsAccumulator:
-    "Sums `sft_loss` stats over micro-batches until the next log, keeping them on device until then"
-    def __init__(self): self.total, self.aux = None, []
-
-    def add(self, stats:dict):
-        x = torch.stack([stats[k].float() for k in ('n_correct', 'n_labelled', 'entropy_sum')])
-        self.total = x if self.total is None else self.total + x
-        if 'aux_loss' in stats: self.aux.append(stats['aux_loss'].float())
-
-    def pop(self) -> dict:
-        "Metrics since the last `pop` ({} if none); `aux_loss` is a mean over micro-batches, as TRL's"
-        if self.total is None: return {}
-        out, self.total = token_metrics(*self.total.tolist()), None
-        if self.aux: out['aux_loss'], self.aux = torch.stack(self.aux).mean().item(), []
-        return out
-
-# %% ../nbs/06_loss.ipynb #c82bb869
-class TokenCounter(TrainerCallback, ExportableState):
-    "`num_tokens` (input) and `num_trained_tokens` (labelled) seen in training, saved in every checkpoint"
-    def __init__(self, num_tokens:int=0, num_trained_tokens:int=0):
-        self.num_tokens, self.num_trained_tokens = num_tokens, num_trained_tokens
-
-    def add(self, num_tokens:int, num_trained_tokens:int):
-        self.num_tokens += int(num_tokens)
-        self.num_trained_tokens += int(num_trained_tokens)
-
-    def state(self) -> dict:
-        counts = {'num_tokens': self.num_tokens, 'num_trained_tokens': self.num_trained_tokens}
-        return {'args': {}, 'attributes': counts}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        "Take the counts of the checkpoint being resumed (`Trainer` restores callbacks only if asked)"
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(saved, dict): self.__dict__.update(saved.get('attributes', {}))
-
-# %% ../nbs/06_loss.ipynb #6c534776
-def input_tokens(inputs:dict) -> torch.Tensor:
-    "Input tokens of a batch, as TRL counts them: the attention mask's sum, else (padding-free) positions"
-    if 'attention_mask' in inputs: return inputs['attention_mask'].sum()
-    if 'position_ids' in inputs: return torch.tensor(inputs['position_ids'].numel())
-    raise ValueError("Cannot count input tokens: the batch has neither 'attention_mask' nor "
-                     f"'position_ids' (keys: {sorted(inputs)}).")
-
-# %% ../nbs/06_loss.ipynb #8265743e
-def find_token_counter(callbacks:list) -> TokenCounter|None:
-    "The `TokenCounter` among a trainer's callbacks (resuming can replace it)"
-    return next((cb for cb in callbacks if isinstance(cb, TokenCounter)), None)
-
-# %% ../nbs/06_loss.ipynb #7cc4978d
-def setup_sft_loss(trainer) -> None:
-    "Give a built `Trainer` what `trainer_loss` and `metrics_to_log` use"
-    trainer._sft_metrics = {'train': MetricsAccumulator(), 'eval': MetricsAccumulator()}
-    if find_token_counter(trainer.callback_handler.callbacks) is None:
-        trainer.add_callback(TokenCounter())
-    coef = getattr(trainer.args, 'router_aux_loss_coef', None)
-    trainer.router_aux_loss_coef = configure_router_aux(trainer.model, coef)
-
-# %% ../nbs/06_loss.ipynb #cb7af594
-def loss_scale(args, # `TrainingArguments`: `average_tokens_across_devices`
-               num_processes:int, # ranks
-               num_items_in_batch=None, # what `Trainer` passed to `compute_loss`
-              ) -> int:
-    "The factor `Trainer.compute_loss` multiplies a loss divided by every rank's tokens by"
-    every_rank = args.average_tokens_across_devices and num_items_in_batch is not None
-    return num_processes if every_rank else 1
-
-# %% ../nbs/06_loss.ipynb #e9b14632
-def aux_loss_weight(coef:float, # `router_aux_loss_coef`
-                    scale:int, # `loss_scale`, which multiplies the aux loss too
-                    num_items_in_batch=None, # given, `Trainer` leaves gradient accumulation to the loss
-                    accumulation_steps:int=1, # `current_gradient_accumulation_steps`
-                   ) -> float:
-    "The router loss weight for `sft_loss`: after scaling, `coef` times the mean over micro-batches"
-    coef = coef / scale
-    return coef / accumulation_steps if num_items_in_batch is not None else coef
-
-# %% ../nbs/06_loss.ipynb #458e4b24
-def gather_stats(accelerator, # the trainer's `Accelerator`
-                 stats:dict, # `sft_loss`'s stats of this rank's micro-batch
-                 inputs:dict, # the micro-batch
-                ) -> tuple[dict, torch.Tensor]:
-    "`stats` summed over ranks (`aux_loss` averaged), and the input tokens of every rank's micro-batch"
-    device = stats['entropy_sum'].device
-    local = torch.stack([stats['n_correct'].float(), stats['n_labelled'].float(),
-                         stats['entropy_sum'].float(), input_tokens(inputs).float().to(device)])
-    everyone = accelerator.gather_for_metrics(local[None]).view(-1, 4).sum(0)
-    n_correct, n_labelled, entropy_sum, n_tokens = everyone
-    out = {'n_correct': n_correct, 'n_labelled': n_labelled, 'entropy_sum': entropy_sum}
-    if 'aux_loss' in stats:
-        out['aux_loss'] = accelerator.gather_for_metrics(stats['aux_loss'][None]).mean()
-    return out, n_tokens
-
-# %% ../nbs/06_loss.ipynb #2ff18ee4
-def trainer_loss(trainer, # a `Trainer` set up by `setup_sft_loss`
-                 model, # the (wrapped) model `compute_loss` got
-                 inputs:dict, # the micro-batch
-                 num_items_in_batch=None, # labelled tokens of the optimizer step, from `Trainer`
-                ) -> torch.Tensor:
-    "`sft_loss` for `Trainer.compute_loss`: its config, scaled as `Trainer` scales, stats kept for the log"
-    args, accelerator = trainer.args, trainer.accelerator
-    scale = loss_scale(args, accelerator.num_processes, num_items_in_batch)
-    steps = getattr(trainer, 'current_gradient_accumulation_steps', 1)
-    coef = aux_loss_weight(trainer.router_aux_loss_coef, scale, num_items_in_batch, steps)
-    smoothing = getattr(args, 'label_smoothing_factor', 0.0)
-    loss, stats = sft_loss(model, inputs, num_items_in_batch, getattr(args, 'loss_type', 'nll'),
-                           router_aux_loss_coef=coef, label_smoothing=smoothing)
-    stats, n_tokens = gather_stats(accelerator, stats, inputs)
-    mode = 'train' if model.training else 'eval'
-    trainer._sft_metrics[mode].add(stats)
-    if mode == 'train':
-        counter = find_token_counter(trainer.callback_handler.callbacks)
-        counter.add(n_tokens.item(), stats['n_labelled'].item())
-    return loss * scale
-
-# %% ../nbs/06_loss.ipynb #a2340a6e
-def metrics_to_log(trainer, # a `Trainer` set up by `setup_sft_loss`
-                   logs:dict, # what `Trainer.log` got: `eval_` keys in evaluation
-                  ) -> dict:
-    "The sft_nb metrics to add to `logs`"
-    training = trainer.model.training
-    metrics = trainer._sft_metrics['train' if training else 'eval'].pop()
-    if training:
-        counter = find_token_counter(trainer.callback_handler.callbacks)
-        metrics['num_tokens'] = counter.num_tokens
-        metrics['num_trained_tokens'] = counter.num_trained_tokens
-    prefix = 'eval_' if next(iter(logs), '').startswith('eval_') else ''
-    return {prefix + k: v for k, v in metrics.items()}
-
-# %% ../nbs/06_loss.ipynb #ff798a82
-def outputs_for_metrics(model, inputs:dict):
-    "The model's outputs with full logits, for `compute_metrics`"
-    with torch.no_grad(): return model(**_model_inputs(inputs))
-
-# %% ../nbs/06_loss.ipynb #1d86be3b
-def predict_loss(trainer, model, inputs:dict) -> tuple:
-    "`prediction_step`'s (loss, None, None) as TRL 1.16 computes it: no outputs, so no full logits"
-    # private, but the one way to move a batch as `Trainer` does (TRL 1.16 calls it here too)
-    inputs = trainer._prepare_inputs(inputs)
-    with torch.no_grad(), trainer.compute_loss_context_manager():
-        loss = trainer.compute_loss(model, inputs)
-    return loss.detach(), None, None
-
-# %% ../nbs/06_loss.ipynb #d3af7cac
-class SFTLossMixin:
-    "For a `transformers.Trainer` subclass: `sft_loss`, TRL's metrics, token counters that survive resume"
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        setup_sft_loss(self)
-
-    @property
-    def token_counter(self) -> TokenCounter:
-        return find_token_counter(self.callback_handler.callbacks)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = trainer_loss(self, model, inputs, num_items_in_batch)
-        return (loss, outputs_for_metrics(model, inputs)) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if prediction_loss_only: return predict_loss(self, model, inputs)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-    def log(self, logs:dict, start_time=None):
-        logs.update(metrics_to_log(self, logs))  # in place: `evaluate` returns this dict
-        return super().log(logs, start_time)

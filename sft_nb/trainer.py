@@ -28,8 +28,8 @@ from .vision import (DataCollatorForVisionLanguageModeling, check_vision_dataset
 from .images import frozen_heap
 from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .audit import warn_parity
-from .loss import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
-from .loss import predict_loss, setup_sft_loss, trainer_loss
+from .loss_trainer import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
+from .loss_trainer import predict_loss, setup_sft_loss, trainer_loss
 from .optim import optimizer_cls_and_kwargs
 from .checkpoints import CrashSafeSaveMixin, check_writable
 

@@ -6,7 +6,8 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from sft_nb.tiny import tiny_model, tiny_tokenizer, tiny_conversations
-from sft_nb.loss import SFTLossMixin, sft_loss
+from sft_nb.loss import sft_loss
+from sft_nb.loss_trainer import SFTLossMixin
 
 class LossTrainer(SFTLossMixin, Trainer): pass
 
