@@ -16,7 +16,6 @@ from .save import _write_merged, _write_weights, checkpoint_bytes, publish_dir, 
 from .save import BackgroundFlush, _fsync_strict, is_durable, mark_durable
 from .save import write_manifest
 from .output_dir import MODEL_FILES, _CKPT, _SHARD, check_output_dir, resume_checkpoint
-from .output_dir import check_writable  # noqa: F401 (imported from here by sft_nb.trainer)
 
 # %% auto #0
 __all__ = ['logger', 'CHECKPOINT_STATE', 'save_training_args', 'rotate_checkpoints', 'unwrapped', 'trainer_hub_api',

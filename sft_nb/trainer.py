@@ -31,7 +31,8 @@ from .audit import warn_parity
 from .loss_trainer import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
 from .loss_trainer import predict_loss, setup_sft_loss, trainer_loss
 from .optim import optimizer_cls_and_kwargs
-from .checkpoints import CrashSafeSaveMixin, check_writable
+from .checkpoints import CrashSafeSaveMixin
+from .output_dir import check_writable
 
 # %% auto #0
 __all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'handling_signals',
