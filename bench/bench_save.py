@@ -199,7 +199,8 @@ def main():
                         'checkpoint stall seconds', 'Trainer checkpoint', '<= 1x floor (+5% noise)', 1.05))
         loads.append(os.getloadavg()[0])
     os.makedirs('bench/results', exist_ok=True)
-    out = {'bench': 'save', 'machine': _machine(), 'command': 'python bench/bench_save.py', 'rows': rows,
+    command = 'python bench/bench_save.py' + (' --full' if '--full' in sys.argv else '')
+    out = {'bench': 'save', 'machine': _machine(), 'command': command, 'rows': rows,
            'load_average': [round(min(loads), 2), round(max(loads), 2)]}
     with open('bench/results/save.json', 'w') as f:
         json.dump(out, f, indent=1)
