@@ -105,14 +105,17 @@ def _generation_parser(prog:str, prompt:bool) -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/09b_trained.ipynb #a1c0q4b2
-def _generation_model_args(a:argparse.Namespace):
-    "The `ModelConfig` `chat` and `generate` load `a.path` with; a warning printed per contradicted record"
+def _base_model_args(a:argparse.Namespace, # parsed flags with the QLoRA flags and `--dtype`
+                     folder, # the adapter or model folder whose record is read
+                     notice=None, # where the "loading it so" notice goes (default stderr)
+                    ):
+    "The `ModelConfig` the base of `folder` loads with; a warning printed per contradicted record"
     from sft_nb.adapters import BASE_QUANTIZATION, read_base_quantization
-    record = read_base_quantization(a.path)
-    model_args, warnings = _merge_model_args(a, record)
+    folder = Path(folder)
+    model_args, warnings = _merge_model_args(a, read_base_quantization(folder))
     for w in warnings: print(f"sft-nb: warning: {w}", file=sys.stderr)
     if model_args.load_in_4bit and a.load_in_4bit is None:
-        print(f"{Path(a.path)/BASE_QUANTIZATION} records a 4-bit base (QLoRA): loading it so", file=sys.stderr)
+        print(f"{folder/BASE_QUANTIZATION} records a 4-bit base (QLoRA): loading it so", file=notice or sys.stderr)
     return model_args
 
 # %% ../nbs/09b_trained.ipynb #d56bd1e8
@@ -128,7 +131,7 @@ def _answer(a:argparse.Namespace, model, tok, msgs:list[dict]) -> str:
 def generate_command(argv:list[str]) -> str:
     "`sft-nb generate PATH --prompt TEXT`: print the model's answer"
     a = parse_flags(_generation_parser('sft-nb generate', prompt=True), argv)
-    with user_errors(): model, tok = load_for_generation(a.path, model_args=_generation_model_args(a))
+    with user_errors(): model, tok = load_for_generation(a.path, model_args=_base_model_args(a, a.path))
     system = [{'role': 'system', 'content': a.system}] if a.system else []
     msgs = system + [{'role': 'user', 'content': a.prompt}]
     answer = _answer(a, model, tok, msgs)
@@ -139,7 +142,7 @@ def generate_command(argv:list[str]) -> str:
 def chat_command(argv:list[str], lines=None) -> list[dict]:
     "`sft-nb chat PATH`: one user turn per line of stdin (or `lines`), each answered; the conversation"
     a = parse_flags(_generation_parser('sft-nb chat', prompt=False), argv)
-    with user_errors(): model, tok = load_for_generation(a.path, model_args=_generation_model_args(a))
+    with user_errors(): model, tok = load_for_generation(a.path, model_args=_base_model_args(a, a.path))
     interactive = lines is None and sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {a.path}: type a message, Ctrl-D to end.", file=sys.stderr)
@@ -162,7 +165,7 @@ def merge_command(argv:list[str]) -> Path:
     _add_qlora_flags(p)
     a = parse_flags(p, argv)
     adapter, out = Path(a.adapter), Path(a.out)
-    from sft_nb.adapters import BASE_QUANTIZATION, load_adapter, read_base_quantization
+    from sft_nb.adapters import load_adapter
     from sft_nb.answers import save_merged_model
     from sft_nb.models import load_tokenizer
     with user_errors():
@@ -172,10 +175,7 @@ def merge_command(argv:list[str]) -> Path:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} already exists and is not empty: merge writes a new folder, "
                                   "give it another OUT.")
-        model_args, warnings = _merge_model_args(a, read_base_quantization(adapter))
-        for w in warnings: print(f"sft-nb: warning: {w}", file=sys.stderr)
-        if model_args.load_in_4bit and a.load_in_4bit is None:
-            print(f"{adapter/BASE_QUANTIZATION} records a 4-bit base (QLoRA): loading it so")
+        model_args = _base_model_args(a, adapter, notice=sys.stdout)
         model = load_adapter(adapter, model_args=model_args, is_trainable=False)
         # checked against the adapter model on a few prompts; the numbers go into the card
         r = save_merged_model(model, out, load_tokenizer(str(adapter)), dtype=a.dtype)
