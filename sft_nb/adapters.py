@@ -15,8 +15,8 @@ from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_mo
                   set_peft_model_state_dict)
 
 from .config import ModelConfig, SFTConfig
-from .models import (NEW_TOKENS_ATTR, check_model_path, keep_bnb_layout, load_model,
-                           load_tokenizer, sync_model_with_tokenizer)
+from .models import check_model_path, keep_bnb_layout, load_model
+from .tokenizer import NEW_TOKENS_ATTR, load_tokenizer, sync_model_with_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Load a model and tokenizer for training, with checks that catch a wrong folder or dtype first
+"""Load a model for training, with checks that catch a wrong folder or dtype first
 
 Docs: https://sft-nb.github.io/sft_nb/models.html.md"""
 
@@ -12,19 +12,16 @@ from pathlib import Path
 import torch
 import transformers
 from fastcore.meta import delegates
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .config import ModelConfig, SFTConfig, bf16_supported, closest
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'PAD_CANDIDATES', 'NEW_TOKENS_ATTR', 'CHATML_GENERATION_TEMPLATE', 'check_model_path', 'resolve_dtype',
-           'check_dtype', 'config_dtype', 'is_vlm', 'model_class', 'check_vlm_support', 'get_quantization_config',
-           'keep_bnb_layout', 'packing_problems', 'warn_packing', 'prepare_model', 'model_init_kwargs',
-           'vision_skip_modules', 'load_model', 'pick_pad_token', 'sync_model_with_tokenizer', 'add_chatml_template',
-           'clone_chat_template', 'prepare_tokenizer', 'load_tokenizer', 'lazy_deepspeed']
+__all__ = ['logger', 'check_model_path', 'resolve_dtype', 'check_dtype', 'config_dtype', 'is_vlm', 'model_class',
+           'check_vlm_support', 'get_quantization_config', 'keep_bnb_layout', 'packing_problems', 'warn_packing',
+           'prepare_model', 'model_init_kwargs', 'vision_skip_modules', 'load_model', 'lazy_deepspeed']
 
 # %% ../nbs/02_models.ipynb #99b61050
 def _looks_local(name:str) -> bool:
@@ -312,201 +309,6 @@ def load_model(model_name_or_path, # Hub id or local folder
     cls = model_class(config)
     if is_vlm(config): logger.info(f"{name} is a vision-language model: loading it with {cls.__name__}.")
     return prepare_model(cls.from_pretrained(name, **kw), args)
-
-# %% ../nbs/02_models.ipynb #4eb70270
-PAD_CANDIDATES = ('<|pad|>', '<pad>', '[PAD]', '<|finetune_right_pad_id|>', '<|endoftext|>',
-                  '<unk>')
-
-def _text_tokenizer(processing_class):
-    "The tokenizer inside a processor, or the tokenizer itself"
-    return getattr(processing_class, 'tokenizer', processing_class)
-
-# %% ../nbs/02_models.ipynb #1165086a
-def _special_tokens(tok) -> list[str]:
-    return sorted(set(tok.all_special_tokens))
-
-# %% ../nbs/02_models.ipynb #019147ba
-def pick_pad_token(tokenizer) -> str|None:
-    "An existing token to pad with that is not the eos, or None when the tokenizer has none"
-    tok = _text_tokenizer(tokenizer)
-    if tok.pad_token is not None and tok.pad_token != tok.eos_token: return tok.pad_token
-    vocab = tok.get_vocab()
-    for t in (*PAD_CANDIDATES, tok.unk_token):
-        if t is not None and t in vocab and t != tok.eos_token: return t
-    return None
-
-# %% ../nbs/02_models.ipynb #3829da7d
-NEW_TOKENS_ATTR = 'sft_nb_new_token_ids'
-
-def _eos_ids(eos_token_id) -> list[int]:
-    "A generation config's eos, one id or a list, as a list"
-    if eos_token_id is None: return []
-    return eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
-
-# %% ../nbs/02_models.ipynb #9851c13e
-def sync_model_with_tokenizer(model, tokenizer) -> list[int]:
-    "Grow `model`'s embeddings to fit `tokenizer` and copy its pad/eos ids; returns the new ids"
-    tok = _text_tokenizer(tokenizer)
-    n_rows, n_tok = model.get_input_embeddings().num_embeddings, len(tok)
-    new_ids = list(range(n_rows, n_tok))
-    if new_ids:
-        model.resize_token_embeddings(n_tok, mean_resizing=True)
-        setattr(model, NEW_TOKENS_ATTR, sorted({*getattr(model, NEW_TOKENS_ATTR, []), *new_ids}))
-        logger.info(f"Resized the embeddings from {n_rows} to {n_tok} rows for the tokens added "
-                    "to the tokenizer.")
-    text_config = model.config.get_text_config()
-    text_config.pad_token_id = tok.pad_token_id
-    if tok.eos_token_id is not None: text_config.eos_token_id = tok.eos_token_id
-    gen = getattr(model, 'generation_config', None)
-    if gen is None: return new_ids
-    gen.pad_token_id = tok.pad_token_id
-    eos = _eos_ids(gen.eos_token_id)
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-        gen.eos_token_id = [tok.eos_token_id, *eos] if eos else tok.eos_token_id
-    return new_ids
-
-# %% ../nbs/02_models.ipynb #68b6c965
-CHATML_GENERATION_TEMPLATE = """{%- if tools %}
-{{- '<|im_start|>system\\n' }}
-{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n' }}{%- endif %}
-{{- '# Tools' }}
-{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
-{{- '<|im_end|>\\n' }}
-{%- elif messages[0].role == 'system' %}
-{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-{%- if message.role == 'assistant' %}
-{{- '<|im_start|>assistant\\n' }}
-{%- generation %}
-{%- if message.content %}{{- message.content }}{%- endif %}
-{%- for tc in message.tool_calls or [] %}
-{{- '<tool_call>' + ((tc.function or tc) | tojson) + '</tool_call>' }}
-{%- endfor %}
-{{- '<|im_end|>' }}
-{%- endgeneration %}
-{{- '\\n' }}
-{%- elif not (message.role == 'system' and loop.first) %}
-{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
-
-# %% ../nbs/02_models.ipynb #bd1731e6
-def _add_special(tok, tokens) -> None:
-    from tokenizers import AddedToken
-    missing = [t for t in tokens if t not in tok.get_vocab()]
-    added = [AddedToken(t, special=True, normalized=False) for t in missing]
-    if added: tok.add_tokens(added, special_tokens=True)
-
-# %% ../nbs/02_models.ipynb #73d36b8d
-def add_chatml_template(tokenizer, model=None) -> list[int]:
-    "Give a base tokenizer ChatML: template, special tokens, `<|im_end|>` as eos; returns the new ids"
-    tok = _text_tokenizer(tokenizer)
-    _add_special(tok, ['<|im_start|>', '<|im_end|>'])
-    tok.eos_token, tok.chat_template = '<|im_end|>', CHATML_GENERATION_TEMPLATE
-    if tokenizer is not tok: tokenizer.chat_template = CHATML_GENERATION_TEMPLATE
-    return sync_model_with_tokenizer(model, tokenizer) if model is not None else []
-
-# %% ../nbs/02_models.ipynb #f6cc2bc6
-def clone_chat_template(tokenizer, # tokenizer (or processor) to update
-                        source, # tokenizer, tokenizer folder or Hub id to copy from
-                        model=None, # resized to fit new tokens when given
-                       ) -> list[int]:
-    "Copy `source`'s chat template, added tokens and eos into `tokenizer`; returns the new ids"
-    if isinstance(source, PreTrainedTokenizerBase): src = source
-    else: src = AutoTokenizer.from_pretrained(check_model_path(source, need_config=False))
-    if not src.chat_template:
-        raise ValueError(f"{source!r} has no chat template to clone: pass a tokenizer that has one, "
-                         "or a .jinja file.")
-    tok = _text_tokenizer(tokenizer)
-    _add_special(tok, [t.content for t in src.added_tokens_decoder.values()])
-    tok.chat_template = src.chat_template
-    if tokenizer is not tok: tokenizer.chat_template = src.chat_template
-    if src.eos_token: tok.eos_token = src.eos_token
-    return sync_model_with_tokenizer(model, tokenizer) if model is not None else []
-
-# %% ../nbs/02_models.ipynb #357fb967
-def _read_template(path:str) -> str:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"chat_template_path {p} does not exist: pass a .jinja file or a "
-                                "tokenizer folder.")
-    return p.read_text(encoding='utf-8')
-
-# %% ../nbs/02_models.ipynb #d717796f
-def _set_eos(tok, eos:str):
-    if eos not in tok.get_vocab():
-        raise ValueError(f"eos_token {eos!r} is not in the tokenizer's vocabulary, so the model could "
-                         f"never have learnt it. Use one of its special tokens {_special_tokens(tok)}, "
-                         "or add it first with tokenizer.add_special_tokens.")
-    tok.eos_token = eos
-
-# %% ../nbs/02_models.ipynb #4210cb3c
-def _set_pad(tok, pad:str|None):
-    if pad is not None:
-        if pad not in tok.get_vocab():
-            raise ValueError(f"pad_token {pad!r} is not in the tokenizer's vocabulary. Use one of "
-                             f"{_special_tokens(tok)}, or leave pad_token unset to let sft_nb pick "
-                             "one.")
-        if pad == tok.eos_token:
-            logger.warning(f"pad_token is the eos token {pad!r}: collators that mask labels by token "
-                           "id would never train the eos.")
-        tok.pad_token = pad
-        return
-    if tok.pad_token is not None and tok.pad_token != tok.eos_token: return
-    pick = pick_pad_token(tok)
-    if pick is None:
-        _add_special(tok, ['<|pad|>'])
-        pick = '<|pad|>'
-    tok.pad_token = pick
-
-# %% ../nbs/02_models.ipynb #4d1a792c
-_CHATML_ADDED = ("The tokenizer has no chat template, and the dataset is conversational: sft_nb gave "
-                 "it ChatML (`<|im_start|>role ... <|im_end|>`, {} new special tokens, `<|im_end|>` as "
-                 "eos), which the saved model keeps. To use another, pass `chat_template_path` (a "
-                 ".jinja file, or a tokenizer folder or Hub id whose template to copy).")
-
-def prepare_tokenizer(tokenizer, # tokenizer or processor
-                      model=None, # resized and given the pad/eos ids when set
-                      args:SFTConfig|None=None, # eos_token, pad_token, chat_template_path
-                      needs_chat_template:bool=False, # give a tokenizer without a template ChatML
-                     ):
-    "Set eos, chat template and a pad token distinct from eos; resize `model` for any tokens added"
-    tok = _text_tokenizer(tokenizer)
-    if args is not None and args.eos_token is not None: _set_eos(tok, args.eos_token)
-    path = getattr(args, 'chat_template_path', None)
-    if path is not None and str(path).endswith(('.jinja', '.j2')):
-        tok.chat_template = _read_template(path)
-        if tokenizer is not tok: tokenizer.chat_template = tok.chat_template
-    elif path is not None: clone_chat_template(tokenizer, path)
-    elif needs_chat_template and not tok.chat_template:
-        logger.warning(_CHATML_ADDED.format(len(add_chatml_template(tokenizer))))
-    _set_pad(tok, getattr(args, 'pad_token', None))
-    if model is not None: sync_model_with_tokenizer(model, tokenizer)
-    return tokenizer
-
-# %% ../nbs/02_models.ipynb #589e4857
-def _load_processing_class(name:str, kw:dict):
-    "A VLM's processor when it has one, else the tokenizer (enough for text-only training)"
-    has_config = Path(name, 'config.json').exists() or not _looks_local(name)
-    if has_config and is_vlm(_load_config(name, kw)):
-        try: return transformers.AutoProcessor.from_pretrained(name, **kw)
-        except (OSError, ValueError) as e:
-            logger.info(f"{name} is a vision-language model without a processor ({e}); "
-                        "loading its tokenizer only.")
-    return AutoTokenizer.from_pretrained(name, **kw)
-
-# %% ../nbs/02_models.ipynb #b249930d
-def load_tokenizer(model_name_or_path, # Hub id or local folder
-                   args:SFTConfig|None=None, # eos, pad, chat_template_path, trust_remote_code
-                   model_args:ModelConfig|None=None, # revision
-                  ):
-    "Load and prepare the tokenizer (or a VLM's processor) of `model_name_or_path`"
-    name = check_model_path(model_name_or_path, need_config=False)
-    kw = dict(revision=model_args.model_revision if model_args else None,
-              trust_remote_code=bool(args and args.trust_remote_code))
-    return prepare_tokenizer(_load_processing_class(name, kw), args=args)
 
 # %% ../nbs/02_models.ipynb #b9020d59
 def lazy_deepspeed() -> bool:

@@ -90,7 +90,7 @@ def preview_command(argv:list[str]) -> str:
         return None
     ours, rest = p.parse_known_args(argv)
     from sft_nb.config import parse_args
-    from sft_nb.models import load_tokenizer, prepare_tokenizer
+    from sft_nb.tokenizer import load_tokenizer, prepare_tokenizer
     from sft_nb.trainer import needs_chat_template
     with user_errors():
         script_args, training_args, model_args, mix = parse_args(rest)

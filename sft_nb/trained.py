@@ -53,7 +53,8 @@ def load_for_generation(path, # a full or merged model folder, or an adapter fol
                        ) -> tuple:
     "The model (on the GPU if there is one) and tokenizer saved in `path`"
     import torch
-    from sft_nb.models import check_model_path, load_model, load_tokenizer
+    from sft_nb.models import check_model_path, load_model
+    from sft_nb.tokenizer import load_tokenizer
     from sft_nb.adapters import load_adapter
     from sft_nb.config import ModelConfig
     p = Path(check_model_path(str(path), need_config=False))
@@ -167,7 +168,7 @@ def merge_command(argv:list[str]) -> Path:
     adapter, out = Path(a.adapter), Path(a.out)
     from sft_nb.adapters import load_adapter
     from sft_nb.answers import save_merged_model
-    from sft_nb.models import load_tokenizer
+    from sft_nb.tokenizer import load_tokenizer
     with user_errors():
         if not (adapter/'adapter_config.json').is_file():
             raise FileNotFoundError(f"{adapter} holds no adapter_config.json, so it is not an adapter "

@@ -18,8 +18,8 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 
 from .config import SFTConfig
-from .models import check_vlm_support, is_vlm, load_model, load_tokenizer, prepare_model
-from .models import prepare_tokenizer
+from .models import check_vlm_support, is_vlm, load_model, prepare_model
+from .tokenizer import load_tokenizer, prepare_tokenizer
 from .adapters import adds_virtual_tokens, apply_peft, is_peft_model, trainable_report
 from .formats import check_dataset, detect_format, first_row
 from .data import prepare_dataset
@@ -181,7 +181,7 @@ def _dataset_name(ds) -> str|None:
 
 # %% ../nbs/08_trainer.ipynb #2bddd28a
 def needs_chat_template(ds, args:SFTConfig, formatting_func=None) -> bool:
-    "Is `ds` conversational, so that a base model without a chat template needs one (from sft_nb.models)?"
+    "Is `ds` conversational, so that a base model without a chat template needs one (from sft_nb.tokenizer)?"
     if ds is None or isinstance(ds, (dict, DatasetDict, IterableDatasetDict)): return False
     fmt = detect_format(_columns(ds), first_row(ds), args.dataset_text_field, formatting_func)
     return fmt in ('conversational', 'conversational_prompt_completion')

@@ -11,7 +11,8 @@ bnb = pytest.importorskip('bitsandbytes')
 from sft_nb.adapters import (apply_peft, count_parameters, get_peft_config, is_peft_model, load_adapter, merge_adapters,
                              trainable_report)
 from sft_nb.config import ModelConfig
-from sft_nb.models import load_model, load_tokenizer, prepare_tokenizer
+from sft_nb.models import load_model
+from sft_nb.tokenizer import load_tokenizer, prepare_tokenizer
 from sft_nb.tiny import save_tiny
 
 X = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))

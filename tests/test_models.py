@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 
 import sft_nb.models as models
 from sft_nb.config import ModelConfig, SFTConfig
-from sft_nb.models import clone_chat_template, load_model, load_tokenizer
+from sft_nb.models import load_model
+from sft_nb.tokenizer import clone_chat_template, load_tokenizer
 from sft_nb.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 
@@ -97,7 +98,8 @@ import sys, torch
 from pathlib import Path
 from huggingface_hub import HfApi
 from sft_nb.config import ModelConfig
-from sft_nb.models import load_model, load_tokenizer
+from sft_nb.models import load_model
+from sft_nb.tokenizer import load_tokenizer
 from sft_nb.tiny import save_tiny
 tmp, api = Path(sys.argv[1]), HfApi(token='hf_test')
 api.create_repo('me/tiny')
