@@ -316,15 +316,15 @@ def _conversation(self:Tokenize, messages, row, tools, kw, spans:bool) -> list[t
         return [(t, s, w if self.weighted else None) for t, s, w in found]
 
 @patch
-def _count_split(self:Tokenize, groups:list[int], encs):
-    "Add to `split_stats` the conversations split in a batch, and the rows and tokens they added"
+def _count_split(self:Tokenize, groups:list[int], lengths:list[int]):
+    "Add to `split_stats` the conversations split in a batch, and the rows and tokens (`lengths`) they added"
     start = 0
     for n in groups:
         if n > 1:
-            lengths = [len(e) for e in encs[start:start+n]]
+            rows = lengths[start:start+n]
             self.split_stats['conversations'] += 1
             self.split_stats['rows'] += n - 1
-            self.split_stats['tokens'] += sum(lengths) - max(lengths)
+            self.split_stats['tokens'] += sum(rows) - max(rows)
         start += n
 
 # %% ../nbs/04c_tokens.ipynb #11846cf2
@@ -332,17 +332,22 @@ def pipelined(n:int, # number of items
               render:Callable, # (a, b) -> the texts of items [a, b), in order
               encode:Callable, # texts -> their encodings
               chunk:int=128, # items rendered per chunk
+              post:Callable|None=None, # encodings of a chunk -> a list of results; default: the encodings
+              first:int|None=None, # items of the first chunk; default a quarter of `chunk`
              ) -> list:
-    "`encode(render(0, n))`, each chunk encoding in a thread while the next one renders"
-    if n <= chunk: return list(encode(render(0, n)))
+    "`post(encode(render(0, n)))`, each chunk encoding in a thread while the next renders and the last posts"
+    post = post or list
+    if n <= chunk: return list(post(encode(render(0, n))))
     from concurrent.futures import ThreadPoolExecutor
+    cuts = [0, *range(first or max(1, chunk // 4), n, chunk), n]
     out, pending = [], None
     with ThreadPoolExecutor(1) as pool:
-        for a in range(0, n, chunk):
-            texts = render(a, min(a + chunk, n))
-            if pending is not None: out += pending.result()
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            texts = render(a, b)
+            done = None if pending is None else pending.result()
             pending = pool.submit(encode, texts)
-        out += pending.result()
+            if done is not None: out += post(done)  # while the tokenizer encodes this chunk
+        out += post(pending.result())
     return out
 
 # %% ../nbs/04c_tokens.ipynb #6a73adac
@@ -391,29 +396,37 @@ def _make_room(cache:dict, used, new_chars:int, max_cached:int):
 
 class PieceCache(dict):
     "The pieces a `Tokenize` encoded in earlier batches; pickled empty (worker processes, fingerprints)"
+    checked = False  # has a text encoded piece by piece been checked against its whole encoding?
     def __reduce__(self): return (PieceCache, ())
 
 # %% ../nbs/04c_tokens.ipynb #9f1a9563
+def _mostly_new(index:dict, cache:dict, texts:list[str], min_saving:float) -> bool:
+    "Do the pieces of `index` not in `cache` make more than `1 - min_saving` of the characters of `texts`?"
+    new = sum(len(p) for p in index if p not in cache)
+    return new > (1 - min_saving) * sum(map(len, texts))
+
 def encode_pieces(backend, # a `tokenizers.Tokenizer`
                   pattern:re.Pattern, # from `piece_pattern(backend)`
                   texts:list[str], # the texts, encoded without adding special tokens
                   min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
                   cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
                   max_cached:int=1 << 20, # characters of the pieces kept in `cache`
+                  sample:int=16, # texts scanned first: if their pieces are mostly new, the rest aren't scanned
                  ) -> list:
     "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
     from itertools import accumulate, chain
     cache = {} if cache is None else cache
     index, rows = {}, []
-    for t in texts:
+    for k, t in enumerate(texts):
+        # few repeats in the first texts: joining pieces would cost more than it saves
+        if k == sample and _mostly_new(index, cache, texts[:k], min_saving): break
         parts = pattern.split(t)
         # a piece: an added token and the text up to the next one
         cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
         rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
-    new = [p for p in index if p not in cache]
-    # few repeats: joining pieces would cost more than it saves
-    if sum(map(len, new)) > (1 - min_saving) * sum(map(len, texts)):
+    if len(rows) < len(texts) or _mostly_new(index, cache, texts, min_saving):
         return backend.encode_batch(texts, add_special_tokens=False)
+    new = [p for p in index if p not in cache]
     _make_room(cache, index, sum(map(len, new)), max_cached)
     cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
     encs, ids = zip(*[cache[p] for p in index])
@@ -429,10 +442,12 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
 # %% ../nbs/04c_tokens.ipynb #2dd306a2
 @patch
 def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
-    "`encode_pieces`; if a call's first text encodes otherwise whole, whole texts from then on"
+    "`encode_pieces`; if the first text joined from pieces encodes otherwise whole, whole texts from then on"
     out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache)
-    if not out or not isinstance(out[0], PieceEncoding): return out  # encoded whole
-    if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids: return out
+    if not out or not isinstance(out[0], PieceEncoding) or self.piece_cache.checked: return out
+    if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids:
+        self.piece_cache.checked = True
+        return out
     logger.warning(f"`{type(self.tokenizer).__name__}` encodes a text differently piece by piece (between "
                    "its added tokens) than whole: texts are encoded whole from now on, which is slower.")
     self.pieces = None
@@ -442,19 +457,22 @@ def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
 @patch
 def conversational(self:Tokenize, rows, idx):
     aol = self.assistant_only_loss
-    out, groups = [], []
+    groups = []
     def render(a, b):
-        texts = []
+        found = []
         for r, i in zip(rows[a:b], idx[a:b]):
-            found = self._conversation(r['messages'], i, *_template_inputs(r), aol)
-            groups.append(len(found))
-            out.extend(found)
-            texts += [t for t, _, _ in found]
-        return texts
-    encs = pipelined(len(rows), render, lambda texts: self.encode(texts, False))
-    self._count_split(groups, encs)
-    masks = [[weighted_token_spans(e, s, w)] if aol else [] for e, (_, s, w) in zip(encs, out)]
-    return [e.ids for e in encs], masks
+            conversation = self._conversation(r['messages'], i, *_template_inputs(r), aol)
+            groups.append(len(conversation))
+            found += conversation
+        return found
+    def encode(found): return found, self.encode([t for t, _, _ in found], False)
+    def post(done):
+        found, encs = done
+        return [(e.ids, [weighted_token_spans(e, s, w)] if aol else []) for e, (_, s, w) in zip(encs, found)]
+    out = pipelined(len(rows), render, encode, post=post)
+    ids, masks = [x for x, _ in out], [m for _, m in out]
+    self._count_split(groups, [len(x) for x in ids])
+    return ids, masks
 
 # %% ../nbs/04c_tokens.ipynb #d6eda825
 @patch
@@ -479,7 +497,7 @@ def conversational_prompt_completion(self:Tokenize, rows, idx):
         fulls += found
         groups.append(len(found))
     ids, completions, encs = self._completion_masks(prompts, [t for t, _, _ in fulls], False)
-    self._count_split(groups, encs)
+    self._count_split(groups, [len(e) for e in encs])
     assistant = None
     if self.assistant_only_loss:
         assistant = [weighted_token_spans(e, s, w) for e, (_, s, w) in zip(encs, fulls)]
