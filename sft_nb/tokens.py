@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/tokens.html.md"""
 
 # %% ../nbs/04c_tokens.ipynb #f8044919
 from __future__ import annotations
-import bisect, contextlib, gc, json, logging, re, traceback
+import contextlib, gc, json, logging, traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 from fastcore.basics import patch
@@ -14,13 +14,14 @@ from .chat import DataFormatError, TURN_KEYS, data_error, diff_spans, strip_turn
 from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
+from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
            'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
-           'pipelined', 'piece_pattern', 'PieceEncoding', 'PieceCache', 'encode_pieces', 'check_markers']
+           'pipelined', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -348,95 +349,6 @@ def pipelined(n:int, # number of items
             pending = pool.submit(encode, texts)
             if done is not None: out += post(done)  # while the tokenizer encodes this chunk
         out += post(pending.result())
-    return out
-
-# %% ../nbs/04c_tokens.ipynb #6a73adac
-# pre-tokenizer steps that treat each piece alike wherever it starts (Metaspace marks the text's first one)
-_PIECEWISE = frozenset({'ByteLevel', 'Split', 'Digits', 'Punctuation', 'Whitespace', 'WhitespaceSplit'})
-
-def _piecewise(pre:dict|None) -> bool:
-    "Is a pre-tokenizer (as JSON) made only of steps that treat each piece alike?"
-    if pre is None: return True
-    if pre.get('type') == 'Sequence': return all(map(_piecewise, pre['pretokenizers']))
-    return pre.get('type') in _PIECEWISE
-
-def piece_pattern(backend) -> re.Pattern|None:
-    "Matches `backend`'s added tokens as it does, where texts cut into pieces it encodes alone; None: can't"
-    added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]
-    # a token that takes in whitespace, or only matches as a whole word, moves the cut
-    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added): return None
-    pre = backend.pre_tokenizer
-    if not _piecewise(None if pre is None else json.loads(pre.__getstate__())): return None
-    # longest first: at each position the longest token matches, as the tokenizer's own matcher does
-    contents = sorted({t.content for t in added}, key=len, reverse=True)
-    return re.compile('(' + '|'.join(map(re.escape, contents)) + ')')
-
-# %% ../nbs/04c_tokens.ipynb #b02fcb7d
-class PieceEncoding:
-    "A text's encoding joined from its pieces': `ids`, `len` and `char_to_token` as a `tokenizers.Encoding`'s"
-    __slots__ = ('ids', 'encs', 'chars', 'tokens')
-    def __init__(self, ids:list, encs:list, chars:list, tokens:list):
-        # each piece's encoding, and where it starts in characters and in tokens
-        self.ids, self.encs, self.chars, self.tokens = ids, encs, chars, tokens
-    def __len__(self): return len(self.ids)
-    def char_to_token(self, c:int) -> int|None:
-        # the last piece starting at or before `c` (`chars` ends with the text's length)
-        i = bisect.bisect_right(self.chars, c, 0, len(self.encs)) - 1
-        t = self.encs[i].char_to_token(c - self.chars[i]) if i >= 0 else None
-        return None if t is None else t + self.tokens[i]
-
-# %% ../nbs/04c_tokens.ipynb #2bbcfb23
-def _make_room(cache:dict, used, new_chars:int, max_cached:int):
-    "Empty `cache` but for `used` pieces where `new_chars` more characters would pass `max_cached`"
-    # bounded by characters: an encoding's memory grows with its text
-    if sum(map(len, cache)) + new_chars <= max_cached: return
-    kept = {p: cache[p] for p in used if p in cache}
-    cache.clear()
-    cache.update(kept)
-
-class PieceCache(dict):
-    "The pieces a `Tokenize` encoded in earlier batches; pickled empty (worker processes, fingerprints)"
-    checked = False  # has a text encoded piece by piece been checked against its whole encoding?
-    def __reduce__(self): return (PieceCache, ())
-
-# %% ../nbs/04c_tokens.ipynb #9f1a9563
-def _mostly_new(index:dict, cache:dict, texts:list[str], min_saving:float) -> bool:
-    "Do the pieces of `index` not in `cache` make more than `1 - min_saving` of the characters of `texts`?"
-    new = sum(len(p) for p in index if p not in cache)
-    return new > (1 - min_saving) * sum(map(len, texts))
-
-def encode_pieces(backend, # a `tokenizers.Tokenizer`
-                  pattern:re.Pattern, # from `piece_pattern(backend)`
-                  texts:list[str], # the texts, encoded without adding special tokens
-                  min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
-                  cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
-                  max_cached:int=1 << 20, # characters of the pieces kept in `cache`
-                  sample:int=16, # texts scanned first: if their pieces are mostly new, the rest aren't scanned
-                 ) -> list:
-    "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
-    from itertools import accumulate, chain
-    cache = {} if cache is None else cache
-    index, rows = {}, []
-    for k, t in enumerate(texts):
-        # few repeats in the first texts: joining pieces would cost more than it saves
-        if k == sample and _mostly_new(index, cache, texts[:k], min_saving): break
-        parts = pattern.split(t)
-        # a piece: an added token and the text up to the next one
-        cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
-        rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
-    if len(rows) < len(texts) or _mostly_new(index, cache, texts, min_saving):
-        return backend.encode_batch(texts, add_special_tokens=False)
-    new = [p for p in index if p not in cache]
-    _make_room(cache, index, sum(map(len, new)), max_cached)
-    cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
-    encs, ids = zip(*[cache[p] for p in index])
-    sizes = [len(x) for x in ids]
-    out = []
-    for keys, cut in rows:
-        row_ids = list(chain.from_iterable([ids[k] for k in keys]))
-        chars = list(accumulate(map(len, cut), initial=0))
-        tokens = list(accumulate([sizes[k] for k in keys], initial=0))
-        out.append(PieceEncoding(row_ids, [encs[k] for k in keys], chars, tokens))
     return out
 
 # %% ../nbs/04c_tokens.ipynb #2dd306a2
