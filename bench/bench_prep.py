@@ -60,10 +60,13 @@ def trl(ds, tok, workload, num_proc, packing):
     return trainer._prepare_dataset(ds, tok, args, packing=packing, formatting_func=None, dataset_name='train')
 
 def rendered(rows, tok, workload):
-    "The texts sft_nb tokenizes (what the floor encodes)"
+    """The texts sft_nb tokenizes (what the floor encodes): `rows` as the dataset gives them (Arrow fills each
+    tool call's `arguments` with every tool's keys, as None), rendered with the template sft_nb (and TRL)
+    renders with (TRL's training template where TRL swaps it in)"""
+    from sft_nb.chat import training_template
     from sft_nb.stencil import StencilRenderer
     if workload == 'plain_text': return [r['text'] + tok.eos_token for r in rows]
-    render = StencilRenderer(tok)
+    render = StencilRenderer(tok, training_template(tok) if workload in AOL else None)
     if workload == 'prompt_completion':
         prompts = [render(r['prompt'], add_generation_prompt=True)[0] for r in rows]
         return prompts + [render(r['prompt'] + r['completion'])[0] for r in rows]
@@ -94,7 +97,7 @@ def run_case(workload, vocab, n, repeat, configs):
     rows, tok = W.workload(workload, n, vocab)
     ds = Dataset.from_list(rows)
     backend = tok.backend_tokenizer
-    texts = rendered(rows, tok, workload)
+    texts = rendered(ds.to_list(), tok, workload)  # the rows as `map` hands them to both sides
     warm = ds.select(range(min(50, n)))
     for packing in sorted({mode == 'packed' for mode, _ in configs}):
         # first-call costs (lazy imports, template compiles, the packing code's first run) out of the clock

@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/tokens.html.md"""
 
 # %% ../nbs/04c_tokens.ipynb #f8044919
 from __future__ import annotations
-import bisect, contextlib, gc, json, logging, re, traceback
+import contextlib, gc, json, logging, traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 from fastcore.basics import patch
@@ -14,13 +14,14 @@ from .chat import DataFormatError, TURN_KEYS, data_error, diff_spans, strip_turn
 from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
+from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
            'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
-           'pipelined', 'piece_pattern', 'PieceEncoding', 'PieceCache', 'encode_pieces', 'check_markers']
+           'pipelined', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -316,15 +317,15 @@ def _conversation(self:Tokenize, messages, row, tools, kw, spans:bool) -> list[t
         return [(t, s, w if self.weighted else None) for t, s, w in found]
 
 @patch
-def _count_split(self:Tokenize, groups:list[int], encs):
-    "Add to `split_stats` the conversations split in a batch, and the rows and tokens they added"
+def _count_split(self:Tokenize, groups:list[int], lengths:list[int]):
+    "Add to `split_stats` the conversations split in a batch, and the rows and tokens (`lengths`) they added"
     start = 0
     for n in groups:
         if n > 1:
-            lengths = [len(e) for e in encs[start:start+n]]
+            rows = lengths[start:start+n]
             self.split_stats['conversations'] += 1
             self.split_stats['rows'] += n - 1
-            self.split_stats['tokens'] += sum(lengths) - max(lengths)
+            self.split_stats['tokens'] += sum(rows) - max(rows)
         start += n
 
 # %% ../nbs/04c_tokens.ipynb #11846cf2
@@ -332,107 +333,33 @@ def pipelined(n:int, # number of items
               render:Callable, # (a, b) -> the texts of items [a, b), in order
               encode:Callable, # texts -> their encodings
               chunk:int=128, # items rendered per chunk
+              post:Callable|None=None, # encodings of a chunk -> a list of results; default: the encodings
+              first:int|None=None, # items of the first chunk; default a quarter of `chunk`
              ) -> list:
-    "`encode(render(0, n))`, each chunk encoding in a thread while the next one renders"
-    if n <= chunk: return list(encode(render(0, n)))
+    "`post(encode(render(0, n)))`, each chunk encoding in a thread while the next renders and the last posts"
+    post = post or list
+    if n <= chunk: return list(post(encode(render(0, n))))
     from concurrent.futures import ThreadPoolExecutor
+    cuts = [0, *range(first or max(1, chunk // 4), n, chunk), n]
     out, pending = [], None
     with ThreadPoolExecutor(1) as pool:
-        for a in range(0, n, chunk):
-            texts = render(a, min(a + chunk, n))
-            if pending is not None: out += pending.result()
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            texts = render(a, b)
+            done = None if pending is None else pending.result()
             pending = pool.submit(encode, texts)
-        out += pending.result()
-    return out
-
-# %% ../nbs/04c_tokens.ipynb #6a73adac
-# pre-tokenizer steps that treat each piece alike wherever it starts (Metaspace marks the text's first one)
-_PIECEWISE = frozenset({'ByteLevel', 'Split', 'Digits', 'Punctuation', 'Whitespace', 'WhitespaceSplit'})
-
-def _piecewise(pre:dict|None) -> bool:
-    "Is a pre-tokenizer (as JSON) made only of steps that treat each piece alike?"
-    if pre is None: return True
-    if pre.get('type') == 'Sequence': return all(map(_piecewise, pre['pretokenizers']))
-    return pre.get('type') in _PIECEWISE
-
-def piece_pattern(backend) -> re.Pattern|None:
-    "Matches `backend`'s added tokens as it does, where texts cut into pieces it encodes alone; None: can't"
-    added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]
-    # a token that takes in whitespace, or only matches as a whole word, moves the cut
-    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added): return None
-    pre = backend.pre_tokenizer
-    if not _piecewise(None if pre is None else json.loads(pre.__getstate__())): return None
-    # longest first: at each position the longest token matches, as the tokenizer's own matcher does
-    contents = sorted({t.content for t in added}, key=len, reverse=True)
-    return re.compile('(' + '|'.join(map(re.escape, contents)) + ')')
-
-# %% ../nbs/04c_tokens.ipynb #b02fcb7d
-class PieceEncoding:
-    "A text's encoding joined from its pieces': `ids`, `len` and `char_to_token` as a `tokenizers.Encoding`'s"
-    __slots__ = ('ids', 'encs', 'chars', 'tokens')
-    def __init__(self, ids:list, encs:list, chars:list, tokens:list):
-        # each piece's encoding, and where it starts in characters and in tokens
-        self.ids, self.encs, self.chars, self.tokens = ids, encs, chars, tokens
-    def __len__(self): return len(self.ids)
-    def char_to_token(self, c:int) -> int|None:
-        # the last piece starting at or before `c` (`chars` ends with the text's length)
-        i = bisect.bisect_right(self.chars, c, 0, len(self.encs)) - 1
-        t = self.encs[i].char_to_token(c - self.chars[i]) if i >= 0 else None
-        return None if t is None else t + self.tokens[i]
-
-# %% ../nbs/04c_tokens.ipynb #2bbcfb23
-def _make_room(cache:dict, used, new_chars:int, max_cached:int):
-    "Empty `cache` but for `used` pieces where `new_chars` more characters would pass `max_cached`"
-    # bounded by characters: an encoding's memory grows with its text
-    if sum(map(len, cache)) + new_chars <= max_cached: return
-    kept = {p: cache[p] for p in used if p in cache}
-    cache.clear()
-    cache.update(kept)
-
-class PieceCache(dict):
-    "The pieces a `Tokenize` encoded in earlier batches; pickled empty (worker processes, fingerprints)"
-    def __reduce__(self): return (PieceCache, ())
-
-# %% ../nbs/04c_tokens.ipynb #9f1a9563
-def encode_pieces(backend, # a `tokenizers.Tokenizer`
-                  pattern:re.Pattern, # from `piece_pattern(backend)`
-                  texts:list[str], # the texts, encoded without adding special tokens
-                  min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
-                  cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
-                  max_cached:int=1 << 20, # characters of the pieces kept in `cache`
-                 ) -> list:
-    "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
-    from itertools import accumulate, chain
-    cache = {} if cache is None else cache
-    index, rows = {}, []
-    for t in texts:
-        parts = pattern.split(t)
-        # a piece: an added token and the text up to the next one
-        cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
-        rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
-    new = [p for p in index if p not in cache]
-    # few repeats: joining pieces would cost more than it saves
-    if sum(map(len, new)) > (1 - min_saving) * sum(map(len, texts)):
-        return backend.encode_batch(texts, add_special_tokens=False)
-    _make_room(cache, index, sum(map(len, new)), max_cached)
-    cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
-    encs, ids = zip(*[cache[p] for p in index])
-    sizes = [len(x) for x in ids]
-    out = []
-    for keys, cut in rows:
-        row_ids = list(chain.from_iterable([ids[k] for k in keys]))
-        chars = list(accumulate(map(len, cut), initial=0))
-        tokens = list(accumulate([sizes[k] for k in keys], initial=0))
-        out.append(PieceEncoding(row_ids, [encs[k] for k in keys], chars, tokens))
+            if done is not None: out += post(done)  # while the tokenizer encodes this chunk
+        out += post(pending.result())
     return out
 
 # %% ../nbs/04c_tokens.ipynb #2dd306a2
 @patch
 def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
-    "`encode_pieces`; if a call's first text encodes otherwise whole, whole texts from then on"
+    "`encode_pieces`; if the first text joined from pieces encodes otherwise whole, whole texts from then on"
     out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache)
-    if not out or not isinstance(out[0], PieceEncoding): return out  # encoded whole
-    if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids: return out
+    if not out or not isinstance(out[0], PieceEncoding) or self.piece_cache.checked: return out
+    if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids:
+        self.piece_cache.checked = True
+        return out
     logger.warning(f"`{type(self.tokenizer).__name__}` encodes a text differently piece by piece (between "
                    "its added tokens) than whole: texts are encoded whole from now on, which is slower.")
     self.pieces = None
@@ -442,19 +369,22 @@ def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
 @patch
 def conversational(self:Tokenize, rows, idx):
     aol = self.assistant_only_loss
-    out, groups = [], []
+    groups = []
     def render(a, b):
-        texts = []
+        found = []
         for r, i in zip(rows[a:b], idx[a:b]):
-            found = self._conversation(r['messages'], i, *_template_inputs(r), aol)
-            groups.append(len(found))
-            out.extend(found)
-            texts += [t for t, _, _ in found]
-        return texts
-    encs = pipelined(len(rows), render, lambda texts: self.encode(texts, False))
-    self._count_split(groups, encs)
-    masks = [[weighted_token_spans(e, s, w)] if aol else [] for e, (_, s, w) in zip(encs, out)]
-    return [e.ids for e in encs], masks
+            conversation = self._conversation(r['messages'], i, *_template_inputs(r), aol)
+            groups.append(len(conversation))
+            found += conversation
+        return found
+    def encode(found): return found, self.encode([t for t, _, _ in found], False)
+    def post(done):
+        found, encs = done
+        return [(e.ids, [weighted_token_spans(e, s, w)] if aol else []) for e, (_, s, w) in zip(encs, found)]
+    out = pipelined(len(rows), render, encode, post=post)
+    ids, masks = [x for x, _ in out], [m for _, m in out]
+    self._count_split(groups, [len(x) for x in ids])
+    return ids, masks
 
 # %% ../nbs/04c_tokens.ipynb #d6eda825
 @patch
@@ -479,7 +409,7 @@ def conversational_prompt_completion(self:Tokenize, rows, idx):
         fulls += found
         groups.append(len(found))
     ids, completions, encs = self._completion_masks(prompts, [t for t, _, _ in fulls], False)
-    self._count_split(groups, encs)
+    self._count_split(groups, [len(e) for e in encs])
     assistant = None
     if self.assistant_only_loss:
         assistant = [weighted_token_spans(e, s, w) for e, (_, s, w) in zip(encs, fulls)]
