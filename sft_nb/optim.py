@@ -269,10 +269,10 @@ def fold_into_step(optimizer:torch.optim.Optimizer, # torch's fused Adam / AdamW
 
 # %% ../nbs/06a_optim.ipynb #e5f51652
 def clip_grad_norm(trainer, # a `transformers.Trainer`
-                   model, # the model `Trainer._clip_grad_norm` got
-                   own, # `Trainer._clip_grad_norm`, bound: the fallback
+                   model, # the model whose gradients `Trainer` clips
+                   own, # `Trainer`'s clipping method, bound: the fallback
                   ) -> torch.Tensor:
-    "`Trainer._clip_grad_norm`: the same norm and clipping, without gradient passes that change nothing"
+    "Trainer's gradient clipping: the same norm and clipping, without gradient passes that change nothing"
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     if not grads or own_clipping_blocker(trainer, grads): return own(model)
