@@ -6,15 +6,17 @@ Docs: https://sft-nb.github.io/sft_nb/optim.html.md"""
 
 # %% ../nbs/06a_optim.ipynb #35158fc1
 from __future__ import annotations
-import logging, math
+import logging, math, os
 
 import torch
 from fastcore.basics import patch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.utils import is_sagemaker_mp_enabled
 
 # %% auto #0
-__all__ = ['logger', 'HALF', 'ADAMW_UPDATES', 'ADAMW_OPTIMS', 'kahan_store_', 'stochastic_round_', 'adamw_math_', 'AdamW',
-           'master_weight', 'optimizer_cls_and_kwargs']
+__all__ = ['logger', 'HALF', 'ADAMW_UPDATES', 'ADAMW_OPTIMS', 'PLAIN_DISTRIBUTED', 'kahan_store_', 'stochastic_round_',
+           'adamw_math_', 'AdamW', 'master_weight', 'optimizer_cls_and_kwargs', 'own_clipping_blocker', 'fused_adam',
+           'fold_blocker', 'fold_into_step', 'clip_grad_norm']
 
 # %% ../nbs/06a_optim.ipynb #c892bec1
 logger = logging.getLogger(__name__)
@@ -207,3 +209,80 @@ def optimizer_cls_and_kwargs(args, # training arguments (`SFTConfig`: `half_prec
                "are not rounded away.")
     return AdamW, dict(lr=kwargs['lr'], betas=kwargs['betas'], eps=kwargs['eps'], updates=updates,
                        seed=args.seed)
+
+# %% ../nbs/06a_optim.ipynb #d5ea8dd8
+# accelerate clips these with `torch.nn.utils.clip_grad_norm_`
+PLAIN_DISTRIBUTED = ('NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_XPU', 'MULTI_NPU', 'MULTI_MLU', 'MULTI_MUSA',
+                     'MULTI_SDAA', 'MULTI_HPU')
+
+def own_clipping_blocker(trainer, # a `transformers.Trainer`
+                         grads:list[torch.Tensor], # the gradients to clip
+                        ) -> str|None:
+    "Why `Trainer`'s own clipping must run (engines that clip, fp16 scaling, DTensors); None if not"
+    acc = trainer.accelerator
+    kind = getattr(acc.distributed_type, 'name', str(acc.distributed_type))
+    if kind not in PLAIN_DISTRIBUTED: return f"distributed_type {kind} clips its own way"
+    if os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() == 'true':
+        return "FSDP clips its own way"
+    if getattr(acc, 'scaler', None) is not None:
+        return "fp16 gradients are unscaled before clipping"
+    if is_sagemaker_mp_enabled(): return "SageMaker model parallelism clips its own way"
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(g, DTensor) for g in grads):
+            return "DTensor gradients are clipped per mesh"
+    return None
+
+# %% ../nbs/06a_optim.ipynb #7c673cb5
+def fused_adam(optimizer) -> torch.optim.Optimizer|None:
+    "The `torch.optim.Adam` / `AdamW(fused=True)` under accelerate's wrapper, or None"
+    while hasattr(optimizer, 'optimizer'): optimizer = optimizer.optimizer  # `AcceleratedOptimizer`
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW): return None
+    return optimizer if all(g.get('fused') for g in optimizer.param_groups) else None
+
+# %% ../nbs/06a_optim.ipynb #730505c2
+def fold_blocker(trainer, # a `transformers.Trainer` with its optimizer
+                 grads:list[torch.Tensor], # the gradients to clip
+                ) -> str|None:
+    "Why clipping cannot be folded into the optimizer step; None if it can"
+    opt = fused_adam(trainer.optimizer)
+    if opt is None: return "the optimizer is not torch's fused Adam / AdamW"
+    if getattr(opt, 'grad_scale', None) is not None or getattr(opt, 'found_inf', None) is not None:
+        return "the optimizer's grad_scale is in use"
+    if len({g.device for g in grads}) > 1: return "gradients on more than one device"
+    base = TrainerCallback.on_pre_optimizer_step
+    readers = [type(cb).__name__ for cb in trainer.callback_handler.callbacks
+               if type(cb).on_pre_optimizer_step is not base]
+    if readers: return f"callbacks {readers} read the clipped gradients in on_pre_optimizer_step"
+    return None
+
+# %% ../nbs/06a_optim.ipynb #db0c05e0
+def fold_into_step(optimizer:torch.optim.Optimizer, # torch's fused Adam / AdamW
+                   scale:torch.Tensor, # float32 scalar: the next step divides each gradient by it
+                  ):
+    "Make the next step of `optimizer` divide the gradients by `scale` (and keep them so), only that one"
+    optimizer.grad_scale = scale
+    def forget(opt, args, kwargs):
+        del opt.grad_scale
+        handle.remove()
+    handle = optimizer.register_step_post_hook(forget)
+
+# %% ../nbs/06a_optim.ipynb #e5f51652
+def clip_grad_norm(trainer, # a `transformers.Trainer`
+                   model, # the model whose gradients `Trainer` clips
+                   own, # `Trainer`'s clipping method, bound: the fallback
+                  ) -> torch.Tensor:
+    "Trainer's gradient clipping: the same norm and clipping, without gradient passes that change nothing"
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads or own_clipping_blocker(trainer, grads): return own(model)
+    max_norm = trainer.args.max_grad_norm
+    norm = torch.nn.utils.get_total_norm(grads)
+    coef = max_norm / (norm + 1e-6)  # as `torch.nn.utils.clip_grads_with_norm_`
+    c = coef.item()
+    if c >= 1: return norm  # nothing to clip: torch would multiply by exactly 1
+    if c > 0 and fold_blocker(trainer, grads) is None:
+        fold_into_step(fused_adam(trainer.optimizer), coef.float().reciprocal())
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm

@@ -30,7 +30,7 @@ from .packing import DataCollatorForLanguageModeling, pack_dataset
 from .audit import warn_parity
 from .loss_trainer import TokenCounter, find_token_counter, metrics_to_log, outputs_for_metrics
 from .loss_trainer import predict_loss, setup_sft_loss, trainer_loss
-from .optim import optimizer_cls_and_kwargs
+from .optim import clip_grad_norm, optimizer_cls_and_kwargs
 from .checkpoints import CrashSafeSaveMixin
 from .output_dir import check_writable
 
@@ -545,6 +545,11 @@ def _set_signature_columns_if_needed(self:SFTTrainer):
 
 # %% ../nbs/08_trainer.ipynb #b7f16a0c
 SFTTrainer.get_optimizer_cls_and_kwargs = staticmethod(optimizer_cls_and_kwargs)
+
+# %% ../nbs/08_trainer.ipynb #9e63f7d9
+@patch
+def _clip_grad_norm(self:SFTTrainer, model):
+    return clip_grad_norm(self, model, super(SFTTrainer, self)._clip_grad_norm)
 
 # %% ../nbs/08_trainer.ipynb #5cb1866e
 @patch
