@@ -57,7 +57,12 @@ def trl(ds, tok, workload, num_proc, packing):
     trainer._signature_columns = None
     trainer.chat_template = get_training_chat_template(tok) if workload in AOL else None
     trainer.completion_only_loss = workload == 'prompt_completion'
-    return trainer._prepare_dataset(ds, tok, args, packing=packing, formatting_func=None, dataset_name='train')
+    out = trainer._prepare_dataset(ds, tok, args, packing=packing, formatting_func=None, dataset_name='train')
+    # `datasets`' map(num_proc=2) leaves TOKENIZERS_PARALLELISM=false in the process environment (not in
+    # `os.environ`): without this, every later floor in this process would encode on one thread
+    from sft_nb.data import sync_tokenizers_parallelism
+    sync_tokenizers_parallelism()
+    return out
 
 def rendered(rows, tok, workload):
     """The texts sft_nb tokenizes (what the floor encodes): `rows` as the dataset gives them (Arrow fills each

@@ -18,8 +18,8 @@ from .formats import carries_weights
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FORK_HEAD', 'make_tokenize', 'light_fingerprint', 'forked_map', 'prepare_dataset', 'TrainedText',
-           'show_trained']
+__all__ = ['logger', 'FORK_HEAD', 'make_tokenize', 'light_fingerprint', 'forked_map', 'sync_tokenizers_parallelism',
+           'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04d_data.ipynb #07c0f477
 def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
@@ -226,6 +226,14 @@ def _log_split(t:Tokenize, name:str):
                    "were split into one row per trained assistant turn, each as inference renders it: "
                    f"{s['rows']} rows and {s['tokens']} tokens added. Packing keeps the padding down.")
 
+# %% ../nbs/04d_data.ipynb #94a8deca
+def sync_tokenizers_parallelism():
+    "Set the process environment's TOKENIZERS_PARALLELISM to what `os.environ` says (after `datasets` left it off)"
+    import os
+    want = os.environ.get('TOKENIZERS_PARALLELISM')
+    if want is None: os.unsetenv('TOKENIZERS_PARALLELISM')
+    else: os.putenv('TOKENIZERS_PARALLELISM', want)
+
 # %% ../nbs/04d_data.ipynb #07388979
 def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a list of row dicts
                     processing_class, # a fast tokenizer, or a processor holding one
@@ -236,6 +244,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
                    ):
     "Validate, render, tokenize and mask `dataset` into rows of `input_ids` and `labels` (-100: off)"
     from datasets import Dataset, DatasetDict, IterableDatasetDict
+    sync_tokenizers_parallelism()
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         return _prepare_dicts(dataset, processing_class, args, formatting_func, packing)
     if isinstance(dataset, list): dataset = Dataset.from_list(dataset)
@@ -257,6 +266,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         _check_head(dataset, t, fmt, args)
     out = forked_map(dataset, t, kw) if _forks(dataset, kw) else dataset.map(t, **kw)
+    sync_tokenizers_parallelism()  # `datasets`' own map(num_proc) leaves it off
     _log_split(t, dataset_name)
     if isinstance(dataset, Dataset) and len(out) == 0:
         raise _all_dropped(dataset, t, args, dataset_name)
