@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect, json, re
 
 # %% auto #0
-__all__ = ['piece_pattern', 'PieceEncoding', 'PieceCache', 'encode_pieces']
+__all__ = ['LINE_CUTS', 'piece_pattern', 'line_cuts', 'PieceCutter', 'PieceEncoding', 'PieceCache', 'encode_pieces']
 
 # %% ../nbs/04c1_pieces.ipynb #6a73adac
 # pre-tokenizer steps that treat each piece alike wherever it starts (Metaspace marks the text's first one)
@@ -21,8 +21,8 @@ def _piecewise(pre:dict|None) -> bool:
     if pre.get('type') == 'Sequence': return all(map(_piecewise, pre['pretokenizers']))
     return pre.get('type') in _PIECEWISE
 
-def piece_pattern(backend) -> re.Pattern|None:
-    "Matches `backend`'s added tokens as it does, where texts cut into pieces it encodes alone; None: can't"
+def piece_pattern(backend) -> PieceCutter|None:
+    "Cuts texts where `backend` matches its added tokens, and at the `line_cuts` it holds to; None: can't"
     added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]
     # a token that takes in whitespace, or only matches as a whole word, moves the cut
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added): return None
@@ -30,7 +30,65 @@ def piece_pattern(backend) -> re.Pattern|None:
     if not _piecewise(None if pre is None else json.loads(pre.__getstate__())): return None
     # longest first: at each position the longest token matches, as the tokenizer's own matcher does
     contents = sorted({t.content for t in added}, key=len, reverse=True)
-    return re.compile('(' + '|'.join(map(re.escape, contents)) + ')')
+    return PieceCutter(re.compile('(' + '|'.join(map(re.escape, contents)) + ')'), line_cuts(backend))
+
+# %% ../nbs/04c1_pieces.ipynb #dec12c6b
+# the newlines before a line that opens a JSON object, after a character that isn't whitespace
+LINE_CUTS = ('\n', '\n\n')
+# texts on each side of a cut: the tokenizer must start a new word there whatever surrounds it
+_LEFTS = ('a', 'x}', '9', 'é', ':', ']', '"', 'a, b.', '<tools>', ' }', '\t}', '’', '_', '1.5')
+_RIGHTS = ('{', '{"type": "function"}', '{}\n', '{\n    "a": 1\n}', '{{', '{x', '{ ', '{"', '{1', '{\n')
+# normalizers that change each character alone (`Strip` and `Prepend` change each piece's ends)
+_PER_CHAR = frozenset({'NFC', 'NFD', 'NFKC', 'NFKD', 'Lowercase'})
+
+def _per_char(norm:dict|None) -> bool:
+    "Is a normalizer (as JSON) made only of steps that change each character alone?"
+    if norm is None: return True
+    if norm.get('type') == 'Sequence': return all(map(_per_char, norm['normalizers']))
+    return norm.get('type') in _PER_CHAR
+
+def line_cuts(backend) -> tuple[str, ...]:
+    "The `LINE_CUTS` where `backend` encodes each side of the cut as it does joined; () where unsure"
+    # no pre-tokenizer: merges could cross the cut
+    if backend.pre_tokenizer is None: return ()
+    norm = backend.normalizer
+    if not _per_char(None if norm is None else json.loads(norm.__getstate__())): return ()
+    # an added token holding a newline could be cut in two
+    if any('\n' in t.content for t in backend.get_added_tokens_decoder().values()): return ()
+    def ids(texts): return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    found = []
+    for gap in LINE_CUTS:
+        lefts = [x + gap for x in _LEFTS]
+        joined = ids([x + y for x in lefts for y in _RIGHTS])
+        left, right = ids(lefts), ids(list(_RIGHTS))
+        if joined == [x + y for x in left for y in right]: found.append(gap)
+    return tuple(found)
+
+def _cut_lines(text:str, gaps:tuple) -> list[str]:
+    "`text` cut before each `{` that opens a line after one of `gaps`, with `''` between, as `re.split` cuts"
+    out, start, i = [], 0, text.find('\n{')
+    while i != -1:
+        two = i > 0 and text[i - 1] == '\n'
+        j = i - 1 - two  # the character before the newlines
+        if j >= 0 and not text[j].isspace() and ('\n\n' if two else '\n') in gaps:
+            out += (text[start:i + 1], '')
+            start = i + 1
+        i = text.find('\n{', i + 2)
+    out.append(text[start:])
+    return out
+
+class PieceCutter:
+    "Splits a text as `pattern.split` does (added tokens between texts), each text also cut at its line cuts"
+    # a `str.find` where a regex lookbehind would make every split scan slowly
+    def __init__(self, pattern:re.Pattern, gaps:tuple=()): self.pattern, self.gaps = pattern, gaps
+    def split(self, text:str) -> list[str]:
+        parts = self.pattern.split(text)
+        if not self.gaps or '\n{' not in text: return parts
+        out = []
+        for k, p in enumerate(parts):
+            if k % 2 or '\n{' not in p: out.append(p)
+            else: out += _cut_lines(p, self.gaps)
+        return out
 
 # %% ../nbs/04c1_pieces.ipynb #b02fcb7d
 class PieceEncoding:
