@@ -81,6 +81,9 @@ class PieceCutter:
     "Splits a text as `pattern.split` does (added tokens between texts), each text also cut at its line cuts"
     # a `str.find` where a regex lookbehind would make every split scan slowly
     def __init__(self, pattern:re.Pattern, gaps:tuple=()): self.pattern, self.gaps = pattern, gaps
+    def __eq__(self, o): return isinstance(o, PieceCutter) and (self.pattern, self.gaps) == (o.pattern, o.gaps)
+    def __hash__(self): return hash((self.pattern, self.gaps))
+    def __repr__(self): return f"PieceCutter({self.pattern.pattern!r}, gaps={self.gaps!r})"
     def split(self, text:str) -> list[str]:
         parts = self.pattern.split(text)
         if not self.gaps or '\n{' not in text: return parts
