@@ -332,7 +332,7 @@ def _count_split(self:Tokenize, groups:list[int], lengths:list[int]):
 def pipelined(n:int, # number of items
               render:Callable, # (a, b) -> the texts of items [a, b), in order
               encode:Callable, # texts -> their encodings
-              chunk:int=128, # items rendered per chunk
+              chunk:int=1024, # items rendered per chunk
               post:Callable|None=None, # encodings of a chunk -> a list of results; default: the encodings
               first:int|None=None, # items of the first chunk; default a quarter of `chunk`
              ) -> list:
