@@ -104,11 +104,26 @@ FORK_HEAD = 256  # rows the parent maps before forking, at most: their shapes' s
 def _ranges(n:int, # rows
             num_proc:int, # processes
             head:int|None=None, # default `FORK_HEAD`
+            size:Callable|None=None, # (a, b) -> the size of rows [a, b); None: rows count alike
            ) -> list[range]:
     "Rows the parent maps before forking, then one contiguous range per process, the parent's first"
+    import bisect
     head = min(FORK_HEAD if head is None else head, n // (2 * num_proc))  # the rest: most of the work
-    cuts = [head + (n - head) * k // num_proc for k in range(num_proc + 1)]
+    if size is None: cuts = [head + (n - head) * k // num_proc for k in range(num_proc + 1)]
+    else:
+        # each process an equal share of the bytes: the slowest one sets the time
+        total, cuts = size(head, n), [head]
+        for k in range(1, num_proc):
+            at = head + bisect.bisect_left(range(head, n + 1), total * k / num_proc, key=lambda c: size(head, c))
+            cuts.append(min(max(at, cuts[-1] + 1), n - (num_proc - k)))  # a row at least for each
+        cuts.append(n)
     return [range(0, head)] + [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+
+def _row_bytes(dataset) -> Callable|None:
+    "`(a, b) -> bytes of rows [a, b)` of `dataset`'s Arrow table; None where its rows are remapped (`shuffle`)"
+    if getattr(dataset, '_indices', None) is not None: return None
+    table = dataset.data.table
+    return lambda a, b: table.slice(a, b - a).nbytes
 
 # %% ../nbs/04d_data.ipynb #d63c8635
 def _cache_folder(dataset) -> str:
@@ -180,7 +195,7 @@ def forked_map(dataset, # a `Dataset`
         kw = {**kw, 'new_fingerprint': Hasher.hash((dataset._fingerprint, t))}
     if len(dataset) < kw['num_proc']: return dataset.map(t, **{**kw, 'num_proc': None})
     warm = None if t.render is not None else 0  # a head only where there are stencils to build once
-    head, mine, *theirs = _ranges(len(dataset), kw['num_proc'], warm)
+    head, mine, *theirs = _ranges(len(dataset), kw['num_proc'], warm, _row_bytes(dataset))
     pieces = [_map_range(dataset, t, head, kw, 0)] if len(head) else []
     if dataset.cache_files: _cache_folder(dataset)  # made before forking: the one the children write to
     saved = os.environ.get('TOKENIZERS_PARALLELISM')
