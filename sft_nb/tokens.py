@@ -19,9 +19,9 @@ from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans', 'common_prefix_length', 'mask_spans',
-           'ranges_mask', 'range_weights', 'assemble', 'template_error', 'check_calls_rendered', 'Tokenize',
-           'pipelined', 'check_markers']
+__all__ = ['logger', 'MAX_BATCH_CHARS', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans',
+           'common_prefix_length', 'mask_spans', 'ranges_mask', 'range_weights', 'assemble', 'template_error',
+           'check_calls_rendered', 'Tokenize', 'char_batches', 'pipelined', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -272,11 +272,27 @@ def _text_of(self:Tokenize, r, row):
         raise data_error(row, 'formatting_func(row)', t, "a string: the text of one row")
     return t
 
+# %% ../nbs/04c_tokens.ipynb #b394dde1
+MAX_BATCH_CHARS = 8_000_000  # characters encoded in one call: an `Encoding` holds ~70 bytes a token until read
+
+def char_batches(texts:list[str], limit:int|None=None) -> list[slice]:
+    "Consecutive slices of `texts`, each of at most `limit` characters (a longer text alone)"
+    limit = MAX_BATCH_CHARS if limit is None else limit
+    out, start, size = [], 0, 0
+    for k, t in enumerate(texts):
+        if size and size + len(t) > limit:
+            out.append(slice(start, k))
+            start, size = k, 0
+        size += len(t)
+    if start < len(texts): out.append(slice(start, len(texts)))
+    return out
+
 # %% ../nbs/04c_tokens.ipynb #6850a3fe
 @patch
 def text(self:Tokenize, rows, idx):
-    encs = self.encode([self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], True)
-    return [e.ids for e in encs], [[] for _ in encs]
+    texts, ids = [self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], []
+    for part in char_batches(texts): ids += [e.ids for e in self.encode(texts[part], True)]
+    return ids, [[] for _ in ids]
 
 # %% ../nbs/04c_tokens.ipynb #5584e66c
 @patch
@@ -377,11 +393,14 @@ def conversational(self:Tokenize, rows, idx):
             groups.append(len(conversation))
             found += conversation
         return found
-    def encode(found): return found, self.encode([t for t, _, _ in found], False)
-    def post(done):
-        found, encs = done
-        return [(e.ids, [weighted_token_spans(e, s, w)] if aol else []) for e, (_, s, w) in zip(encs, found)]
-    out = pipelined(len(rows), render, encode, post=post)
+    def encode(found):
+        texts, out = [t for t, _, _ in found], []
+        for part in char_batches(texts):  # each part's encodings read, then dropped
+            encs = self.encode(texts[part], False)
+            out += [(e.ids, [weighted_token_spans(e, s, w)] if aol else [])
+                    for e, (_, s, w) in zip(encs, found[part])]
+        return out
+    out = pipelined(len(rows), render, encode)
     ids, masks = [x for x, _ in out], [m for _, m in out]
     self._count_split(groups, [len(x) for x in ids])
     return ids, masks
