@@ -9,7 +9,37 @@ from __future__ import annotations
 import bisect, json, re
 
 # %% auto #0
-__all__ = ['LINE_CUTS', 'piece_pattern', 'line_cuts', 'PieceCutter', 'PieceEncoding', 'PieceCache', 'encode_pieces']
+__all__ = ['LINE_CUTS', 'PieceCutter', 'piece_pattern', 'line_cuts', 'PieceEncoding', 'PieceCache', 'encode_pieces']
+
+# %% ../nbs/04c1_pieces.ipynb #e96af2c8
+def _cut_lines(text:str, gaps:tuple) -> list[str]:
+    "`text` cut before each `{` that opens a line after one of `gaps`, with `''` between, as `re.split` cuts"
+    out, start, i = [], 0, text.find('\n{')
+    while i != -1:
+        two = i > 0 and text[i - 1] == '\n'
+        j = i - 1 - two  # the character before the newlines
+        if j >= 0 and not text[j].isspace() and ('\n\n' if two else '\n') in gaps:
+            out += (text[start:i + 1], '')
+            start = i + 1
+        i = text.find('\n{', i + 2)
+    out.append(text[start:])
+    return out
+
+class PieceCutter:
+    "Splits a text as `pattern.split` does (added tokens between texts), each text also cut at its line cuts"
+    # a `str.find` where a regex lookbehind would make every split scan slowly
+    def __init__(self, pattern:re.Pattern, gaps:tuple=()): self.pattern, self.gaps = pattern, gaps
+    def __eq__(self, o): return isinstance(o, PieceCutter) and (self.pattern, self.gaps) == (o.pattern, o.gaps)
+    def __hash__(self): return hash((self.pattern, self.gaps))
+    def __repr__(self): return f"PieceCutter({self.pattern.pattern!r}, gaps={self.gaps!r})"
+    def split(self, text:str) -> list[str]:
+        parts = self.pattern.split(text)
+        if not self.gaps or '\n{' not in text: return parts
+        out = []
+        for k, p in enumerate(parts):
+            if k % 2 or '\n{' not in p: out.append(p)
+            else: out += _cut_lines(p, self.gaps)
+        return out
 
 # %% ../nbs/04c1_pieces.ipynb #6a73adac
 # pre-tokenizer steps that treat each piece alike wherever it starts (Metaspace marks the text's first one)
@@ -63,35 +93,6 @@ def line_cuts(backend) -> tuple[str, ...]:
         left, right = ids(lefts), ids(list(_RIGHTS))
         if joined == [x + y for x in left for y in right]: found.append(gap)
     return tuple(found)
-
-def _cut_lines(text:str, gaps:tuple) -> list[str]:
-    "`text` cut before each `{` that opens a line after one of `gaps`, with `''` between, as `re.split` cuts"
-    out, start, i = [], 0, text.find('\n{')
-    while i != -1:
-        two = i > 0 and text[i - 1] == '\n'
-        j = i - 1 - two  # the character before the newlines
-        if j >= 0 and not text[j].isspace() and ('\n\n' if two else '\n') in gaps:
-            out += (text[start:i + 1], '')
-            start = i + 1
-        i = text.find('\n{', i + 2)
-    out.append(text[start:])
-    return out
-
-class PieceCutter:
-    "Splits a text as `pattern.split` does (added tokens between texts), each text also cut at its line cuts"
-    # a `str.find` where a regex lookbehind would make every split scan slowly
-    def __init__(self, pattern:re.Pattern, gaps:tuple=()): self.pattern, self.gaps = pattern, gaps
-    def __eq__(self, o): return isinstance(o, PieceCutter) and (self.pattern, self.gaps) == (o.pattern, o.gaps)
-    def __hash__(self): return hash((self.pattern, self.gaps))
-    def __repr__(self): return f"PieceCutter({self.pattern.pattern!r}, gaps={self.gaps!r})"
-    def split(self, text:str) -> list[str]:
-        parts = self.pattern.split(text)
-        if not self.gaps or '\n{' not in text: return parts
-        out = []
-        for k, p in enumerate(parts):
-            if k % 2 or '\n{' not in p: out.append(p)
-            else: out += _cut_lines(p, self.gaps)
-        return out
 
 # %% ../nbs/04c1_pieces.ipynb #b02fcb7d
 class PieceEncoding:
