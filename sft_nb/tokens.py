@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['logger', 'MAX_BATCH_CHARS', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans',
            'common_prefix_length', 'mask_spans', 'ranges_mask', 'range_weights', 'assemble', 'template_error',
-           'check_calls_rendered', 'Tokenize', 'char_batches', 'pipelined', 'check_markers']
+           'check_calls_rendered', 'Tokenize', 'char_batches', 'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -244,9 +244,12 @@ class Tokenize:
         self.pieces = piece_pattern(self.backend) if conversations else None
         self.piece_cache = PieceCache()
 
-    def encode(self, texts, special):
-        if special or self.pieces is None: return self.backend.encode_batch(texts, add_special_tokens=special)
-        return self._encode_pieces(texts)
+    def encode(self, texts, special, offsets:bool=True):
+        "Encodings of `texts`: conversations piece by piece where exact; without offsets where none are read"
+        if not special and self.pieces is not None: return self._encode_pieces(texts)
+        fast = not offsets and hasattr(self.backend, 'encode_batch_fast')  # tokenizers >= 0.21
+        encode = self.backend.encode_batch_fast if fast else self.backend.encode_batch
+        return encode(texts, add_special_tokens=special)
     def _eos(self, t): return t if t.endswith(self.eos) else t + self.eos
 
     def spans(self, messages, row, tools=None, kwargs=None) -> tuple[str, list]:
@@ -287,20 +290,38 @@ def char_batches(texts:list[str], limit:int|None=None) -> list[slice]:
     if start < len(texts): out.append(slice(start, len(texts)))
     return out
 
+# %% ../nbs/04c_tokens.ipynb #3e8a61c2
+@patch
+def encode_parts(self:Tokenize, texts:list[str], special:bool,
+                 read:Callable|None=None, # (encoding, k) -> what is kept of text k; None: its ids
+                ) -> list:
+    "What `read` keeps of each text's encoding, encoded `char_batches` at a time: each part's `Encoding`s dropped"
+    out = []
+    for part in char_batches(texts):
+        encs = self.encode(texts[part], special, offsets=read is not None)
+        out += [e.ids for e in encs] if read is None else [read(e, k) for k, e in enumerate(encs, part.start)]
+    return out
+
+
 # %% ../nbs/04c_tokens.ipynb #6850a3fe
 @patch
 def text(self:Tokenize, rows, idx):
-    texts, ids = [self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], []
-    for part in char_batches(texts): ids += [e.ids for e in self.encode(texts[part], True)]
+    ids = self.encode_parts([self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], True)
     return ids, [[] for _ in ids]
+
 
 # %% ../nbs/04c_tokens.ipynb #5584e66c
 @patch
-def _completion_masks(self:Tokenize, prompts, fulls, special):
-    prompt_encs, full_encs = self.encode(prompts, special), self.encode(fulls, special)
-    ids = [f.ids for f in full_encs]
-    masks = [[(common_prefix_length(p.ids, f), len(f))] for p, f in zip(prompt_encs, ids)]
-    return ids, masks, full_encs
+def _completion_masks(self:Tokenize, prompts, fulls, special,
+                      read:Callable|None=None, # (encoding, k) -> kept of full text k beside its ids
+                     ) -> tuple[list, list, list|None]:
+    "The ids of `fulls`, each one's completion span (the tokens after its prompt's) and what `read` kept"
+    prompt_ids = self.encode_parts(prompts, special)
+    got = self.encode_parts(fulls, special, read and (lambda e, k: (e.ids, read(e, k))))
+    ids = [x for x, _ in got] if read else got
+    masks = [[(common_prefix_length(p, f), len(f))] for p, f in zip(prompt_ids, ids)]
+    return ids, masks, [y for _, y in got] if read else None
+
 
 # %% ../nbs/04c_tokens.ipynb #4c1781a4
 @patch
@@ -344,29 +365,6 @@ def _count_split(self:Tokenize, groups:list[int], lengths:list[int]):
             self.split_stats['tokens'] += sum(rows) - max(rows)
         start += n
 
-# %% ../nbs/04c_tokens.ipynb #11846cf2
-def pipelined(n:int, # number of items
-              render:Callable, # (a, b) -> the texts of items [a, b), in order
-              encode:Callable, # texts -> their encodings
-              chunk:int=1024, # items rendered per chunk
-              post:Callable|None=None, # encodings of a chunk -> a list of results; default: the encodings
-              first:int|None=None, # items of the first chunk; default a quarter of `chunk`
-             ) -> list:
-    "`post(encode(render(0, n)))`, each chunk encoding in a thread while the next renders and the last posts"
-    post = post or list
-    if n <= chunk: return list(post(encode(render(0, n))))
-    from concurrent.futures import ThreadPoolExecutor
-    cuts = [0, *range(first or max(1, chunk // 4), n, chunk), n]
-    out, pending = [], None
-    with ThreadPoolExecutor(1) as pool:
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            texts = render(a, b)
-            done = None if pending is None else pending.result()
-            pending = pool.submit(encode, texts)
-            if done is not None: out += post(done)  # while the tokenizer encodes this chunk
-        out += post(pending.result())
-    return out
-
 # %% ../nbs/04c_tokens.ipynb #2dd306a2
 @patch
 def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
@@ -385,25 +383,18 @@ def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
 @patch
 def conversational(self:Tokenize, rows, idx):
     aol = self.assistant_only_loss
-    groups = []
-    def render(a, b):
-        found = []
-        for r, i in zip(rows[a:b], idx[a:b]):
-            conversation = self._conversation(r['messages'], i, *_template_inputs(r), aol)
-            groups.append(len(conversation))
-            found += conversation
-        return found
-    def encode(found):
-        texts, out = [t for t, _, _ in found], []
-        for part in char_batches(texts):  # each part's encodings read, then dropped
-            encs = self.encode(texts[part], False)
-            out += [(e.ids, [weighted_token_spans(e, s, w)] if aol else [])
-                    for e, (_, s, w) in zip(encs, found[part])]
-        return out
-    out = pipelined(len(rows), render, encode)
+    found, groups = [], []
+    for r, i in zip(rows, idx):
+        conversation = self._conversation(r['messages'], i, *_template_inputs(r), aol)
+        groups.append(len(conversation))
+        found += conversation
+    texts = [t for t, _, _ in found]
+    if aol: out = self.encode_parts(texts, False, lambda e, k: (e.ids, [weighted_token_spans(e, *found[k][1:])]))
+    else: out = [(x, []) for x in self.encode_parts(texts, False)]
     ids, masks = [x for x, _ in out], [m for _, m in out]
     self._count_split(groups, [len(x) for x in ids])
     return ids, masks
+
 
 # %% ../nbs/04c_tokens.ipynb #d6eda825
 @patch
@@ -427,11 +418,9 @@ def conversational_prompt_completion(self:Tokenize, rows, idx):
         prompts += [prompt[0]] * len(found)
         fulls += found
         groups.append(len(found))
-    ids, completions, encs = self._completion_masks(prompts, [t for t, _, _ in fulls], False)
-    self._count_split(groups, [len(e) for e in encs])
-    assistant = None
-    if self.assistant_only_loss:
-        assistant = [weighted_token_spans(e, s, w) for e, (_, s, w) in zip(encs, fulls)]
+    read = (lambda e, k: weighted_token_spans(e, *fulls[k][1:])) if self.assistant_only_loss else None
+    ids, completions, assistant = self._completion_masks(prompts, [t for t, _, _ in fulls], False, read)
+    self._count_split(groups, [len(x) for x in ids])
     return ids, [([c] if self.completion_only_loss else []) + ([assistant[k]] if assistant else [])
                  for k, c in enumerate(completions)]
 
