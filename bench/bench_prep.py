@@ -12,13 +12,14 @@ the real Qwen2.5 / Qwen3 chat templates), on the same rows, interleaved, best of
   It is timed in every round of every config of a workload (`--repeat`, default 5) and each row is held to the best
   of them all: it encodes the same texts whatever the config.
 
-Checks that input_ids and labels agree with TRL row for row (truncation mode), measures `dataset_num_proc` 1 and 2,
-and the peak memory of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
+Checks that input_ids and labels agree with TRL row for row (truncation mode), measures `dataset_num_proc` 1 against 2
+on 8,000 rows (`--n-procs`: sft_nb forks only for 2 MiB of rows a process, as a fork costs more than it saves on
+fewer; TRL's `datasets.map` starts its workers however few the rows), and the peak memory of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
 anonymous memory (RssAnon, what preparing needs) is the measure, as RSS also counts the mapped Arrow files' pages,
 which belong to the page cache. `--rss-only` runs just that (`--rss 20000,100000,1000000` for the issue's 1M run).
 Writes bench/results/prep.json.
 
-    python bench/bench_prep.py            # 1,000 rows per workload: a few minutes on 2 quiet cores
+    python bench/bench_prep.py            # 1,000 rows per workload (8,000 for num_proc): ~15 minutes on 2 quiet cores
     python bench/bench_prep.py --full     # 20,000 rows, every combination, and a 1M-conversation peak-RSS run
 """
 import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
@@ -135,21 +136,23 @@ def run_case(workload, vocab, n, repeat, configs):
               f"vs floor {r['sft_nb'] / r['floor']:4.2f}x  labels vs TRL: {r['agree']}", flush=True)
     return out
 
-def matrix(workloads, vocabs, everything, only=None):
-    """(workload, vocab, [(mode, num_proc)]) in order of importance, so a cut-short run has the main numbers:
-    every workload and tokenizer truncated in one process, then packing and `dataset_num_proc=2` on the first
-    tokenizer (every combination with `everything`); `only`: just these (mode, num_proc), on every tokenizer"""
+def matrix(workloads, vocabs, everything, only=None, n=1000, n_procs=8000):
+    """(workload, vocab, [(mode, num_proc)], rows) in order of importance, so a cut-short run has the main numbers:
+    every workload and tokenizer truncated in one process, then packing on the first tokenizer, then
+    `dataset_num_proc` 1 against 2 on `n_procs` rows (enough that forking pays: `sft_nb.data.FORK_MIN_BYTES`);
+    every combination on `n` rows with `everything`; `only`: just these (mode, num_proc), on every tokenizer"""
     if only:
         for w in workloads:
-            for v in vocabs: yield w, v, only
+            for v in vocabs: yield w, v, only, n
         return
     if everything:
         for w in workloads:
-            for v in vocabs: yield w, v, [(m, p) for m in ('truncate', 'packed') for p in (1, 2)]
+            for v in vocabs: yield w, v, [(m, p) for m in ('truncate', 'packed') for p in (1, 2)], n
         return
     for w in workloads:
-        for v in vocabs: yield w, v, [('truncate', 1)]
-    for w in workloads: yield w, vocabs[0], [('packed', 1), ('truncate', 2)]
+        for v in vocabs: yield w, v, [('truncate', 1)], n
+    for w in workloads: yield w, vocabs[0], [('packed', 1)], n
+    for w in workloads: yield w, vocabs[0], [('truncate', 1), ('truncate', 2)], n_procs
 
 # ---------------------------------------------------------------- memory
 def _write_dataset(workload, n, path, chunk=20_000):
@@ -235,6 +238,7 @@ def result_rows(cases, rss):
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--n', type=int, default=1000)
+    ap.add_argument('--n-procs', type=int, default=8000, help="rows of the dataset_num_proc 1 vs 2 rows")
     ap.add_argument('--full', action='store_true', help="20,000 rows per workload and a 1M-conversation RSS run")
     ap.add_argument('--repeat', type=int, default=5)
     ap.add_argument('--workloads', default=','.join(W.WORKLOADS))
@@ -291,9 +295,10 @@ if __name__ == '__main__':
         memory()
         print(f"wrote {a.out}")
         sys.exit()
-    for k, (w, v, configs) in enumerate(matrix(workloads, vocabs, a.all or a.full, only)):
+    for k, (w, v, configs, n) in enumerate(matrix(workloads, vocabs, a.all or a.full, only, a.n, a.n_procs)):
         if k == len(workloads) * len(vocabs) and not only: memory()  # after the main numbers
-        cases += run_case(w, v, a.n, a.repeat, configs)
+        # the larger scaling rows: best of at most 3
+        cases += run_case(w, v, n, a.repeat if n == a.n else min(a.repeat, 3), configs)
         write(cases, rss)
     if len(rss) < len(rss_sizes) and not only: memory()
     print(f"load: {os.getloadavg()}")

@@ -18,8 +18,8 @@ from .formats import carries_weights
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FORK_HEAD', 'make_tokenize', 'light_fingerprint', 'forked_map', 'sync_tokenizers_parallelism',
-           'prepare_dataset', 'TrainedText', 'show_trained']
+__all__ = ['logger', 'FORK_HEAD', 'FORK_MIN_BYTES', 'make_tokenize', 'light_fingerprint', 'forked_map',
+           'sync_tokenizers_parallelism', 'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04d_data.ipynb #07c0f477
 def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
@@ -119,6 +119,19 @@ def _ranges(n:int, # rows
         cuts.append(n)
     return [range(0, head)] + [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
+FORK_MIN_BYTES = 2 * 2**20  # Arrow bytes of rows a forked process must get to pay for its fork
+
+def _processes(dataset, # a `Dataset`
+               t:Tokenize, # what is mapped
+               num_proc:int, # processes asked for
+              ) -> int:
+    "How many of `num_proc` processes to fork for `dataset`: each gets `FORK_MIN_BYTES` of rows, and a row"
+    table = dataset.data
+    size = table.nbytes * len(dataset) // max(1, table.num_rows)  # rows read through an index: their share
+    # a `formatting_func` may take any time a row: its rows are spread as asked
+    fit = size // FORK_MIN_BYTES if FORK_MIN_BYTES and t.formatting_func is None else num_proc
+    return max(1, min(num_proc, len(dataset), fit))
+
 def _row_bytes(dataset) -> Callable|None:
     "`(a, b) -> bytes of rows [a, b)` of `dataset`'s Arrow table; None where its rows are remapped (`shuffle`)"
     if getattr(dataset, '_indices', None) is not None: return None
@@ -193,7 +206,12 @@ def forked_map(dataset, # a `Dataset`
     from datasets.fingerprint import Hasher
     if 'new_fingerprint' not in kw:  # cache files outlive the run: named from all of `t`, as `datasets` does
         kw = {**kw, 'new_fingerprint': Hasher.hash((dataset._fingerprint, t))}
-    if len(dataset) < kw['num_proc']: return dataset.map(t, **{**kw, 'num_proc': None})
+    procs = _processes(dataset, t, kw['num_proc'])
+    if procs < kw['num_proc']:
+        logger.info(f"dataset_num_proc={kw['num_proc']}: {procs} process(es) prepare these {len(dataset)} rows, "
+                    f"as a forked process needs {FORK_MIN_BYTES / 2**20:g} MiB of rows to pay for itself.")
+    if procs == 1: return dataset.map(t, **{**kw, 'num_proc': None})
+    kw = {**kw, 'num_proc': procs}
     warm = None if t.render is not None else 0  # a head only where there are stencils to build once
     head, mine, *theirs = _ranges(len(dataset), kw['num_proc'], warm, _row_bytes(dataset))
     pieces = [_map_range(dataset, t, head, kw, 0)] if len(head) else []

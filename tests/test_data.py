@@ -50,9 +50,41 @@ def test_assistant_only_loss_matches_trl_with_markers(kind):
     same(ours(ds, tok, assistant_only_loss=True, max_length=40),
          trl_prepare(ds, tok, assistant_only_loss=True, max_length=40))
 
-def test_num_proc_same_result():
+def forks_counted(monkeypatch) -> list:
+    "The pids `os.fork` returned in this process from now on (0s are children, which exit at once)"
+    import os
+    pids, fork = [], os.fork
+    def counted():
+        pid = fork()
+        if pid: pids.append(pid)
+        return pid
+    monkeypatch.setattr(os, 'fork', counted)
+    return pids
+
+def test_num_proc_same_result(monkeypatch):
+    import sft_nb.data
+    monkeypatch.setattr(sft_nb.data, 'FORK_MIN_BYTES', 0)  # a tiny dataset, forked anyway
     tok, ds = tiny_tokenizer(), Dataset.from_list(tiny_conversations(40))
+    forks = forks_counted(monkeypatch)
     same(ours(ds, tok, assistant_only_loss=True, dataset_num_proc=2), ours(ds, tok, assistant_only_loss=True))
+    assert len(forks) == 1
+
+@pytest.mark.parametrize('kind', ['conversational', 'text'])
+def test_num_proc_forks_only_where_it_pays(monkeypatch, caplog, kind):
+    """A forked process must get `FORK_MIN_BYTES` of rows: fewer bytes get fewer processes (one: no fork, this
+    process encoding on every core), and the log says so; the rows are the same either way"""
+    import logging, sft_nb.data
+    tok, ds = tiny_tokenizer(), tiny_dataset(kind, n=60)
+    want = ours(ds, tok)
+    forks = forks_counted(monkeypatch)
+    for per_process, n_forks in ((ds.data.nbytes // 2 + 1, 0), (ds.data.nbytes // 2, 1), (ds.data.nbytes // 4, 3)):
+        monkeypatch.setattr(sft_nb.data, 'FORK_MIN_BYTES', per_process)
+        forks.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger='sft_nb.data'):
+            same(ours(ds, tok, dataset_num_proc=4), want)
+        assert len(forks) == n_forks
+        assert ('dataset_num_proc=4: ' in caplog.text) == (n_forks < 3)
 
 def test_local_json_file(tmp_path):
     from sft_nb.tiny import save_tiny_dataset
