@@ -7,19 +7,22 @@ the real Qwen2.5 / Qwen3 chat templates), on the same rows, interleaved, best of
 - sft_nb: `sft_nb.trainer.prepare_for_training` (what `SFTTrainer(...)` runs on the train set): validation,
   rendering, assistant-only masks (completion-only for prompt-completion), truncation to 1024 or BFD packing to 1024.
 - TRL 1.16: `SFTTrainer._prepare_dataset` with the training template TRL itself swaps in (`{% generation %}`).
-- floor: the Rust tokenizer alone, one batched `encode_batch` over the exact texts sft_nb renders (for
-  prompt-completion, the prompts and the full texts, as any implementation that masks the prompt must tokenize).
+- floor: the Rust tokenizer alone, one batched call over the exact texts sft_nb renders (for prompt-completion, the
+  prompts and the full texts, as any implementation that masks the prompt must tokenize): `encode_batch_fast` (ids
+  only) for plain text and prompt-completion, `encode_batch` (with the offsets that map assistant spans to tokens)
+  for the conversations trained on assistant turns.
   It is timed in every round of every config of a workload (`--repeat`, default 5) and each row is held to the best
   of them all: it encodes the same texts whatever the config.
 
 Checks that input_ids and labels agree with TRL row for row (truncation mode), measures `dataset_num_proc` 1 against 2
 on 8,000 rows (`--n-procs`: sft_nb forks only for 2 MiB of rows a process, as a fork costs more than it saves on
-fewer; TRL's `datasets.map` starts its workers however few the rows), and the peak memory of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
+fewer; TRL's `datasets.map` starts its workers however few the rows), and the peak memory of a child process
+preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
 anonymous memory (RssAnon, what preparing needs) is the measure, as RSS also counts the mapped Arrow files' pages,
 which belong to the page cache. `--rss-only` runs just that (`--rss 20000,100000,1000000` for the issue's 1M run).
 Writes bench/results/prep.json.
 
-    python bench/bench_prep.py            # 1,000 rows per workload (8,000 for num_proc): ~15 minutes on 2 quiet cores
+    python bench/bench_prep.py            # 1,000 rows per workload (8,000 for num_proc): ~20 minutes on 2 cores
     python bench/bench_prep.py --full     # 20,000 rows, every combination, and a 1M-conversation peak-RSS run
 """
 import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
@@ -80,6 +83,14 @@ def rendered(rows, tok, workload):
         return prompts + [render(r['prompt'] + r['completion'])[0] for r in rows]
     return [render(r['messages'], r.get('tools'))[0] for r in rows]
 
+def floor_encode(backend, workload):
+    """The cheapest batched call that gives what `workload` needs: assistant-only masks map character spans to
+    tokens, so conversations need each token's offsets (`encode_batch`); plain text and completion masks (the
+    tokens after the prompt's) need only the ids (`encode_batch_fast`, which skips the offsets)"""
+    return backend.encode_batch if workload in AOL else backend.encode_batch_fast
+
+FLOOR_NAMES = {True: 'tokenizer alone', False: 'tokenizer alone, ids only'}
+
 def timed(f, *a):
     gc.collect()
     t = time.perf_counter()
@@ -104,8 +115,8 @@ def run_case(workload, vocab, n, repeat, configs):
     "Each (mode, num_proc) of `configs` on the same rows: best of `repeat` interleaved rounds"
     rows, tok = W.workload(workload, n, vocab)
     ds = Dataset.from_list(rows)
-    backend = tok.backend_tokenizer
     texts = rendered(ds.to_list(), tok, workload)  # the rows as `map` hands them to both sides
+    floor = floor_encode(tok.backend_tokenizer, workload)
     warm = ds.select(range(min(50, n)))
     for packing in sorted({mode == 'packed' for mode, _ in configs}):
         # first-call costs (lazy imports, template compiles, the packing code's first run) out of the clock
@@ -117,7 +128,7 @@ def run_case(workload, vocab, n, repeat, configs):
         best = {'sft_nb': float('inf'), 'trl': float('inf'), 'floor': float('inf')}
         res = {}
         for _ in range(repeat):  # interleaved: each round runs all three
-            _, t = timed(backend.encode_batch, texts, False)
+            _, t = timed(floor, texts, False)
             best['floor'] = min(best['floor'], t)
             res['sft_nb'], t = timed(ours, ds, tok, workload, num_proc, packing)
             best['sft_nb'] = min(best['sft_nb'], t)
@@ -219,7 +230,8 @@ def result_rows(cases, rss):
     for c in cases:
         name = f"{c['workload']} {c['vocab'] // 1000}k {c['mode']} num_proc={c['num_proc']} ({c['rows']} rows)"
         rows.append(dict(workload=name, metric='prep seconds', sft_nb=round(c['sft_nb'], 3),
-                         trl=round(c['trl'], 3), floor=round(c['floor'], 3), floor_name='tokenizer alone',
+                         trl=round(c['trl'], 3), floor=round(c['floor'], 3),
+                         floor_name=FLOOR_NAMES[c['workload'] in AOL],
                          ratio_vs_trl=round(c['sft_nb'] / c['trl'], 3),
                          ratio_vs_floor=round(c['sft_nb'] / c['floor'], 3), target='<= 1.3x floor',
                          met=c['sft_nb'] <= 1.3 * c['floor'], same_as_trl=c['agree']))
@@ -269,6 +281,8 @@ if __name__ == '__main__':
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     cmd = 'python bench/bench_prep.py' + (' --full' if a.full else '')
     if only: cmd += f" --only {a.only} --workloads {a.workloads} --vocabs {a.vocabs} --rss '{a.rss}'"
+    if only and a.n != ap.get_default('n'): cmd += f" --n {a.n}"
+    if only and a.repeat != ap.get_default('repeat'): cmd += f" --repeat {a.repeat}"
     if a.rss_only: cmd += f' --rss-only --rss {a.rss} --out {os.path.relpath(a.out)}'
     if kept: cmd = f"{old['command']}; then, re-measuring its rows: {cmd}"
     def write(cases, rss):
