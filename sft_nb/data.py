@@ -121,16 +121,22 @@ def _ranges(n:int, # rows
 
 FORK_MIN_BYTES = 2 * 2**20  # Arrow bytes of rows a forked process must get to pay for its fork
 
+def _cores() -> int:
+    "The CPU cores this process may run on"
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
 def _processes(dataset, # a `Dataset`
                t:Tokenize, # what is mapped
                num_proc:int, # processes asked for
+               cores:int|None=None, # default `_cores()`
               ) -> int:
-    "How many of `num_proc` processes to fork for `dataset`: each gets `FORK_MIN_BYTES` of rows, and a row"
+    "How many of `num_proc` processes to fork: one a core at most, each with `FORK_MIN_BYTES` of rows and a row"
     table = dataset.data
     size = table.nbytes * len(dataset) // max(1, table.num_rows)  # rows read through an index: their share
     # a `formatting_func` may take any time a row: its rows are spread as asked
     fit = size // FORK_MIN_BYTES if FORK_MIN_BYTES and t.formatting_func is None else num_proc
-    return max(1, min(num_proc, len(dataset), fit))
+    return max(1, min(num_proc, len(dataset), fit, cores or _cores()))
 
 def _row_bytes(dataset) -> Callable|None:
     "`(a, b) -> bytes of rows [a, b)` of `dataset`'s Arrow table; None where its rows are remapped (`shuffle`)"
@@ -208,8 +214,9 @@ def forked_map(dataset, # a `Dataset`
         kw = {**kw, 'new_fingerprint': Hasher.hash((dataset._fingerprint, t))}
     procs = _processes(dataset, t, kw['num_proc'])
     if procs < kw['num_proc']:
-        logger.info(f"dataset_num_proc={kw['num_proc']}: {procs} process(es) prepare these {len(dataset)} rows, "
-                    f"as a forked process needs {FORK_MIN_BYTES / 2**20:g} MiB of rows to pay for itself.")
+        logger.info(f"dataset_num_proc={kw['num_proc']}: {procs} process(es) prepare these {len(dataset)} rows: "
+                    f"at most one a core ({_cores()} here), each with {FORK_MIN_BYTES / 2**20:g} MiB of rows at "
+                    "least, as a fork costs more than it saves on fewer.")
     if procs == 1: return dataset.map(t, **{**kw, 'num_proc': None})
     kw = {**kw, 'num_proc': procs}
     warm = None if t.render is not None else 0  # a head only where there are stencils to build once

@@ -72,8 +72,9 @@ def test_num_proc_same_result(monkeypatch):
 @pytest.mark.parametrize('kind', ['conversational', 'text'])
 def test_num_proc_forks_only_where_it_pays(monkeypatch, caplog, kind):
     """A forked process must get `FORK_MIN_BYTES` of rows: fewer bytes get fewer processes (one: no fork, this
-    process encoding on every core), and the log says so; the rows are the same either way"""
+    process encoding on every core), and the log says so; the rows are the same either way. And at most one a core"""
     import logging, sft_nb.data
+    monkeypatch.setattr(sft_nb.data, '_cores', lambda: 8)
     tok, ds = tiny_tokenizer(), tiny_dataset(kind, n=60)
     want = ours(ds, tok)
     forks = forks_counted(monkeypatch)
@@ -85,6 +86,10 @@ def test_num_proc_forks_only_where_it_pays(monkeypatch, caplog, kind):
             same(ours(ds, tok, dataset_num_proc=4), want)
         assert len(forks) == n_forks
         assert ('dataset_num_proc=4: ' in caplog.text) == (n_forks < 3)
+    monkeypatch.setattr(sft_nb.data, '_cores', lambda: 2)
+    forks.clear()
+    same(ours(ds, tok, dataset_num_proc=4), want)
+    assert len(forks) == 1
 
 def test_local_json_file(tmp_path):
     from sft_nb.tiny import save_tiny_dataset
