@@ -302,13 +302,11 @@ def encode_parts(self:Tokenize, texts:list[str], special:bool,
         out += [e.ids for e in encs] if read is None else [read(e, k) for k, e in enumerate(encs, part.start)]
     return out
 
-
 # %% ../nbs/04c_tokens.ipynb #6850a3fe
 @patch
 def text(self:Tokenize, rows, idx):
     ids = self.encode_parts([self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], True)
     return ids, [[] for _ in ids]
-
 
 # %% ../nbs/04c_tokens.ipynb #5584e66c
 @patch
@@ -321,7 +319,6 @@ def _completion_masks(self:Tokenize, prompts, fulls, special,
     ids = [x for x, _ in got] if read else got
     masks = [[(common_prefix_length(p, f), len(f))] for p, f in zip(prompt_ids, ids)]
     return ids, masks, [y for _, y in got] if read else None
-
 
 # %% ../nbs/04c_tokens.ipynb #4c1781a4
 @patch
@@ -394,7 +391,6 @@ def conversational(self:Tokenize, rows, idx):
     ids, masks = [x for x, _ in out], [m for _, m in out]
     self._count_split(groups, [len(x) for x in ids])
     return ids, masks
-
 
 # %% ../nbs/04c_tokens.ipynb #d6eda825
 @patch
