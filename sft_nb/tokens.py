@@ -293,19 +293,20 @@ def char_batches(texts:list[str], limit:int|None=None) -> list[slice]:
 # %% ../nbs/04c_tokens.ipynb #3e8a61c2
 @patch
 def encode_parts(self:Tokenize, texts:list[str], special:bool,
-                 read:Callable|None=None, # (encoding, k) -> what is kept of text k; None: its ids
-                ) -> list:
-    "What `read` keeps of each text's encoding, encoded `char_batches` at a time: each part's `Encoding`s dropped"
-    out = []
+                 read:Callable|None=None, # (encoding, k) -> what is kept of text k beside its ids
+                ) -> tuple[list, list|None]:
+    "The ids of `texts` and what `read` keeps of each encoding (None: no `read`), `char_batches` at a time"
+    ids, kept = [], None if read is None else []
     for part in char_batches(texts):
         encs = self.encode(texts[part], special, offsets=read is not None)
-        out += [e.ids for e in encs] if read is None else [read(e, k) for k, e in enumerate(encs, part.start)]
-    return out
+        ids += [e.ids for e in encs]
+        if read is not None: kept += [read(e, k) for k, e in enumerate(encs, part.start)]
+    return ids, kept
 
 # %% ../nbs/04c_tokens.ipynb #6850a3fe
 @patch
 def text(self:Tokenize, rows, idx):
-    ids = self.encode_parts([self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], True)
+    ids, _ = self.encode_parts([self._eos(self._text_of(r, i)) for r, i in zip(rows, idx)], True)
     return ids, [[] for _ in ids]
 
 # %% ../nbs/04c_tokens.ipynb #5584e66c
@@ -314,11 +315,10 @@ def _completion_masks(self:Tokenize, prompts, fulls, special,
                       read:Callable|None=None, # (encoding, k) -> kept of full text k beside its ids
                      ) -> tuple[list, list, list|None]:
     "The ids of `fulls`, each one's completion span (the tokens after its prompt's) and what `read` kept"
-    prompt_ids = self.encode_parts(prompts, special)
-    got = self.encode_parts(fulls, special, read and (lambda e, k: (e.ids, read(e, k))))
-    ids = [x for x, _ in got] if read else got
+    prompt_ids, _ = self.encode_parts(prompts, special)
+    ids, kept = self.encode_parts(fulls, special, read)
     masks = [[(common_prefix_length(p, f), len(f))] for p, f in zip(prompt_ids, ids)]
-    return ids, masks, [y for _, y in got] if read else None
+    return ids, masks, kept
 
 # %% ../nbs/04c_tokens.ipynb #4c1781a4
 @patch
@@ -385,12 +385,10 @@ def conversational(self:Tokenize, rows, idx):
         conversation = self._conversation(r['messages'], i, *_template_inputs(r), aol)
         groups.append(len(conversation))
         found += conversation
-    texts = [t for t, _, _ in found]
-    if aol: out = self.encode_parts(texts, False, lambda e, k: (e.ids, [weighted_token_spans(e, *found[k][1:])]))
-    else: out = [(x, []) for x in self.encode_parts(texts, False)]
-    ids, masks = [x for x, _ in out], [m for _, m in out]
+    read = (lambda e, k: [weighted_token_spans(e, *found[k][1:])]) if aol else None
+    ids, masks = self.encode_parts([t for t, _, _ in found], False, read)
     self._count_split(groups, [len(x) for x in ids])
-    return ids, masks
+    return ids, masks if aol else [[] for _ in ids]
 
 # %% ../nbs/04c_tokens.ipynb #d6eda825
 @patch
