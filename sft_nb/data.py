@@ -92,7 +92,7 @@ def _map_kwargs(dataset, t:Tokenize, args, formatting_func, fmt:str, columns, na
 def light_fingerprint(dataset, t:Tokenize) -> str:
     "A map fingerprint from `dataset`'s, `t`'s settings and the tokenizer's name, size and template"
     from datasets.fingerprint import Hasher
-    skip = ('tokenizer', 'backend', 'render', 'split_stats')
+    skip = ('tokenizer', 'backend', 'render', 'split_stats', 'offsets')
     settings = {k: v for k, v in vars(t).items() if k not in skip}
     tok = t.tokenizer
     who = (type(tok).__name__, tok.name_or_path, len(tok), getattr(tok, 'chat_template', None))

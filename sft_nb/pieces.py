@@ -85,13 +85,19 @@ def line_cuts(backend) -> tuple[str, ...]:
     if not _per_char(None if norm is None else json.loads(norm.__getstate__())): return ()
     # an added token holding a newline could be cut in two
     if any('\n' in t.content for t in backend.get_added_tokens_decoder().values()): return ()
-    def ids(texts): return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    # every probe in one call: a call costs more than its few hundred short texts
+    lefts = {gap: [x + gap for x in _LEFTS] for gap in LINE_CUTS}
+    texts = [*_RIGHTS, *(t for gap in LINE_CUTS for x in lefts[gap] for t in (x, *(x + y for y in _RIGHTS)))]
+    encode = getattr(backend, 'encode_batch_fast', backend.encode_batch)  # tokenizers >= 0.21: no offsets
+    got = iter([e.ids for e in encode(texts, add_special_tokens=False)])
+    right = [next(got) for _ in _RIGHTS]
     found = []
     for gap in LINE_CUTS:
-        lefts = [x + gap for x in _LEFTS]
-        joined = ids([x + y for x in lefts for y in _RIGHTS])
-        left, right = ids(lefts), ids(list(_RIGHTS))
-        if joined == [x + y for x in left for y in right]: found.append(gap)
+        ok = True
+        for _ in lefts[gap]:
+            left = next(got)
+            ok &= all(next(got) == left + r for r in right)
+        if ok: found.append(gap)
     return tuple(found)
 
 # %% ../nbs/04c1_pieces.ipynb #b02fcb7d
@@ -135,6 +141,7 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
                   cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
                   max_cached:int=1 << 20, # characters of the pieces kept in `cache`
                   sample:int=16, # texts scanned first: if their pieces are mostly new, the rest aren't scanned
+                  offsets:bool=True, # False: whole texts are encoded without offsets (`encode_batch_fast`)
                  ) -> list:
     "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
     from itertools import accumulate, chain
@@ -148,7 +155,8 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
         cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
         rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
     if len(rows) < len(texts) or _mostly_new(index, cache, texts, min_saving):
-        return backend.encode_batch(texts, add_special_tokens=False)
+        fast = not offsets and hasattr(backend, 'encode_batch_fast')  # tokenizers >= 0.21
+        return (backend.encode_batch_fast if fast else backend.encode_batch)(texts, add_special_tokens=False)
     new = [p for p in index if p not in cache]
     _make_room(cache, index, sum(map(len, new)), max_cached)
     cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))

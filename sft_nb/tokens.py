@@ -15,6 +15,7 @@ from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
 from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
+from .offsets import FlatIds, byte_offsets, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def range_weights(n:int, # length of the flat array
     return out
 
 # %% ../nbs/04c_tokens.ipynb #7f4c5699
-def assemble(ids:list[list[int]], # token ids of each row
+def assemble(ids, # token ids of each row: lists, or a `FlatIds`
              # per row, masks (lists of token ranges [a, b)); a token is trained where all allow it
              masks:list[list],
              max_length:int|None=None, # truncate rows to this many tokens
@@ -125,11 +126,8 @@ def assemble(ids:list[list[int]], # token ids of each row
             ) -> tuple:
     "Flat `input_ids`, `labels` (-100: no loss), row offsets (and weights) of a batch, masked and truncated"
     import numpy as np
-    from itertools import chain
-    lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    off = np.zeros(len(ids) + 1, np.int64)
-    np.cumsum(lens, out=off[1:])
-    flat, n = np.fromiter(chain.from_iterable(ids), np.int64, int(off[-1])), int(off[-1])
+    f = flatten(ids)
+    lens, off, flat, n = f.sizes, f.off, f.flat, int(f.off[-1])
     trained = np.ones(n, bool)
     for level in range(max(map(len, masks), default=0)):
         starts, ends = [], []
@@ -243,10 +241,12 @@ class Tokenize:
         # rendered conversations are encoded piece by piece where that is exact (`piece_pattern`)
         self.pieces = piece_pattern(self.backend) if conversations else None
         self.piece_cache = PieceCache()
+        # assistant spans counted in tokens from the ids where the tokenizer is byte-level (`byte_offsets`)
+        self.offsets = byte_offsets(self.backend) if conversations and self.assistant_only_loss else None
 
     def encode(self, texts, special, offsets:bool=True):
         "Encodings of `texts`: conversations piece by piece where exact; without offsets where none are read"
-        if not special and self.pieces is not None: return self._encode_pieces(texts)
+        if not special and self.pieces is not None: return self._encode_pieces(texts, offsets)
         fast = not offsets and hasattr(self.backend, 'encode_batch_fast')  # tokenizers >= 0.21
         encode = self.backend.encode_batch_fast if fast else self.backend.encode_batch
         return encode(texts, add_special_tokens=special)
@@ -312,11 +312,11 @@ def text(self:Tokenize, rows, idx):
 # %% ../nbs/04c_tokens.ipynb #5584e66c
 @patch
 def _completion_masks(self:Tokenize, prompts, fulls, special,
-                      read:Callable|None=None, # (encoding, k) -> kept of full text k beside its ids
+                      found:list|None=None, # per full text, `(text, spans, weights)`: its assistant ranges too
                      ) -> tuple[list, list, list|None]:
-    "The ids of `fulls`, each one's completion span (the tokens after its prompt's) and what `read` kept"
+    "The ids of `fulls`, each one's completion span (after its prompt's tokens) and, with `found`, assistant ranges"
     prompt_ids, _ = self.encode_parts(prompts, special)
-    ids, kept = self.encode_parts(fulls, special, read)
+    ids, kept = self.encode_parts(fulls, special) if found is None else self.assistant_ranges(found)
     masks = [[(common_prefix_length(p, f), len(f))] for p, f in zip(prompt_ids, ids)]
     return ids, masks, kept
 
@@ -364,9 +364,9 @@ def _count_split(self:Tokenize, groups:list[int], lengths:list[int]):
 
 # %% ../nbs/04c_tokens.ipynb #2dd306a2
 @patch
-def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
+def _encode_pieces(self:Tokenize, texts:list[str], offsets:bool=True) -> list:
     "`encode_pieces`; if the first text joined from pieces encodes otherwise whole, whole texts from then on"
-    out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache)
+    out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache, offsets=offsets)
     if not out or not isinstance(out[0], PieceEncoding) or self.piece_cache.checked: return out
     if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids:
         self.piece_cache.checked = True
@@ -374,7 +374,25 @@ def _encode_pieces(self:Tokenize, texts:list[str]) -> list:
     logger.warning(f"`{type(self.tokenizer).__name__}` encodes a text differently piece by piece (between "
                    "its added tokens) than whole: texts are encoded whole from now on, which is slower.")
     self.pieces = None
-    return self.backend.encode_batch(texts, add_special_tokens=False)
+    return self.encode(texts, False, offsets)
+
+# %% ../nbs/04c_tokens.ipynb #2e68d12e
+@patch
+def assistant_ranges(self:Tokenize, found:list[tuple], # per conversation, `(text, spans, weights)`
+                     flat:bool=False, # ids as a `FlatIds` where counted (lists otherwise)
+                    ) -> tuple:
+    "The ids of `found`'s texts and each one's `weighted_token_spans`, counted from the ids where they tell"
+    texts = [t for t, _, _ in found]
+    read = lambda e, k: weighted_token_spans(e, *found[k][1:])
+    if self.offsets is None: return self.encode_parts(texts, False, read)
+    ids, _ = self.encode_parts(texts, False)
+    f = flatten(ids)
+    ranges = self.offsets.ranges(texts, f, [s for _, s, _ in found], [w for _, _, w in found])
+    redo = [k for k, r in enumerate(ranges) if r is None]
+    if redo:
+        _, kept = self.encode_parts([texts[k] for k in redo], False, lambda e, j: read(e, redo[j]))
+        for k, r in zip(redo, kept): ranges[k] = r
+    return f if flat else ids, ranges
 
 # %% ../nbs/04c_tokens.ipynb #8feee7e9
 @patch
@@ -385,10 +403,10 @@ def conversational(self:Tokenize, rows, idx):
         conversation = self._conversation(r['messages'], i, *_template_inputs(r), aol)
         groups.append(len(conversation))
         found += conversation
-    read = (lambda e, k: [weighted_token_spans(e, *found[k][1:])]) if aol else None
-    ids, masks = self.encode_parts([t for t, _, _ in found], False, read)
-    self._count_split(groups, [len(x) for x in ids])
-    return ids, masks if aol else [[] for _ in ids]
+    if aol: ids, ranges = self.assistant_ranges(found, flat=True)
+    else: ids, _ = self.encode_parts([t for t, _, _ in found], False)
+    self._count_split(groups, ids.sizes.tolist() if isinstance(ids, FlatIds) else [len(x) for x in ids])
+    return ids, [[r] for r in ranges] if aol else [[] for _ in ids]
 
 # %% ../nbs/04c_tokens.ipynb #d6eda825
 @patch
@@ -412,8 +430,8 @@ def conversational_prompt_completion(self:Tokenize, rows, idx):
         prompts += [prompt[0]] * len(found)
         fulls += found
         groups.append(len(found))
-    read = (lambda e, k: weighted_token_spans(e, *fulls[k][1:])) if self.assistant_only_loss else None
-    ids, completions, assistant = self._completion_masks(prompts, [t for t, _, _ in fulls], False, read)
+    found = fulls if self.assistant_only_loss else None
+    ids, completions, assistant = self._completion_masks(prompts, [t for t, _, _ in fulls], False, found)
     self._count_split(groups, [len(x) for x in ids])
     return ids, [([c] if self.completion_only_loss else []) + ([assistant[k]] if assistant else [])
                  for k, c in enumerate(completions)]
@@ -441,7 +459,8 @@ def _gc_paused():
 
 # %% ../nbs/04c_tokens.ipynb #716d577d
 @patch
-def __call__(self:Tokenize, batch:dict, idx:list[int]) -> dict:
+def _batch(self:Tokenize, batch:dict, idx:list[int]):
+    "`input_ids` and `labels` of a batch, as Arrow (or lists)"
     keys = list(batch.keys())
     rows = [dict(zip(keys, v)) for v in zip(*[batch[k] for k in keys])]
     if self.validate and self.formatting_func is None:
@@ -449,11 +468,15 @@ def __call__(self:Tokenize, batch:dict, idx:list[int]) -> dict:
             check_row(r, i, self.fmt, self.text_field, self.assistant_only_loss)
     if 'conversations' in batch:
         for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
-    with _gc_paused(): ids, masks = getattr(self, self.fmt)(rows, idx)
+    ids, masks = getattr(self, self.fmt)(rows, idx)
     given = [r.get('labels') for r in rows] if self.fmt == 'tokenized' else None
     out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given,
                    self.weighted)
     return _arrow(*out) if self.arrow else _lists(*out)
+
+@patch
+def __call__(self:Tokenize, batch:dict, idx:list[int]) -> dict:
+    with _gc_paused(): return self._batch(batch, idx)
 
 # %% ../nbs/04c_tokens.ipynb #4b86e845
 def check_markers(t:Tokenize, # a conversational `Tokenize` with assistant_only_loss

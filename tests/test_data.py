@@ -240,3 +240,56 @@ def test_stencils_equal_row_by_row_rendering(name):
     assert n > 0
     used = sum(s is not None for v in render.stencils.values() for _, s in v)
     if name in STENCILLED | {'qwen3.jinja'}: assert used > 0, name  # Qwen 3's search for </think> is a guard
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+ODD_TEXTS = [' a leading space', 'trailing space ', 'naïve café — 東京 😀', 'e\u0301 not in NFC', '\n\nnewlines first',
+             '{"a": 1}\n{"b": 2}', 'x😀😀y', '  two spaces', 'tab\tin', '😀']
+
+def odd_conversations(n):
+    "Conversations whose assistant turns start or end on spaces and newlines, with accents, CJK and emoji"
+    import random
+    rng = random.Random(0)
+    out = []
+    for k in range(n):
+        msgs = []
+        for _ in range(rng.randint(1, 3)):
+            msgs += [{'role': 'user', 'content': rng.choice(ODD_TEXTS)},
+                     {'role': 'assistant', 'content': rng.choice(ODD_TEXTS) + rng.choice(['', ' ', '\n', ' ok'])}]
+        out.append({'messages': msgs})
+    return Dataset.from_list(out)
+
+@pytest.mark.parametrize('template', ['markers', 'diff'])
+@pytest.mark.parametrize('kind', ['gpt2', 'qwen', 'trims'])
+def test_counted_assistant_spans_match_offsets(template, kind, monkeypatch):
+    """Assistant spans counted from the ids (sft_nb.offsets) train what the tokenizer's offsets train: sft_nb's own
+    read off offsets, and TRL's with markers (TRL can't take the prefix diff on this template)"""
+    from tokenizers import Regex, normalizers, pre_tokenizers, processors
+    import sft_nb.tokens
+    from sft_nb.offsets import ByteOffsets, byte_offsets
+    from sft_nb.tiny import CHATML_TEMPLATE
+    tok = tiny_tokenizer(CHATML_GENERATION_TEMPLATE if template == 'markers' else CHATML_TEMPLATE)
+    backend = tok.backend_tokenizer
+    if kind == 'qwen':
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior='isolated'),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if kind == 'trims': backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    offsets = byte_offsets(backend)
+    assert offsets is not None and offsets.trims == (kind == 'trims')
+    ds = odd_conversations(64)
+    counted, ranges = [], ByteOffsets.ranges
+    def counting(self, *a, **kw):
+        out = ranges(self, *a, **kw)
+        counted.extend(r is not None for r in out)
+        return out
+    monkeypatch.setattr(ByteOffsets, 'ranges', counting)
+    got = ours(ds, tok, assistant_only_loss=True)
+    assert sum(counted) > len(ds) // 2  # most counted: those not in NFC, or on a trimmed space, read off offsets
+    assert all(counted) == (kind == 'gpt2')
+    monkeypatch.setattr(sft_nb.tokens, 'byte_offsets', lambda backend: None)
+    same(got, ours(ds, tok, assistant_only_loss=True))
+    # TRL keeps the rows whose first assistant turn starts on a space a trimming tokenizer maps to no token
+    # (`char_to_token` gives None: both lose every span of the row); sft_nb drops them as untrained
+    if template == 'markers' and kind != 'trims': same(got, trl_prepare(ds, tok, assistant_only_loss=True))
