@@ -41,8 +41,12 @@ def _vs_trl(row):
 def _vs_floor(row):
     if row.get('floor') is None:
         return '–'
-    return (f"**{_ratio(row.get('ratio_vs_floor'))}** of {row.get('floor_name') or 'floor'} "
-            f"({_value(row['floor'], row['metric'])})")
+    out = (f"**{_ratio(row.get('ratio_vs_floor'))}** of {row.get('floor_name') or 'floor'} "
+           f"({_value(row['floor'], row['metric'])})")
+    if row.get('floor_with_offsets') is not None:  # the tokenizer's call that also works out character offsets
+        out += (f"; {_ratio(row.get('ratio_vs_floor_with_offsets'))} of it with offsets "
+                f"({_value(row['floor_with_offsets'], row['metric'])})")
+    return out
 
 
 def load(folder=RESULTS):

@@ -74,9 +74,14 @@ class ByteOffsets:
     def __getstate__(self): return {**vars(self), 'lengths': self.lengths[:0]}
 
 # %% ../nbs/04c2_offsets.ipynb #146f826f
-def _utf8(t:str, c:int) -> int:
-    "The byte where character `c` of `t` starts in UTF-8"
-    return c if t.isascii() else len(t[:c].encode())
+def _utf8(t:str, chars:list[int]) -> list[int]:
+    "The byte where each of the characters `chars` of `t` starts in UTF-8, each stretch of `t` encoded once"
+    if t.isascii(): return chars
+    at, last, out = 0, 0, {}
+    for c in sorted(set(chars)):
+        at += len(t[last:c].encode())
+        last, out[c] = c, at
+    return [out[c] for c in chars]
 
 def _plain(o:ByteOffsets, t:str, counted:int, spans:list) -> bool:
     "Do `t`'s ids tell its `spans`' tokens: its bytes as `counted`, in the tokenizer's form, no trimmed space?"
@@ -134,9 +139,14 @@ def ranges(self:ByteOffsets, texts:list[str], # the texts encoded
     for k, (t, row) in enumerate(zip(texts, spans)):
         kept = _kept(t, row) if _plain(self, t, counted[k], row) else None
         found.append(kept)
-        for s, e in kept or ():
-            rows += (k, k)
-            at += (_utf8(t, s), _utf8(t, e - 1) if e <= len(t) else -1)  # -1: past the text, no token
+        if not kept: continue
+        chars = []
+        for s, e in kept: chars += (s, min(e - 1, len(t)))
+        b = _utf8(t, chars)
+        for m, (_, e) in enumerate(kept):
+            if e > len(t): b[2 * m + 1] = -1  # a span ending past the text: its last character is in no token
+        rows += [k] * len(b)
+        at += b
     first = off[np.asarray(rows, np.int64)]
     at = np.asarray(at, np.int64)
     tok = np.where(at < 0, -1, np.searchsorted(ends, ends[first] + at, 'right') - 1 - first).tolist()
