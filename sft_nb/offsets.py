@@ -70,8 +70,9 @@ class ByteOffsets:
         self._look_up(np.flatnonzero(new).tolist())
         return self.lengths[flat]
 
-    # pickled without the lengths looked up (a forked process, a fingerprint): they are looked up again
-    def __getstate__(self): return {**vars(self), 'lengths': self.lengths[:0]}
+    # pickled as what it is built from (a forked process, a dataset fingerprint): the same bytes in every process
+    # (a set of characters pickles in an order that changes with the process's hash seed), lengths looked up again
+    def __reduce__(self): return (ByteOffsets, (self.backend, self.form, self.trims))
 
 # %% ../nbs/04c2_offsets.ipynb #146f826f
 def _utf8(t:str, chars:list[int]) -> list[int]:
@@ -196,13 +197,13 @@ _KEPT = {}  # id(backend) -> (backend, what it was probed as, its `ByteOffsets` 
 MAX_KEPT = 4  # tokenizers kept, the last probed: each holds its looked-up lengths
 
 def _probed_as(backend) -> tuple:
-    "What `_probed` reads of `backend`: its normalizer, pre-tokenizer and post-processor, and its vocabulary size"
+    "What the probes read of `backend`: its normalizer, pre-tokenizer and post-processor, and its vocabulary size"
     state = lambda x: None if x is None else x.__getstate__()
     parts = (backend.normalizer, backend.pre_tokenizer, backend.post_processor)
     return (*map(state, parts), backend.get_vocab_size(with_added_tokens=True))
 
 def byte_offsets(backend) -> ByteOffsets|None:
-    "`_probed`'s `ByteOffsets` of `backend`, one a tokenizer while it stays as probed: lengths looked up once"
+    "The probed `ByteOffsets` of `backend` (or None), one a tokenizer while it stays as probed: lengths looked up once"
     key = _probed_as(backend)
     kept = _KEPT.get(id(backend))
     if kept is not None and kept[0] is backend and kept[1] == key: return kept[2]

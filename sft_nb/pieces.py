@@ -104,11 +104,12 @@ def line_cuts(backend) -> tuple[str, ...]:
 class PieceEncoding:
     "A text's encoding joined from its pieces': `ids`, `len` and `char_to_token` as a `tokenizers.Encoding`'s"
     __slots__ = ('ids', 'encs', 'chars', 'tokens')
-    def __init__(self, ids:list, encs:list, chars:list, tokens:list):
-        # each piece's encoding, and where it starts in characters and in tokens
+    def __init__(self, ids:list, encs:list|None=None, chars:list|None=None, tokens:list|None=None):
+        # each piece's encoding, and where it starts in characters and in tokens (None: the ids alone)
         self.ids, self.encs, self.chars, self.tokens = ids, encs, chars, tokens
     def __len__(self): return len(self.ids)
     def char_to_token(self, c:int) -> int|None:
+        if self.encs is None: raise ValueError("Joined without offsets (`encode_pieces(..., offsets=False)`).")
         # the last piece starting at or before `c` (`chars` ends with the text's length)
         i = bisect.bisect_right(self.chars, c, 0, len(self.encs)) - 1
         t = self.encs[i].char_to_token(c - self.chars[i]) if i >= 0 else None
@@ -141,7 +142,7 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
                   cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
                   max_cached:int=1 << 20, # characters of the pieces kept in `cache`
                   sample:int=16, # texts scanned first: if their pieces are mostly new, the rest aren't scanned
-                  offsets:bool=True, # False: whole texts are encoded without offsets (`encode_batch_fast`)
+                  offsets:bool=True, # False: the ids alone (whole texts by `encode_batch_fast`)
                  ) -> list:
     "`backend.encode_batch(texts, add_special_tokens=False)`, each distinct piece of the texts encoded once"
     from itertools import accumulate, chain
@@ -165,6 +166,9 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
     out = []
     for keys, cut in rows:
         row_ids = list(chain.from_iterable([ids[k] for k in keys]))
+        if not offsets:  # the ids alone: nothing kept for `char_to_token`
+            out.append(PieceEncoding(row_ids))
+            continue
         chars = list(accumulate(map(len, cut), initial=0))
         tokens = list(accumulate([sizes[k] for k in keys], initial=0))
         out.append(PieceEncoding(row_ids, [encs[k] for k in keys], chars, tokens))

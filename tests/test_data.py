@@ -293,3 +293,16 @@ def test_counted_assistant_spans_match_offsets(template, kind, monkeypatch):
     # TRL keeps the rows whose first assistant turn starts on a space a trimming tokenizer maps to no token
     # (`char_to_token` gives None: both lose every span of the row); sft_nb drops them as untrained
     if template == 'markers' and kind != 'trims': same(got, trl_prepare(ds, tok, assistant_only_loss=True))
+
+def test_tokenize_fingerprint_is_the_same_in_every_process():
+    """A dataset with cache files is fingerprinted by hashing the `Tokenize`: processes of one node (torchrun) must
+    get the same hash whatever their hash seed, or each computes its own map (the byte offsets' character set did)"""
+    import subprocess, sys
+    code = ("from datasets.fingerprint import Hasher; from sft_nb.tokens import Tokenize; "
+            "from sft_nb.tiny import tiny_tokenizer, CHATML_GENERATION_TEMPLATE; "
+            "t = Tokenize(tiny_tokenizer(CHATML_GENERATION_TEMPLATE), 'conversational', assistant_only_loss=True); "
+            "assert t.offsets is not None; print(Hasher.hash(t))")
+    env = lambda seed: {**__import__('os').environ, 'PYTHONHASHSEED': str(seed), 'HF_HUB_OFFLINE': '1'}
+    out = [subprocess.run([sys.executable, '-c', code], env=env(s), capture_output=True, text=True) for s in (1, 2)]
+    assert all(r.returncode == 0 for r in out), out[0].stderr[-2000:]
+    assert out[0].stdout.split()[-1] == out[1].stdout.split()[-1]
