@@ -90,14 +90,7 @@ def _plain(o:ByteOffsets, t:str, counted:int, spans:list) -> bool:
     if counted != (len(t) if ascii else len(t.encode())): return False
     if o.form and not ascii and not unicodedata.is_normalized(o.form, t): return False
     if o.trims and any(t[c] == ' ' for s, e in spans for c in (s, e - 1) if 0 <= c < len(t)): return False
-    return all(e > 0 for _, e in spans)  # `char_to_token(-1)` fails: left to it
-
-# %% ../nbs/04c2_offsets.ipynb #ab9a8742
-def _kept(t:str, spans:list) -> list:
-    "`spans` up to the first that starts past `t`, where `token_spans` stops"
-    for k, (s, _) in enumerate(spans):
-        if s >= len(t): return spans[:k]
-    return spans
+    return all(s >= 0 for s, _ in spans)
 
 # %% ../nbs/04c2_offsets.ipynb #107fe56d
 class FlatIds:
@@ -132,39 +125,39 @@ def ranges(self:ByteOffsets, texts:list[str], # the texts encoded
     "Per text, `weighted_token_spans` of its spans; None where the ids can't tell them"
     import numpy as np
     f = flatten(ids)
-    sizes, off, flat = f.sizes, f.off, f.flat
+    off, flat = f.off, f.flat
     ends = np.zeros(len(flat) + 1, np.int64)  # the byte where each token starts, then the total
     np.cumsum(self.token_lengths(flat), out=ends[1:])
     counted = (ends[off[1:]] - ends[off[:-1]]).tolist()
-    rows, at, found = [], [], []
+    rows, at, told = [], [], []
     for k, (t, row) in enumerate(zip(texts, spans)):
-        kept = _kept(t, row) if _plain(self, t, counted[k], row) else None
-        found.append(kept)
-        if not kept: continue
-        chars = []
-        for s, e in kept: chars += (s, min(e - 1, len(t)))
+        told.append(_plain(self, t, counted[k], row))
+        if not told[-1] or not row: continue
+        n, chars = len(t), []
+        for s, e in row: chars += (min(s, n), min(e, n))
         b = _utf8(t, chars)
-        for m, (_, e) in enumerate(kept):
-            if e > len(t): b[2 * m + 1] = -1  # a span ending past the text: its last character is in no token
         rows += [k] * len(b)
         at += b
-    first = off[np.asarray(rows, np.int64)]
     at = np.asarray(at, np.int64)
-    tok = np.where(at < 0, -1, np.searchsorted(ends, ends[first] + at, 'right') - 1 - first).tolist()
+    last = at.copy()
+    last[1::2] -= 1  # a span's first byte, and its last
+    first = off[np.asarray(rows, np.int64)]
+    tok = (np.searchsorted(ends, ends[first] + last, 'right') - 1 - first).tolist()
+    at = at.tolist()
     out, j = [], 0
-    for k, kept in enumerate(found):
-        if kept is None:
+    for k, ok in enumerate(told):
+        if not ok:
             out.append(None)
             continue
         w = None if weights is None else weights[k]
         r = []
-        for m in range(len(kept)):
-            a, b = tok[j], tok[j + 1]
-            b = b + 1 if b > 0 else int(sizes[k])  # as `token_spans`: none, or the first token, runs to the end
-            r.append((a, b) if w is None else (a, b, w[m]))
+        for m in range(len(spans[k])):
+            # a span that overlaps no byte (past the text, or empty) has no tokens
+            if at[j + 1] > at[j]: r.append((tok[j], tok[j + 1] + 1) if w is None else (tok[j], tok[j + 1] + 1, w[m]))
             j += 2
         out.append(r)
     return out
+
 
 # %% ../nbs/04c2_offsets.ipynb #4a04f1d6
 # texts whose every character must land on the token the tokenizer's offsets give

@@ -102,7 +102,7 @@ def line_cuts(backend) -> tuple[str, ...]:
 
 # %% ../nbs/04c1_pieces.ipynb #b02fcb7d
 class PieceEncoding:
-    "A text's encoding joined from its pieces': `ids`, `len` and `char_to_token` as a `tokenizers.Encoding`'s"
+    "A text's encoding joined from its pieces': `ids`, `len`, `char_to_token` and `token_to_chars` as an `Encoding`'s"
     __slots__ = ('ids', 'encs', 'chars', 'tokens')
     def __init__(self, ids:list, encs:list|None=None, chars:list|None=None, tokens:list|None=None):
         # each piece's encoding, and where it starts in characters and in tokens (None: the ids alone)
@@ -114,6 +114,12 @@ class PieceEncoding:
         i = bisect.bisect_right(self.chars, c, 0, len(self.encs)) - 1
         t = self.encs[i].char_to_token(c - self.chars[i]) if i >= 0 else None
         return None if t is None else t + self.tokens[i]
+    def token_to_chars(self, t:int) -> tuple[int,int]:
+        if self.encs is None: raise ValueError("Joined without offsets (`encode_pieces(..., offsets=False)`).")
+        # the last piece starting at or before token `t` (`tokens` ends with the number of tokens)
+        i = bisect.bisect_right(self.tokens, t, 0, len(self.encs)) - 1
+        a, b = self.encs[i].token_to_chars(t - self.tokens[i])
+        return a + self.chars[i], b + self.chars[i]
 
 # %% ../nbs/04c1_pieces.ipynb #2bbcfb23
 def _make_room(cache:dict, used, new_chars:int, max_cached:int):

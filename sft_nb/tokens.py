@@ -40,16 +40,42 @@ def fast_backend(tokenizer):
     return backend
 
 # %% ../nbs/04c_tokens.ipynb #74429d79
+def _first_ending_after(enc, s:int) -> int:
+    "The first token whose characters end after `s` (`len(enc)`: none), by bisection"
+    lo, hi = 0, len(enc)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if enc.token_to_chars(mid)[1] > s: hi = mid
+        else: lo = mid + 1
+    return lo
+
+def _last_starting_before(enc, e:int) -> int:
+    "The last token whose characters start before `e` (-1: none), by bisection"
+    lo, hi = 0, len(enc)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if enc.token_to_chars(mid)[0] < e: lo = mid + 1
+        else: hi = mid
+    return lo - 1
+
+def _span_tokens(enc, s:int, e:int) -> tuple[int,int]|None:
+    "The tokens [a, b) overlapping characters [s, e) of the encoded text; None: no token does"
+    if e <= s or not len(enc): return None
+    # on no token: past the text, or a space trimmed from the offsets (then the token after it overlaps)
+    a = enc.char_to_token(s)
+    if a is None: a = _first_ending_after(enc, s)
+    b = enc.char_to_token(e - 1)
+    if b is None: b = _last_starting_before(enc, e)
+    # the last token starting before `e`: a character split over tokens is in all of them
+    while b + 1 < len(enc) and enc.token_to_chars(b + 1)[0] < e: b += 1
+    return (a, b + 1) if a <= b else None
+
 def token_spans(enc, # a `tokenizers.Encoding`
                 spans:list[tuple[int,int]], # character spans [start, end)
                ) -> list[tuple[int,int]]:
-    "Token ranges [a, b) covering each character span, as `apply_chat_template`'s assistant mask"
-    out = []
-    for s, e in spans:
-        a, b = enc.char_to_token(s), enc.char_to_token(e - 1)
-        if a is None: break
-        out.append((a, b + 1 if b else len(enc)))
-    return out
+    "Token ranges [a, b) of the tokens overlapping each character span, as `apply_chat_template`'s assistant mask"
+    return [r for s, e in spans if (r := _span_tokens(enc, s, e)) is not None]
+
 
 # %% ../nbs/04c_tokens.ipynb #10c43a29
 def span_mask(enc, spans:list[tuple[int,int]]) -> list[int]:
@@ -64,9 +90,9 @@ def weighted_token_spans(enc, # a `tokenizers.Encoding`
                          weights:list[float]|None=None, # one per span; None: plain ranges
                         ) -> list[tuple]:
     "`token_spans`, each range `(a, b, weight)` when `weights` are given"
-    ranges = token_spans(enc, spans)
-    if weights is None: return ranges
-    return [(a, b, w) for (a, b), w in zip(ranges, weights)]
+    if weights is None: return token_spans(enc, spans)
+    return [(*r, w) for (s, e), w in zip(spans, weights) if (r := _span_tokens(enc, s, e)) is not None]
+
 
 # %% ../nbs/04c_tokens.ipynb #21493557
 def common_prefix_length(a:list, b:list) -> int:
