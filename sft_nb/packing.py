@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/packing.html.md"""
 
 # %% ../nbs/05_packing.ipynb #cf0849b7
 from __future__ import annotations
-import functools, hashlib, warnings
+import bisect, functools, hashlib, warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,8 +26,8 @@ __all__ = ['bfd_assign', 'bfd_rows', 'fragments', 'pack_table', 'pack_dataset', 
            'DataCollatorForLanguageModeling']
 
 # %% ../nbs/05_packing.ipynb #056eb90c
-def _pop_rows(queue:deque, m:int) -> np.ndarray:
-    "The first `m` row ids of a FIFO bucket of id chunks"
+def _pop_rows(queue:deque, m:int) -> list[range]:
+    "The first `m` row ids of a FIFO bucket of id ranges"
     out, got = [], 0
     while got < m:
         chunk = queue.popleft()
@@ -36,7 +36,26 @@ def _pop_rows(queue:deque, m:int) -> np.ndarray:
             chunk = chunk[:m-got]
         out.append(chunk)
         got += len(chunk)
-    return np.concatenate(out)
+    return out
+
+class _Buckets:
+    "Open rows by free space: the spaces in order, and each one's FIFO of row-id ranges"
+    def __init__(self): self.free, self.queues, self.count = [], {}, {}
+    def put(self, f:int, rows:range):
+        if f <= 0 or not len(rows): return
+        if f not in self.count:
+            bisect.insort(self.free, f)
+            self.queues[f], self.count[f] = deque(), 0
+        self.queues[f].append(rows)
+        self.count[f] += len(rows)
+    def take(self, s:int, m:int) -> list[range]:
+        "`m` rows of free space `s`, oldest first"
+        self.count[s] -= m
+        got = _pop_rows(self.queues[s], m)
+        if not self.count[s]:
+            del self.count[s], self.queues[s]
+            self.free.remove(s)
+        return got
 
 # %% ../nbs/05_packing.ipynb #a8ec94bf
 def _check_lengths(lengths:np.ndarray, seq_length:int):
@@ -52,37 +71,33 @@ def bfd_assign(lengths, # length of each document, each in [1, seq_length]
     lengths = np.asarray(lengths, dtype=np.int64)
     _check_lengths(lengths, seq_length)
     order = np.argsort(-lengths, kind='stable')
-    sorted_len, row = lengths[order], np.empty(len(lengths), dtype=np.int64)
-    count = np.zeros(seq_length + 1, dtype=np.int64)  # rows per free space
-    queues = [deque() for _ in range(seq_length + 1)]  # their ids, oldest first
-    n_rows, pos = 0, 0
-    for g in np.flatnonzero(np.diff(sorted_len, prepend=-1)):
-        l = int(sorted_len[g])
-        k = int(np.searchsorted(-sorted_len, -l, side='right')) - g  # documents of length l
-        open_fits = (np.flatnonzero(count[l:seq_length]) + l).tolist()  # free spaces that fit l
-        for s in [*open_fits, seq_length]:  # seq_length: new rows
+    sorted_len = lengths[order]
+    firsts = np.flatnonzero(np.diff(sorted_len, prepend=-1))
+    groups = zip(sorted_len[firsts].tolist(), np.diff(np.append(firsts, len(lengths))).tolist())
+    open_rows, n_rows = _Buckets(), 0
+    ids, takes = [], []  # each row placed into, in placement order, and how many documents it takes
+    for l, k in groups:  # k documents of length l
+        for s in open_rows.free[bisect.bisect_left(open_rows.free, l):] + [seq_length]:
             per_row = s // l
             need = -(-k // per_row)
             if s < seq_length:
-                m = min(int(count[s]), need)
-                ids = _pop_rows(queues[s], m)
-                count[s] -= m
-            else:
+                m = min(open_rows.count[s], need)
+                got = open_rows.take(s, m)
+            else:  # new rows
                 m = need
-                ids = np.arange(n_rows, n_rows + m)
+                got = [range(n_rows, n_rows + m)]
                 n_rows += m
-            taken = np.full(m, per_row)
-            if m == need: taken[-1] = k - (m - 1) * per_row
-            row[pos:pos + taken.sum()] = np.repeat(ids, taken)
-            full, last = ids[taken == per_row], ids[taken != per_row]
-            for free, rows in ((s - per_row*l, full), (s - int(taken[-1])*l, last)):
-                if len(rows) and free > 0:
-                    queues[free].append(rows)
-                    count[free] += len(rows)
-            pos += int(taken.sum())
-            k -= int(taken.sum())
+            last = k - (m - 1) * per_row if m == need else per_row  # what the last of the m rows takes
+            for r in got: ids.extend(r)
+            takes += [per_row] * m
+            takes[-1] = last
+            if last != per_row:
+                open_rows.put(s - last * l, got[-1][-1:])
+                got[-1] = got[-1][:-1]
+            for r in got: open_rows.put(s - per_row * l, r)
+            k -= (m - 1) * per_row + last
             if k == 0: break
-    return order, row
+    return order, np.repeat(np.asarray(ids, np.int64), np.asarray(takes, np.int64))
 
 # %% ../nbs/05_packing.ipynb #b56181e7
 def bfd_rows(lengths, seq_length:int) -> list[list[int]]:
