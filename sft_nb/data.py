@@ -13,7 +13,7 @@ from .chat import DataFormatError, training_template
 from .formats import (TEMPLATE_COLUMNS, check_dataset, check_row, detect_format, first_row,
                             format_columns, to_chatml)
 from .tokens import Tokenize, check_markers
-from .formats import carries_weights
+from .formats import carries_weights, message_keys
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
         formatting_func = None
     t = make_tokenize(fmt, tokenizer, args, formatting_func, packing, columns)
     t.weighted = args.assistant_only_loss and carries_weights(dataset)  # a `loss_weights` column
+    t.message_keys = message_keys(dataset)
     used = format_columns(fmt, columns, args.dataset_text_field) + list(TEMPLATE_COLUMNS)
     unused = [c for c in columns if c not in used]
     if unused and (formatting_func is None or fmt == 'tokenized'):

@@ -12,7 +12,8 @@ from .chat import DataFormatError, data_error
 
 # %% auto #0
 __all__ = ['ROLES', 'TEMPLATE_COLUMNS', 'MASK_COLUMNS', 'TURN_KEYS', 'detect_format', 'to_chatml', 'check_messages', 'check_row',
-           'format_columns', 'validate_tokenized', 'validate_dataset', 'first_row', 'check_dataset', 'carries_weights']
+           'format_columns', 'validate_tokenized', 'validate_dataset', 'first_row', 'check_dataset', 'carries_weights',
+           'message_keys']
 
 # %% ../nbs/04b_formats.ipynb #06126b85
 ROLES = ('system', 'developer', 'user', 'assistant', 'tool', 'ipython', 'function')
@@ -483,3 +484,15 @@ def carries_weights(dataset, # a `Dataset` or `IterableDataset`
         return any(weighs(m) for c in others for ms in dataset[c] if isinstance(ms, list) for m in ms)
     rows = islice(iter(dataset), head)
     return any(weighs(m) for r in rows for c in cols if isinstance(r.get(c), list) for m in r[c])
+
+def message_keys(dataset, # a `Dataset`; anything else is unknown
+                ) -> tuple[str, ...]|None:
+    "Every key a message of `dataset` can have, from its features, sorted; None: unknown (a stream, ShareGPT turns)"
+    from datasets import Dataset
+    if not isinstance(dataset, Dataset): return None
+    cols = [c for c in _CONVERSATION_COLUMNS if c in dataset.column_names]
+    # ShareGPT turns become messages later, with keys of their own
+    if not cols or 'conversations' in cols: return None
+    inner = [getattr(dataset.features[c], 'feature', None) for c in cols]
+    if not all(isinstance(f, dict) for f in inner): return None
+    return tuple(sorted(set().union(*inner)))

@@ -257,6 +257,7 @@ class Tokenize:
     chat_template: str|None = None
     train_on_turns: str = 'all' # with assistant_only_loss: 'all' assistant turns, or the 'last'
     weighted: bool = False # a `loss_weights` column: some message of the dataset has a `weight`
+    message_keys: tuple|None = None # every key a message can have (`message_keys`); None: unknown
 
     def __post_init__(self):
         self.split_stats = {'conversations': 0, 'rows': 0, 'tokens': 0}  # added by `split_turns`
@@ -278,6 +279,10 @@ class Tokenize:
         return encode(texts, add_special_tokens=special)
     def _eos(self, t): return t if t.endswith(self.eos) else t + self.eos
 
+    def may_have(self, *keys) -> bool:
+        "Can a message have one of `keys`, as far as the dataset's features tell?"
+        return self.message_keys is None or any(k in self.message_keys for k in keys)
+
     def spans(self, messages, row, tools=None, kwargs=None) -> tuple[str, list]:
         "Rendered text and assistant spans: from the template's markers, else by diffing prefixes"
         if self.render.markers: return self.render(messages, tools, kwargs, markers=True)
@@ -285,12 +290,14 @@ class Tokenize:
 
     def turns(self, messages, row, tools=None, kwargs=None) -> tuple[str, list, list|None]:
         "Text, the spans that train and their loss weights (None: unweighted), as chosen per message"
-        chosen = self.train_on_turns == 'last' or any(m.get(k) is not None for m in messages
-                                                      for k in TURN_KEYS)
-        if not chosen: return *self.spans(strip_turn_keys(messages), row, tools, kwargs), None
-        text, spans, weights = turn_spans(self.render, messages, row, tools, kwargs,
-                                          self.train_on_turns == 'last')
-        return text, spans, weights if self.weighted else None
+        keyed = self.may_have(*TURN_KEYS)  # no message of the dataset has one: no row to look through
+        chosen = self.train_on_turns == 'last' or keyed and any(m.get(k) is not None for m in messages
+                                                                for k in TURN_KEYS)
+        if chosen:
+            text, spans, weights = turn_spans(self.render, messages, row, tools, kwargs,
+                                              self.train_on_turns == 'last')
+            return text, spans, weights if self.weighted else None
+        return *self.spans(strip_turn_keys(messages) if keyed else messages, row, tools, kwargs), None
 
 # %% ../nbs/04c_tokens.ipynb #53e0ab0b
 @patch
@@ -359,12 +366,14 @@ def _rendered(self:Tokenize, messages, row, field, tools, kw, spans:bool, **rend
     "Text (spans that train, their weights) of a conversation; a failing template names the row"
     try:
         if spans: out = self.turns(messages, row, tools, kw)
-        else: out = self.render(strip_turn_keys(messages), tools, kw, **render_kw)[0], [], None
+        else:
+            plain = strip_turn_keys(messages) if self.may_have(*TURN_KEYS) else messages
+            out = self.render(plain, tools, kw, **render_kw)[0], [], None
     except DataFormatError:
         raise
     except Exception as e:
         raise template_error(e, row, field) from e
-    check_calls_rendered(out[0], messages, row, field)
+    if self.may_have('tool_calls'): check_calls_rendered(out[0], messages, row, field)
     return out
 
 # %% ../nbs/04c_tokens.ipynb #f6f09f4e
