@@ -121,9 +121,18 @@ def ranges_mask(n:int, # length of the flat array
                ):
     "Boolean array of length `n`, True inside any of the ranges"
     import numpy as np
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    edges = np.empty(2 * len(starts) + 2, np.int64)
+    edges[0], edges[1:-1:2], edges[2:-1:2], edges[-1] = 0, starts, ends, n
+    steps = np.diff(edges)
+    if (steps >= 0).all():
+        # ranges in order, apart: runs of False and True (a running sum over every token costs 5 ns each)
+        runs = np.zeros(len(steps), bool)
+        runs[1::2] = True
+        return np.repeat(runs, steps)
     delta = np.zeros(n + 1, np.int32)
-    np.add.at(delta, np.asarray(starts, np.int64), 1)
-    np.add.at(delta, np.asarray(ends, np.int64), -1)
+    np.add.at(delta, starts, 1)
+    np.add.at(delta, ends, -1)
     return np.cumsum(delta[:-1]) > 0
 
 # %% ../nbs/04c_tokens.ipynb #a053f5db
@@ -174,9 +183,9 @@ def assemble(ids, # token ids of each row: lists, or a `FlatIds`
     cols = [flat, labels] + ([range_weights(n, off, masks)] if weighted else [])
     cols = [c[sel] for c in cols]
     if drop_untrained:
-        counts = np.concatenate([[0], np.cumsum(cols[1] != -100)])
-        ends = np.cumsum(keep)
-        alive = counts[ends] - counts[ends - keep] > 0
+        # a row lives where any of its kept tokens trains
+        alive, some = np.zeros(len(keep), bool), keep > 0
+        if some.any(): alive[some] = np.logical_or.reduceat(cols[1] != -100, (np.cumsum(keep) - keep)[some])
         if not alive.all():
             kept = np.repeat(alive, keep)
             cols, keep = [c[kept] for c in cols], keep[alive]
