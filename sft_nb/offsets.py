@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, unicodedata
 
 # %% auto #0
-__all__ = ['UNKNOWN', 'MAX_KEPT', 'ByteOffsets', 'FlatIds', 'flatten', 'byte_offsets']
+__all__ = ['UNKNOWN', 'MAX_KEPT', 'ByteOffsets', 'FlatIds', 'flatten', 'flat_ids', 'joined', 'byte_offsets']
 
 # %% ../nbs/04c2_offsets.ipynb #5a604cd4
 # normalizers that leave a text already in their Unicode form as it is
@@ -108,10 +108,29 @@ def flatten(ids) -> FlatIds:
     import numpy as np
     from itertools import chain
     if isinstance(ids, FlatIds): return ids
-    sizes = np.fromiter(map(len, ids), np.int64, len(ids))
-    off = np.zeros(len(ids) + 1, np.int64)
+    return _laid(np.fromiter(map(len, ids), np.int64, len(ids)), chain.from_iterable(ids))
+
+def _laid(sizes, values) -> FlatIds:
+    "A `FlatIds` of rows of `sizes`, from an iterable of all their `values`"
+    import numpy as np
+    off = np.zeros(len(sizes) + 1, np.int64)
     np.cumsum(sizes, out=off[1:])
-    return FlatIds(sizes, off, np.fromiter(chain.from_iterable(ids), np.int64, int(off[-1])))
+    return FlatIds(sizes, off, np.fromiter(values, np.int64, int(off[-1])))
+
+def flat_ids(encs:list) -> FlatIds:
+    "The ids of encodings (each with `ids` and a length) as a `FlatIds`, each row's list read once and let go"
+    import numpy as np
+    from itertools import chain
+    from operator import attrgetter
+    sizes = np.fromiter(map(len, encs), np.int64, len(encs))
+    return _laid(sizes, chain.from_iterable(map(attrgetter('ids'), encs)))
+
+def joined(parts:list) -> FlatIds:
+    "`FlatIds` one after another, as one"
+    import numpy as np
+    if len(parts) == 1: return parts[0]
+    sizes = np.concatenate([p.sizes for p in parts] or [np.zeros(0, np.int64)])
+    return _laid(sizes, np.concatenate([p.flat for p in parts] or [np.zeros(0, np.int64)]))
 
 # %% ../nbs/04c2_offsets.ipynb #8347d047
 from fastcore.basics import patch

@@ -15,7 +15,7 @@ from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
 from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
-from .offsets import FlatIds, byte_offsets, flatten
+from .offsets import FlatIds, byte_offsets, flat_ids, flatten, joined
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,12 @@ class Tokenize:
 
     def may_have(self, *keys) -> bool:
         "Can a message have one of `keys`, as far as the dataset's features tell?"
-        return self.message_keys is None or any(k in self.message_keys for k in keys)
+        known = self.message_keys
+        if known is None: return True
+        # twice a row: a loop, not a generator
+        for k in keys:
+            if k in known: return True
+        return False
 
     def spans(self, messages, row, tools=None, kwargs=None) -> tuple[str, list]:
         "Rendered text and assistant spans: from the template's markers, else by diffing prefixes"
@@ -336,14 +341,16 @@ def char_batches(texts:list[str], limit:int|None=None) -> list[slice]:
 @patch
 def encode_parts(self:Tokenize, texts:list[str], special:bool,
                  read:Callable|None=None, # (encoding, k) -> what is kept of text k beside its ids
+                 flat:bool=False, # the ids as a `FlatIds`, never a list per row (without `read`)
                 ) -> tuple[list, list|None]:
     "The ids of `texts` and what `read` keeps of each encoding (None: no `read`), `char_batches` at a time"
     ids, kept = [], None if read is None else []
     for part in char_batches(texts):
         encs = self.encode(texts[part], special, offsets=read is not None)
-        ids += [e.ids for e in encs]
+        if flat: ids.append(flat_ids(encs))
+        else: ids += [e.ids for e in encs]
         if read is not None: kept += [read(e, k) for k, e in enumerate(encs, part.start)]
-    return ids, kept
+    return joined(ids) if flat else ids, kept
 
 # %% ../nbs/04c_tokens.ipynb #6850a3fe
 @patch
@@ -429,7 +436,7 @@ def assistant_ranges(self:Tokenize, found:list[tuple], # per conversation, `(tex
     texts = [t for t, _, _ in found]
     read = lambda e, k: weighted_token_spans(e, *found[k][1:])
     if self.offsets is None: return self.encode_parts(texts, False, read)
-    ids, _ = self.encode_parts(texts, False)
+    ids, _ = self.encode_parts(texts, False, flat=flat)
     f = flatten(ids)
     ranges = self.offsets.ranges(texts, f, [s for _, s, _ in found], [w for _, _, w in found])
     redo = [k for k, r in enumerate(ranges) if r is None]
