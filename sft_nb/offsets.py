@@ -7,6 +7,7 @@ Docs: https://sft-nb.github.io/sft_nb/offsets.html.md"""
 # %% ../nbs/04c2_offsets.ipynb #de440b09
 from __future__ import annotations
 import json, unicodedata
+from .pieces import per_tokenizer
 
 # %% auto #0
 __all__ = ['UNKNOWN', 'MAX_KEPT', 'ByteOffsets', 'FlatIds', 'flatten', 'flat_ids', 'joined', 'byte_offsets']
@@ -216,9 +217,4 @@ def _probed_as(backend) -> tuple:
 
 def byte_offsets(backend) -> ByteOffsets|None:
     "The probed `ByteOffsets` of `backend` (or None), one a tokenizer while it stays as probed: lengths looked up once"
-    key = _probed_as(backend)
-    kept = _KEPT.get(id(backend))
-    if kept is not None and kept[0] is backend and kept[1] == key: return kept[2]
-    if len(_KEPT) >= MAX_KEPT: del _KEPT[next(iter(_KEPT))]
-    _KEPT[id(backend)] = (backend, key, _probed(backend))
-    return _KEPT[id(backend)][2]
+    return per_tokenizer(_KEPT, backend, _probed_as(backend), _probed, MAX_KEPT)

@@ -7,9 +7,11 @@ Docs: https://sft-nb.github.io/sft_nb/pieces.html.md"""
 # %% ../nbs/04c1_pieces.ipynb #07c86280
 from __future__ import annotations
 import bisect, json, re
+from typing import Callable
 
 # %% auto #0
-__all__ = ['LINE_CUTS', 'PieceCutter', 'piece_pattern', 'line_cuts', 'PieceEncoding', 'PieceCache', 'encode_pieces']
+__all__ = ['LINE_CUTS', 'PieceCutter', 'per_tokenizer', 'piece_pattern', 'line_cuts', 'PieceEncoding', 'PieceCache',
+           'encode_pieces']
 
 # %% ../nbs/04c1_pieces.ipynb #e96af2c8
 def _cut_lines(text:str, gaps:tuple) -> list[str]:
@@ -53,6 +55,19 @@ def _piecewise(pre:dict|None) -> bool:
 
 _PATTERNS = {}  # id(backend) -> (backend, what it was read from, its `PieceCutter` or None)
 
+def per_tokenizer(cache:dict, # `{id(backend): (backend, key, result)}`
+                  backend, # a `tokenizers.Tokenizer`
+                  key, # what `compute` reads of `backend`: a change computes it again
+                  compute:Callable, # backend -> result
+                  max_kept:int=4, # tokenizers kept, the last seen
+                 ):
+    "`compute(backend)`, kept per tokenizer object while `key` stays the same"
+    kept = cache.get(id(backend))
+    if kept is not None and kept[0] is backend and kept[1] == key: return kept[2]
+    if len(cache) >= max_kept: del cache[next(iter(cache))]
+    cache[id(backend)] = (backend, key, compute(backend))
+    return cache[id(backend)][2]
+
 def _read_from(backend) -> tuple:
     "What `piece_pattern` reads of `backend`: normalizer, pre-tokenizer, added tokens, vocabulary size"
     state = lambda x: None if x is None else x.__getstate__()
@@ -63,12 +78,7 @@ def _read_from(backend) -> tuple:
 def piece_pattern(backend) -> PieceCutter|None:
     "Cuts texts where `backend` matches its added tokens, and at the `line_cuts` it holds to; None: can't"
     # kept a tokenizer while it reads the same: `line_cuts` probes it (1.4 ms), the key costs 10 µs
-    key = _read_from(backend)
-    kept = _PATTERNS.get(id(backend))
-    if kept is not None and kept[0] is backend and kept[1] == key: return kept[2]
-    if len(_PATTERNS) >= 4: del _PATTERNS[next(iter(_PATTERNS))]
-    _PATTERNS[id(backend)] = (backend, key, _piece_pattern(backend))
-    return _PATTERNS[id(backend)][2]
+    return per_tokenizer(_PATTERNS, backend, _read_from(backend), _piece_pattern)
 
 def _piece_pattern(backend) -> PieceCutter|None:
     added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]

@@ -40,32 +40,23 @@ def fast_backend(tokenizer):
     return backend
 
 # %% ../nbs/04c_tokens.ipynb #74429d79
-def _first_ending_after(enc, s:int) -> int:
-    "The first token whose characters end after `s` (`len(enc)`: none), by bisection"
+def _first_token_where(enc, holds:Callable) -> int:
+    "The first token whose `(start, end)` characters `holds` (`len(enc)`: none); `holds` true from there on"
     lo, hi = 0, len(enc)
     while lo < hi:
         mid = (lo + hi) // 2
-        if enc.token_to_chars(mid)[1] > s: hi = mid
+        if holds(enc.token_to_chars(mid)): hi = mid
         else: lo = mid + 1
     return lo
-
-def _last_starting_before(enc, e:int) -> int:
-    "The last token whose characters start before `e` (-1: none), by bisection"
-    lo, hi = 0, len(enc)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if enc.token_to_chars(mid)[0] < e: lo = mid + 1
-        else: hi = mid
-    return lo - 1
 
 def _span_tokens(enc, s:int, e:int) -> tuple[int,int]|None:
     "The tokens [a, b) overlapping characters [s, e) of the encoded text; None: no token does"
     if e <= s or not len(enc): return None
     # on no token: past the text, or a space trimmed from the offsets (then the token after it overlaps)
     a = enc.char_to_token(s)
-    if a is None: a = _first_ending_after(enc, s)
+    if a is None: a = _first_token_where(enc, lambda c: c[1] > s)  # the first ending after `s`
     b = enc.char_to_token(e - 1)
-    if b is None: b = _last_starting_before(enc, e)
+    if b is None: b = _first_token_where(enc, lambda c: c[0] >= e) - 1  # the last starting before `e`
     # the last token starting before `e`: a character split over tokens is in all of them
     while b + 1 < len(enc) and enc.token_to_chars(b + 1)[0] < e: b += 1
     return (a, b + 1) if a <= b else None
