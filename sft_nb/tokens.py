@@ -279,30 +279,35 @@ class Tokenize:
         return encode(texts, add_special_tokens=special)
     def _eos(self, t): return t if t.endswith(self.eos) else t + self.eos
 
-    def may_have(self, *keys) -> bool:
-        "Can a message have one of `keys`, as far as the dataset's features tell?"
-        known = self.message_keys
-        if known is None: return True
-        # twice a row: a loop, not a generator
-        for k in keys:
-            if k in known: return True
-        return False
 
-    def spans(self, messages, row, tools=None, kwargs=None) -> tuple[str, list]:
-        "Rendered text and assistant spans: from the template's markers, else by diffing prefixes"
-        if self.render.markers: return self.render(messages, tools, kwargs, markers=True)
-        return diff_spans(self.render, messages, row, tools, kwargs)
+# %% ../nbs/04c_tokens.ipynb #d36fb328
+@patch
+def may_have(self:Tokenize, *keys) -> bool:
+    "Can a message have one of `keys`, as far as the dataset's features tell?"
+    known = self.message_keys
+    if known is None: return True
+    # twice a row: a loop, not a generator
+    for k in keys:
+        if k in known: return True
+    return False
 
-    def turns(self, messages, row, tools=None, kwargs=None) -> tuple[str, list, list|None]:
-        "Text, the spans that train and their loss weights (None: unweighted), as chosen per message"
-        keyed = self.may_have(*TURN_KEYS)  # no message of the dataset has one: no row to look through
-        chosen = self.train_on_turns == 'last' or keyed and any(m.get(k) is not None for m in messages
-                                                                for k in TURN_KEYS)
-        if chosen:
-            text, spans, weights = turn_spans(self.render, messages, row, tools, kwargs,
-                                              self.train_on_turns == 'last')
-            return text, spans, weights if self.weighted else None
-        return *self.spans(strip_turn_keys(messages) if keyed else messages, row, tools, kwargs), None
+@patch
+def spans(self:Tokenize, messages, row, tools=None, kwargs=None) -> tuple[str, list]:
+    "Rendered text and assistant spans: from the template's markers, else by diffing prefixes"
+    if self.render.markers: return self.render(messages, tools, kwargs, markers=True)
+    return diff_spans(self.render, messages, row, tools, kwargs)
+
+@patch
+def turns(self:Tokenize, messages, row, tools=None, kwargs=None) -> tuple[str, list, list|None]:
+    "Text, the spans that train and their loss weights (None: unweighted), as chosen per message"
+    keyed = self.may_have(*TURN_KEYS)  # no message of the dataset has one: no row to look through
+    chosen = self.train_on_turns == 'last' or keyed and any(m.get(k) is not None for m in messages
+                                                            for k in TURN_KEYS)
+    if chosen:
+        text, spans, weights = turn_spans(self.render, messages, row, tools, kwargs,
+                                          self.train_on_turns == 'last')
+        return text, spans, weights if self.weighted else None
+    return *self.spans(strip_turn_keys(messages) if keyed else messages, row, tools, kwargs), None
 
 # %% ../nbs/04c_tokens.ipynb #53e0ab0b
 @patch
