@@ -206,15 +206,9 @@ def _probed(backend) -> ByteOffsets|None:
     o.trims = trims
     return o
 
-_KEPT = {}  # id(backend) -> (backend, what it was probed as, its `ByteOffsets` or None)
+_KEPT = {}  # id(backend) -> (backend, what it was read as, its `ByteOffsets` or None)
 MAX_KEPT = 4  # tokenizers kept, the last probed: each holds its looked-up lengths
-
-def _probed_as(backend) -> tuple:
-    "What the probes read of `backend`: its normalizer, pre-tokenizer and post-processor, and its vocabulary size"
-    state = lambda x: None if x is None else x.__getstate__()
-    parts = (backend.normalizer, backend.pre_tokenizer, backend.post_processor)
-    return (*map(state, parts), backend.get_vocab_size(with_added_tokens=True))
 
 def byte_offsets(backend) -> ByteOffsets|None:
     "The probed `ByteOffsets` of `backend` (or None), one a tokenizer while it stays as probed: lengths looked up once"
-    return per_tokenizer(_KEPT, backend, _probed_as(backend), _probed, MAX_KEPT)
+    return per_tokenizer(_KEPT, backend, _probed, MAX_KEPT)

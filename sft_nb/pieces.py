@@ -53,32 +53,33 @@ def _piecewise(pre:dict|None) -> bool:
     if pre.get('type') == 'Sequence': return all(map(_piecewise, pre['pretokenizers']))
     return pre.get('type') in _PIECEWISE
 
-_PATTERNS = {}  # id(backend) -> (backend, what it was read from, its `PieceCutter` or None)
+_PATTERNS = {}  # id(backend) -> (backend, what it was read as, its `PieceCutter` or None)
 
-def per_tokenizer(cache:dict, # `{id(backend): (backend, key, result)}`
+def _read_as(backend) -> tuple:
+    "What a tokenizer-wide check reads of `backend`: normalizer, pre-tokenizer, post-processor, added tokens, size"
+    state = lambda x: None if x is None else x.__getstate__()
+    added = tuple((t.content, t.normalized, t.lstrip, t.rstrip, t.single_word)
+                  for t in backend.get_added_tokens_decoder().values())
+    parts = (backend.normalizer, backend.pre_tokenizer, backend.post_processor)
+    return (*map(state, parts), added, backend.get_vocab_size(with_added_tokens=True))
+
+def per_tokenizer(cache:dict, # `{id(backend): (backend, what it was read as, result)}`
                   backend, # a `tokenizers.Tokenizer`
-                  key, # what `compute` reads of `backend`: a change computes it again
-                  compute:Callable, # backend -> result
+                  compute:Callable, # backend -> result, from what `_read_as` holds
                   max_kept:int=4, # tokenizers kept, the last seen
                  ):
-    "`compute(backend)`, kept per tokenizer object while `key` stays the same"
+    "`compute(backend)`, kept per tokenizer object while it reads the same: a change computes it again"
+    key = _read_as(backend)
     kept = cache.get(id(backend))
     if kept is not None and kept[0] is backend and kept[1] == key: return kept[2]
     if len(cache) >= max_kept: del cache[next(iter(cache))]
     cache[id(backend)] = (backend, key, compute(backend))
     return cache[id(backend)][2]
 
-def _read_from(backend) -> tuple:
-    "What `piece_pattern` reads of `backend`: normalizer, pre-tokenizer, added tokens, vocabulary size"
-    state = lambda x: None if x is None else x.__getstate__()
-    added = tuple((t.content, t.normalized, t.lstrip, t.rstrip, t.single_word)
-                  for t in backend.get_added_tokens_decoder().values())
-    return state(backend.normalizer), state(backend.pre_tokenizer), added, backend.get_vocab_size(True)
-
 def piece_pattern(backend) -> PieceCutter|None:
     "Cuts texts where `backend` matches its added tokens, and at the `line_cuts` it holds to; None: can't"
     # kept a tokenizer while it reads the same: `line_cuts` probes it (1.4 ms), the key costs 10 µs
-    return per_tokenizer(_PATTERNS, backend, _read_from(backend), _piece_pattern)
+    return per_tokenizer(_PATTERNS, backend, _piece_pattern)
 
 def _piece_pattern(backend) -> PieceCutter|None:
     added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]
