@@ -154,6 +154,17 @@ def _chunk_values(chunk:pa.ListArray, name:str, first_row:int) -> tuple[np.ndarr
     starts = chunk.offsets.to_numpy() - chunk.offsets[0].as_py()
     return values.to_numpy(zero_copy_only=False), starts
 
+# %% ../nbs/05_packing.ipynb #c0a7e1b2
+_LONG_RUN = 24  # mean tokens a run from which runs are copied slice by slice
+
+def _copy_runs(out:np.ndarray, dest:np.ndarray, values:np.ndarray, src:np.ndarray, n:np.ndarray):
+    "Copy `values[src[i]:src[i]+n[i]]` to `out[dest[i]:dest[i]+n[i]]` for every run `i`"
+    if n.sum() >= _LONG_RUN * len(n):
+        for d, s, k in zip(dest.tolist(), src.tolist(), n.tolist()): out[d:d+k] = values[s:s+k]
+        return
+    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # each token's index in its run
+    out[np.repeat(dest, n) + within] = values[np.repeat(src, n) + within]
+
 # %% ../nbs/05_packing.ipynb #70191eab
 def _gather(col:pa.ChunkedArray, name:str, doc, off, n) -> pa.Array:
     "Tokens of fragments `(doc, off, n)` laid end to end"
@@ -168,10 +179,7 @@ def _gather(col:pa.ChunkedArray, name:str, doc, off, n) -> pa.Array:
         values, starts = _chunk_values(chunk, name, rows[c])
         for blk in _blocks(n[sel]):
             f = sel[blk]
-            frag_starts = np.repeat(np.cumsum(n[f]) - n[f], n[f])
-            within = np.arange(n[f].sum()) - frag_starts  # each token's index in its fragment
-            src = np.repeat(starts[doc[f] - rows[c]] + off[f], n[f]) + within
-            out[np.repeat(dest[f], n[f]) + within] = values[src]
+            _copy_runs(out, dest[f], values, starts[doc[f] - rows[c]] + off[f], n[f])
     return pa.array(out, type=col.type.value_type)
 
 # %% ../nbs/05_packing.ipynb #cd66f491
