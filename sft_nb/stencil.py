@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/stencil.html.md"""
 
 # %% ../nbs/04a_stencil.ipynb #8b3c7974
 from __future__ import annotations
-import functools, json
+import functools, json, marshal
 from fastcore.basics import patch
 from .chat import (ChatRenderer, GEN_CLOSE, GEN_OPEN, _chat, _diffed_turns, _has_sentinels,
                          compile_marked, reasoning_fields, split_marked)
@@ -222,10 +222,11 @@ class StencilRenderer(ChatRenderer):
         super().__init__(tokenizer, chat_template)
         self.stencils = {}
         self.memo = {}  # message shapes and tools keys of the last rows (`nested_shape`)
+        self.written = {}  # each tool schema's JSON, by value (`_tool_json`)
 
     def __getstate__(self):
         "Worker processes and dataset fingerprints start with an empty cache"
-        return {**self.__dict__, 'stencils': {}, 'memo': {}}
+        return {**self.__dict__, 'stencils': {}, 'memo': {}, 'written': {}}
 
     def _text_and_spans(self, template, messages, tools, kwargs, add_generation_prompt) -> tuple:
         "From the stencil of the conversation's shape where it has one, else rendered by Jinja"
@@ -279,7 +280,7 @@ def _tool_slots(self:StencilRenderer, template, tools, n:int) -> list|None:
     hit = self.memo.get(('tools', id(tools)))
     # a row's prefixes share its tools: checked once
     if hit is None or hit[0] is not tools:
-        hit = self.memo['tools', id(tools)] = (tools, _seed_tools(template, tools, self.memo))
+        hit = self.memo['tools', id(tools)] = (tools, _seed_tools(template, tools, self.memo, self.written))
     return _opaque_slots(n, len(tools)) if hit[1] else None
 
 @functools.lru_cache(maxsize=1024)
@@ -287,13 +288,25 @@ def _opaque_slots(n:int, k:int) -> list:
     "`k` `Opaque` slots numbered from `n`: the same for every row of a shape, as they hold no text"
     return [Opaque(f"{SLOT_OPEN}{n + i}{SLOT_CLOSE}") for i in range(k)]
 
-def _seed_tools(template:str, tools:list, memo:dict) -> bool:
+def _tool_json(tojson, tool:dict, written:dict) -> str:
+    "`tojson(tool)`, written once for every tool of the same value in `written`"
+    # the value exactly, as bytes: its types (True, 1 and 1.0 differ) and key order, which the JSON follows;
+    # version 2 has no back-references, so equal values give equal bytes however their objects are shared
+    try: key = tojson, marshal.dumps(tool, 2)
+    except ValueError: return tojson(tool)  # not plain Python values (a subclass, numpy): written as it is
+    text = written.get(key)
+    if text is None:
+        if len(written) > 4096: written.clear()
+        text = written[key] = tojson(tool)
+    return text
+
+def _seed_tools(template:str, tools:list, memo:dict, written:dict) -> bool:
     "Are `tools` non-empty dicts of JSON values, free of generation sentinels? Their `tojson` goes in `memo`"
     if not all(t.__class__ is dict and t for t in tools): return False
     tojson = compile_marked(template).environment.filters.get('tojson')
     if tojson is None: return False
     # written once as the check, kept for `fill_stencil`: `{{ tool | tojson }}` needs no second pass
-    try: texts = [tojson(t) for t in tools]
+    try: texts = [_tool_json(tojson, t, written) for t in tools]
     except (TypeError, ValueError): return False
     if any(GEN_OPEN in x or GEN_CLOSE in x for x in texts): return False
     chain = ((tojson, (), ()),)  # what `{{ tool | tojson }}` marks a slot with
