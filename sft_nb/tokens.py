@@ -169,10 +169,11 @@ def assemble(ids, # token ids of each row: lists, or a `FlatIds`
     for r, g in enumerate(given or []):
         if g is not None: labels[off[r]:off[r+1]] = g
     keep = lens if max_length is None else np.minimum(lens, max_length)
-    lo = off[:-1] if truncation_mode == 'keep_start' else off[1:] - keep
-    sel = ranges_mask(n, lo, lo + keep)
     cols = [flat, labels] + ([range_weights(n, off, masks)] if weighted else [])
-    cols = [c[sel] for c in cols]
+    if (keep < lens).any():  # a copy of every column only where some row is cut
+        lo = off[:-1] if truncation_mode == 'keep_start' else off[1:] - keep
+        sel = ranges_mask(n, lo, lo + keep)
+        cols = [c[sel] for c in cols]
     if drop_untrained:
         # a row lives where any of its kept tokens trains
         alive, some = np.zeros(len(keep), bool), keep > 0
