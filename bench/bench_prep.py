@@ -13,8 +13,9 @@ the real Qwen2.5 / Qwen3 chat templates), on the same rows, interleaved, best of
   `sft_nb.offsets`). For conversations trained on their assistant turns, `encode_batch` (which also works out each
   token's character offsets, as `tokenizer(texts)` and TRL's `apply_chat_template` masks do) is timed too and
   reported beside it (`floor_with_offsets`).
-  It is timed in every round of every config of a workload (`--repeat`, default 5) and each row is held to the best
-  of them all: it encodes the same texts whatever the config.
+  It is timed in every round of every config of a workload (`--repeat`, default 8) and each row is held to the best
+  of them all: it encodes the same texts whatever the config. The rounds run the contenders in the orders of a
+  balanced Latin square (`balanced_orders`), so that none always runs right after the same other one.
 
 Each workload and tokenizer runs in a fresh process, as a user's run starts: in one process running them all, the
 later workloads ran up to 25% slower for sft_nb than alone (reasoning at 8,000 rows: 1.50x the floor after the
@@ -28,7 +29,7 @@ anonymous memory (RssAnon, what preparing needs) is the measure, as RSS also cou
 which belong to the page cache. `--rss-only` runs just that (`--rss 20000,100000,1000000` for the issue's 1M run).
 Writes bench/results/prep.json.
 
-    python bench/bench_prep.py            # 1,000 rows per workload (8,000 for num_proc): ~20 minutes on 2 cores
+    python bench/bench_prep.py            # 1,000 rows per workload (8,000 for num_proc): ~25 minutes on 2 cores
     python bench/bench_prep.py --full     # 20,000 rows, every combination, and a 1M-conversation peak-RSS run
 """
 import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
@@ -119,8 +120,21 @@ def same(a, b, tok):
             if x != -100 or not blank[t]: return 'different'
     return 'whitespace'
 
+def balanced_orders(n:int, rounds:int) -> list[list[int]]:
+    """`rounds` orders of `n` contenders from a balanced Latin square (Williams design): over its rows every
+    contender runs first once and right after every other contender once. What runs just before moves a
+    measurement: 1,000 multi-turn rows took sft_nb 5% longer right after the floor with offsets (which frees
+    hundreds of MB of encodings) than after the ids-only floor, and the ids-only floor 7% longer (165.8 ms
+    against 154.6) in that place. With best-of over the rounds, no contender keeps one neighbour."""
+    first = [0]
+    for k in range(1, n):  # 0, 1, n-1, 2, n-2, ...
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    square = [[(x + r) % n for x in first] for r in range(n)]
+    if n % 2: square += [row[::-1] for row in square]  # odd n: the mirrored rows balance it
+    return [square[r % len(square)] for r in range(rounds)]
+
 def run_case(workload, vocab, n, repeat, configs):
-    "Each (mode, num_proc) of `configs` on the same rows: best of `repeat` interleaved rounds"
+    "Each (mode, num_proc) of `configs` on the same rows: best of `repeat` interleaved rounds (`balanced_orders`)"
     rows, tok = W.workload(workload, n, vocab)
     ds = Dataset.from_list(rows)
     texts = rendered(ds.to_list(), tok, workload)  # the rows as `map` hands them to both sides
@@ -133,16 +147,17 @@ def run_case(workload, vocab, n, repeat, configs):
     out = []
     for mode, num_proc in configs:
         packing = mode == 'packed'
-        best = {'sft_nb': float('inf'), 'trl': float('inf'), **{k: float('inf') for k in calls}}
-        res = {}
-        for _ in range(repeat):  # interleaved: each round runs all three
-            # the floor's encodings (hundreds of MB at 8,000 rows) dropped at once: held while sft_nb ran, they
-            # made it 15-20% slower than alone
-            for k, call in calls.items(): best[k] = min(best[k], timed(call, texts, False)[1])
-            res['sft_nb'], t = timed(ours, ds, tok, workload, num_proc, packing)
-            best['sft_nb'] = min(best['sft_nb'], t)
-            res['trl'], t = timed(trl, ds, tok, workload, num_proc, packing)
-            best['trl'] = min(best['trl'], t)
+        # the floor's encodings (hundreds of MB at 8,000 rows) are dropped at once: held while sft_nb ran, they
+        # made it 15-20% slower than alone
+        runs = {**{k: (lambda call=call: (None, timed(call, texts, False)[1])) for k, call in calls.items()},
+                'sft_nb': lambda: timed(ours, ds, tok, workload, num_proc, packing),
+                'trl': lambda: timed(trl, ds, tok, workload, num_proc, packing)}
+        best, res, names = {k: float('inf') for k in runs}, {}, list(runs)
+        for order in balanced_orders(len(names), repeat):
+            for k in (names[i] for i in order):
+                got, t = runs[k]()
+                best[k] = min(best[k], t)
+                if got is not None: res[k] = got
         agree = same(res['sft_nb'], res['trl'], tok) if not packing else None
         n_tok = sum(map(len, res['sft_nb']['input_ids'][:]))
         out.append(dict(workload=workload, vocab=vocab, mode=mode, num_proc=num_proc, rows=n,
@@ -161,7 +176,8 @@ def run_case(workload, vocab, n, repeat, configs):
 def matrix(workloads, vocabs, everything, only=None, n=1000, n_procs=8000):
     """(workload, vocab, [(mode, num_proc)], rows) in order of importance, so a cut-short run has the main numbers:
     every workload and tokenizer truncated in one process, then packing on the first tokenizer, then
-    `dataset_num_proc` 1 against 2 on `n_procs` rows (enough that forking pays: `sft_nb.data.FORK_MIN_BYTES`);
+    `dataset_num_proc` 1 against 2 on `n_procs` rows (enough that forking pays: `sft_nb.data.FORK_MIN_BYTES`), and
+    packing on those rows too;
     every combination on `n` rows with `everything`; `only`: just these (mode, num_proc), on every tokenizer"""
     if only:
         for w in workloads:
@@ -174,7 +190,7 @@ def matrix(workloads, vocabs, everything, only=None, n=1000, n_procs=8000):
     for w in workloads:
         for v in vocabs: yield w, v, [('truncate', 1)], n
     for w in workloads: yield w, vocabs[0], [('packed', 1)], n
-    for w in workloads: yield w, vocabs[0], [('truncate', 1), ('truncate', 2)], n_procs
+    for w in workloads: yield w, vocabs[0], [('truncate', 1), ('truncate', 2), ('packed', 1)], n_procs
 
 # ---------------------------------------------------------------- memory
 def _write_dataset(workload, n, path, chunk=20_000):
@@ -276,7 +292,7 @@ if __name__ == '__main__':
     ap.add_argument('--n', type=int, default=1000)
     ap.add_argument('--n-procs', type=int, default=8000, help="rows of the dataset_num_proc 1 vs 2 rows")
     ap.add_argument('--full', action='store_true', help="20,000 rows per workload and a 1M-conversation RSS run")
-    ap.add_argument('--repeat', type=int, default=5)
+    ap.add_argument('--repeat', type=int, default=8)
     ap.add_argument('--workloads', default=','.join(W.WORKLOADS))
     ap.add_argument('--vocabs', default='32000,151000')
     ap.add_argument('--all', action='store_true', help="packing and num_proc=2 on every workload and tokenizer")
