@@ -121,11 +121,12 @@ def same(a, b, tok):
     return 'whitespace'
 
 def balanced_orders(n:int, rounds:int) -> list[list[int]]:
-    """`rounds` orders of `n` contenders from a balanced Latin square (Williams design): over its rows every
-    contender runs first once and right after every other contender once. What runs just before moves a
-    measurement: 1,000 multi-turn rows took sft_nb 5% longer right after the floor with offsets (which frees
-    hundreds of MB of encodings) than after the ids-only floor, and the ids-only floor 7% longer (165.8 ms
-    against 154.6) in that place. With best-of over the rounds, no contender keeps one neighbour."""
+    """`rounds` orders of `n` contenders from a balanced Latin square (Williams design): over its rows each
+    contender runs first as often as any other, and right after each other contender equally often (for odd `n`
+    the square and its mirror, 2n rows). What runs just before moves a measurement: on 1,000 multi-turn rows
+    sft_nb took 2-3% longer right after the floor with offsets (which frees hundreds of MB of encodings) than
+    after the ids-only floor, and the ids-only floor 7% longer (165.8 ms against 154.6) in that place. With
+    best-of over the rounds, no contender keeps one neighbour."""
     first = [0]
     for k in range(1, n):  # 0, 1, n-1, 2, n-2, ...
         first.append((k + 1) // 2 if k % 2 else n - k // 2)
