@@ -40,6 +40,9 @@ def run(rank, kind, port):
         g = model.lm_head.weight.grad
         grad_ok = bool(torch.allclose(g.full_tensor(), ref.lm_head.weight.grad, atol=1e-6))
     if rank == 0: print(json.dumps({'blocker': blocker, 'loss': loss.item(), 'ref': ref_loss.item(), 'grad_ok': grad_ok}), flush=True)
+    # both ranks done with every collective before the group goes: one CI run saw rank 1 abort in teardown
+    # ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 if __name__ == '__main__': mp.spawn(run, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
