@@ -22,7 +22,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from .config import PACKING_STRATEGIES, check_choice
 
 # %% auto #0
-__all__ = ['bfd_assign', 'bfd_rows', 'fragments', 'pack_table', 'pack_dataset', 'position_ids_from_lengths', 'example_labels',
+__all__ = ['bfd_assign', 'bfd_rows', 'position_ids_from_lengths', 'fragments', 'pack_table', 'pack_dataset', 'example_labels',
            'DataCollatorForLanguageModeling']
 
 # %% ../nbs/05_packing.ipynb #056eb90c
@@ -106,6 +106,12 @@ def bfd_rows(lengths, seq_length:int) -> list[list[int]]:
     perm = np.argsort(row, kind='stable')
     return np.split(order[perm], np.cumsum(np.bincount(row))[:-1]) if len(order) else []
 
+# %% ../nbs/05_packing.ipynb #67b70bf9
+def position_ids_from_lengths(lengths:np.ndarray) -> np.ndarray:
+    "Position of every token within its document, for documents of `lengths` laid end to end"
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
 # %% ../nbs/05_packing.ipynb #f74f1895
 def fragments(lengths:np.ndarray, # length of each document (> 0)
               seq_length:int, split:bool=False, # split long documents instead of truncating them
@@ -116,7 +122,7 @@ def fragments(lengths:np.ndarray, # length of each document (> 0)
         return np.arange(len(lengths)), np.zeros_like(lengths), np.minimum(lengths, seq_length)
     n = -(-lengths // seq_length)                            # fragments per document
     doc = np.repeat(np.arange(len(lengths)), n)
-    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # fragment index within its document
+    k = position_ids_from_lengths(n)  # fragment index within its document
     return doc, k*seq_length, np.minimum(seq_length, lengths[doc] - k*seq_length)
 
 # %% ../nbs/05_packing.ipynb #21bf8f51
@@ -162,7 +168,7 @@ def _copy_runs(out:np.ndarray, dest:np.ndarray, values:np.ndarray, src:np.ndarra
     if n.sum() >= _LONG_RUN * len(n):
         for d, s, k in zip(dest.tolist(), src.tolist(), n.tolist()): out[d:d+k] = values[s:s+k]
         return
-    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # each token's index in its run
+    within = position_ids_from_lengths(n)  # each token's index in its run
     out[np.repeat(dest, n) + within] = values[np.repeat(src, n) + within]
 
 # %% ../nbs/05_packing.ipynb #70191eab
@@ -287,12 +293,6 @@ def pack_dataset(dataset, # a `Dataset`, `IterableDataset` or a dict of them, of
     table, stats = pack_table(dataset.with_format('arrow')[:], seq_length, strategy)
     out = _packed_dataset(dataset, table, seq_length, strategy)
     return (out, stats) if return_stats else out
-
-# %% ../nbs/05_packing.ipynb #67b70bf9
-def position_ids_from_lengths(lengths:np.ndarray) -> np.ndarray:
-    "Position of every token within its document, for documents of `lengths` laid end to end"
-    lengths = np.asarray(lengths, dtype=np.int64)
-    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 # %% ../nbs/05_packing.ipynb #c6cd53ec
 def example_labels(ex:dict, # a row: `input_ids`, maybe `labels`, `completion_mask`, `assistant_masks`
