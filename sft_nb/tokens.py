@@ -16,13 +16,13 @@ from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
 from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 from .offsets import FlatIds, byte_offsets, flat_ids, flatten, joined
+from .labels import assemble, common_prefix_length, mask_spans, span_mask, weighted_token_spans
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'MAX_BATCH_CHARS', 'fast_backend', 'token_spans', 'span_mask', 'weighted_token_spans',
-           'common_prefix_length', 'mask_spans', 'ranges_mask', 'range_weights', 'assemble', 'template_error',
-           'check_calls_rendered', 'Tokenize', 'char_batches', 'check_markers']
+__all__ = ['logger', 'MAX_BATCH_CHARS', 'fast_backend', 'template_error', 'check_calls_rendered', 'Tokenize', 'char_batches',
+           'check_markers']
 
 # %% ../nbs/04c_tokens.ipynb #23f168cf
 def fast_backend(tokenizer):
@@ -38,164 +38,6 @@ def fast_backend(tokenizer):
         backend.no_truncation()
         backend.no_padding()
     return backend
-
-# %% ../nbs/04c_tokens.ipynb #74429d79
-def _first_token_where(enc, holds:Callable) -> int:
-    "The first token whose `(start, end)` characters `holds` (`len(enc)`: none); `holds` true from there on"
-    lo, hi = 0, len(enc)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if holds(enc.token_to_chars(mid)): hi = mid
-        else: lo = mid + 1
-    return lo
-
-def _span_tokens(enc, s:int, e:int) -> tuple[int,int]|None:
-    "The tokens [a, b) overlapping characters [s, e) of the encoded text; None: no token does"
-    if e <= s or not len(enc): return None
-    # on no token: past the text, or a space trimmed from the offsets (then the token after it overlaps)
-    a = enc.char_to_token(s)
-    if a is None: a = _first_token_where(enc, lambda c: c[1] > s)  # the first ending after `s`
-    b = enc.char_to_token(e - 1)
-    if b is None: b = _first_token_where(enc, lambda c: c[0] >= e) - 1  # the last starting before `e`
-    # the last token starting before `e`: a character split over tokens is in all of them
-    while b + 1 < len(enc) and enc.token_to_chars(b + 1)[0] < e: b += 1
-    return (a, b + 1) if a <= b else None
-
-def token_spans(enc, # a `tokenizers.Encoding`
-                spans:list[tuple[int,int]], # character spans [start, end)
-               ) -> list[tuple[int,int]]:
-    "Token ranges [a, b) of the tokens overlapping each character span, as `apply_chat_template`'s assistant mask"
-    return [r for s, e in spans if (r := _span_tokens(enc, s, e)) is not None]
-
-
-# %% ../nbs/04c_tokens.ipynb #10c43a29
-def span_mask(enc, spans:list[tuple[int,int]]) -> list[int]:
-    "1 for each token touching one of the character `spans`, 0 elsewhere"
-    mask = [0] * len(enc)
-    for a, b in token_spans(enc, spans): mask[a:b] = [1] * (b - a)
-    return mask
-
-# %% ../nbs/04c_tokens.ipynb #7e2881b6
-def weighted_token_spans(enc, # a `tokenizers.Encoding`
-                         spans:list[tuple[int,int]], # character spans [start, end)
-                         weights:list[float]|None=None, # one per span; None: plain ranges
-                        ) -> list[tuple]:
-    "`token_spans`, each range `(a, b, weight)` when `weights` are given"
-    if weights is None: return token_spans(enc, spans)
-    return [(*r, w) for (s, e), w in zip(spans, weights) if (r := _span_tokens(enc, s, e)) is not None]
-
-
-# %% ../nbs/04c_tokens.ipynb #21493557
-def common_prefix_length(a:list, b:list) -> int:
-    "Number of leading items `a` and `b` share"
-    n = 0
-    for x, y in zip(a, b):
-        if x != y: break
-        n += 1
-    return n
-
-# %% ../nbs/04c_tokens.ipynb #1fcdb5f1
-def mask_spans(mask:list) -> list[tuple[int,int]]:
-    "The ranges where a 0/1 `mask` is 1"
-    out, start = [], None
-    for k, m in enumerate(list(mask) + [0]):
-        if m and start is None: start = k
-        elif not m and start is not None:
-            out.append((start, k))
-            start = None
-    return out
-
-# %% ../nbs/04c_tokens.ipynb #ded9e10b
-def ranges_mask(n:int, # length of the flat array
-                starts, # the ranges' starts, in flat positions
-                ends, # the ranges' ends (exclusive), in flat positions
-               ):
-    "Boolean array of length `n`, True inside any of the ranges"
-    import numpy as np
-    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
-    edges = np.empty(2 * len(starts) + 2, np.int64)
-    edges[0], edges[1:-1:2], edges[2:-1:2], edges[-1] = 0, starts, ends, n
-    steps = np.diff(edges)
-    if (steps >= 0).all():
-        # ranges in order, apart: runs of False and True (a running sum over every token costs 5 ns each)
-        runs = np.zeros(len(steps), bool)
-        runs[1::2] = True
-        return np.repeat(runs, steps)
-    delta = np.zeros(n + 1, np.int32)
-    np.add.at(delta, starts, 1)
-    np.add.at(delta, ends, -1)
-    return np.cumsum(delta[:-1]) > 0
-
-# %% ../nbs/04c_tokens.ipynb #a053f5db
-def range_weights(n:int, # length of the flat array
-                  off, # row offsets into it
-                  masks:list[list], # per row, masks as `assemble` takes them
-                 ):
-    "float32 array of length `n`: 1, and `w` inside each mask range `(a, b, w)` of its row"
-    import numpy as np
-    out = np.ones(n, np.float32)
-    for o, m in zip(off[:-1].tolist(), masks):
-        for level in m:
-            for r in level:
-                if len(r) == 3: out[o + r[0]:o + r[1]] = r[2]
-    return out
-
-# %% ../nbs/04c_tokens.ipynb #7f4c5699
-def assemble(ids, # token ids of each row: lists, or a `FlatIds`
-             # per row, masks (lists of token ranges [a, b)); a token is trained where all allow it
-             masks:list[list],
-             max_length:int|None=None, # truncate rows to this many tokens
-             truncation_mode:str='keep_start', # or 'keep_end'
-             drop_untrained:bool=True, # drop rows left without a trained token
-             given:list|None=None, # per row, labels to use as they are, or None
-             weighted:bool=False, # also each token's loss weight: a range `(a, b, w)` gives w, else 1
-            ) -> tuple:
-    "Flat `input_ids`, `labels` (-100: no loss), row offsets (and weights) of a batch, masked and truncated"
-    import numpy as np
-    f = flatten(ids)
-    lens, off, flat, n = f.sizes, f.off, f.flat, int(f.off[-1])
-    trained = np.ones(n, bool)
-    for level in range(max(map(len, masks), default=0)):
-        starts, ends = [], []
-        for o, e, m in zip(off[:-1].tolist(), off[1:].tolist(), masks):
-            if len(m) <= level:
-                starts.append(o)
-                ends.append(e)
-            else:
-                starts += [o + r[0] for r in m[level]]
-                ends += [o + r[1] for r in m[level]]
-        trained &= ranges_mask(n, starts, ends)
-    labels = np.where(trained, flat, -100)
-    for r, g in enumerate(given or []):
-        if g is not None: labels[off[r]:off[r+1]] = g
-    keep = lens if max_length is None else np.minimum(lens, max_length)
-    cols = [flat, labels] + ([range_weights(n, off, masks)] if weighted else [])
-    if (keep < lens).any():  # a copy of every column only where some row is cut
-        lo = off[:-1] if truncation_mode == 'keep_start' else off[1:] - keep
-        sel = ranges_mask(n, lo, lo + keep)
-        cols = [c[sel] for c in cols]
-    if drop_untrained:
-        # a row lives where any of its kept tokens trains
-        alive, some = np.zeros(len(keep), bool), keep > 0
-        if some.any(): alive[some] = np.logical_or.reduceat(cols[1] != -100, (np.cumsum(keep) - keep)[some])
-        if not alive.all():
-            kept = np.repeat(alive, keep)
-            cols, keep = [c[kept] for c in cols], keep[alive]
-    out_off = np.zeros(len(keep) + 1, np.int64)
-    np.cumsum(keep, out=out_off[1:])
-    return cols[0], cols[1], out_off, *cols[2:]
-
-# %% ../nbs/04c_tokens.ipynb #3e776493
-def _arrow(flat, labels, off, weights=None):
-    import numpy as np, pyarrow as pa
-    o = pa.array(off.astype(np.int32))
-    cols = {'input_ids': flat, 'labels': labels, 'loss_weights': weights}
-    return pa.table({k: pa.ListArray.from_arrays(o, v) for k, v in cols.items() if v is not None})
-
-def _lists(flat, labels, off, weights=None):
-    cut = lambda x: [x[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
-    cols = {'input_ids': flat, 'labels': labels, 'loss_weights': weights}
-    return {k: cut(v) for k, v in cols.items() if v is not None}
 
 # %% ../nbs/04c_tokens.ipynb #052678c9
 def _template_line(e:BaseException) -> int|None:
@@ -504,6 +346,18 @@ def _gc_paused():
     try: yield
     finally:
         if was_on: gc.enable()
+
+# %% ../nbs/04c_tokens.ipynb #3e776493
+def _arrow(flat, labels, off, weights=None):
+    import numpy as np, pyarrow as pa
+    o = pa.array(off.astype(np.int32))
+    cols = {'input_ids': flat, 'labels': labels, 'loss_weights': weights}
+    return pa.table({k: pa.ListArray.from_arrays(o, v) for k, v in cols.items() if v is not None})
+
+def _lists(flat, labels, off, weights=None):
+    cut = lambda x: [x[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
+    cols = {'input_ids': flat, 'labels': labels, 'loss_weights': weights}
+    return {k: cut(v) for k, v in cols.items() if v is not None}
 
 # %% ../nbs/04c_tokens.ipynb #716d577d
 @patch

@@ -6,7 +6,7 @@ Docs: https://sft-nb.github.io/sft_nb/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #9bc212a8
 from __future__ import annotations
-import contextlib, dataclasses, logging, signal, sys, tempfile, threading, time
+import contextlib, dataclasses, logging, sys, time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -32,14 +32,14 @@ from .loss_trainer import TokenCounter, find_token_counter, metrics_to_log, outp
 from .loss_trainer import predict_loss, setup_sft_loss, trainer_loss
 from .optim import clip_grad_norm, optimizer_cls_and_kwargs
 from .checkpoints import CrashSafeSaveMixin
-from .output_dir import check_writable
+from .signals import GracefulExit, exit_if_signalled, handling_signals
+from .checks import check_before_training, check_renamed
 
 # %% auto #0
-__all__ = ['logger', 'check_renamed', 'check_packing_collator', 'check_before_training', 'GracefulExit', 'handling_signals',
-           'exit_if_signalled', 'needs_chat_template', 'report_packing', 'prepare_for_training',
-           'check_data_before_loading', 'check_virtual_tokens', 'load_for_training', 'prepare_train_eval',
-           'default_collator', 'set_trl_attributes', 'finish_trl_attributes', 'check_masks_have_labels', 'gate_packing',
-           'warn_engine_downgrade', 'SFTTrainer', 'pop_trl_metrics', 'tokens_per_second', 'training_heap']
+__all__ = ['logger', 'needs_chat_template', 'report_packing', 'prepare_for_training', 'check_data_before_loading',
+           'check_virtual_tokens', 'load_for_training', 'prepare_train_eval', 'default_collator', 'set_trl_attributes',
+           'finish_trl_attributes', 'check_masks_have_labels', 'gate_packing', 'warn_engine_downgrade', 'SFTTrainer',
+           'pop_trl_metrics', 'tokens_per_second', 'training_heap']
 
 # %% ../nbs/08_trainer.ipynb #799befcb
 from .answers import answers_from_config, checked_merges
@@ -58,104 +58,6 @@ def _resolve_args(args, model) -> SFTConfig:
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return SFTConfig(**fields)
     raise TypeError(f"`args` must be an SFTConfig or TrainingArguments, got {type(args).__name__}.")
-
-# %% ../nbs/08_trainer.ipynb #ffbe3f04
-# Trainer arguments of older TRL versions: where each one lives now
-_MOVED = {'tokenizer': "was renamed `processing_class`",
-          'max_seq_length': "moved to `SFTConfig` as `max_length`"}
-_TO_CONFIG = ('dataset_text_field', 'packing', 'dataset_kwargs', 'dataset_num_proc',
-              'dataset_batch_size', 'model_init_kwargs', 'neftune_noise_alpha', 'eval_packing',
-              'num_of_sequences', 'chars_per_token', 'infinite')
-
-def check_renamed(kwargs:dict) -> None:
-    "Refuse arguments `SFTTrainer` does not take, naming where those TRL renamed or moved now are"
-    for k in kwargs:
-        moved = f"moved to `SFTConfig(..., {k}=...)`" if k in _TO_CONFIG else None
-        where = _MOVED.get(k) or moved
-        if where: raise TypeError(f"SFTTrainer(..., {k}=...): `{k}` {where} in TRL, and sft_nb follows TRL.")
-        raise TypeError(f"SFTTrainer got an unexpected keyword argument `{k}`.")
-
-# %% ../nbs/08_trainer.ipynb #0c632be7
-def check_packing_collator(args:SFTConfig, data_collator) -> None:
-    "Refuse a `DataCollatorForLanguageModeling` (sft_nb's or TRL's) that pads packed rows with a ones mask"
-    if not args.packing or args.packing_strategy == 'wrapped' or data_collator is None: return
-    trl = sys.modules.get('trl.trainer.sft_trainer')
-    ours = isinstance(data_collator, DataCollatorForLanguageModeling)
-    ours = ours and not data_collator.block_diagonal
-    theirs = trl is not None and isinstance(data_collator, trl.DataCollatorForLanguageModeling)
-    if (ours or theirs) and not data_collator.padding_free:
-        raise ValueError(f"`packing=True`, but this {type(data_collator).__name__} pads packed rows with an "
-                         "all-ones `attention_mask`, so packed documents would attend to each other. Drop "
-                         "`data_collator` (sft_nb builds one), or build it with `block_diagonal=True` "
-                         "(sft_nb's) or `padding_free=True`.")
-
-# %% ../nbs/08_trainer.ipynb #b557d41d
-def _dataset_is_empty(ds) -> bool:
-    if isinstance(ds, IterableDataset): return next(iter(ds.take(1)), None) is None
-    return len(ds) == 0
-
-# %% ../nbs/08_trainer.ipynb #d65d0ec9
-def check_before_training(args:SFTConfig, train_dataset, eval_dataset, data_collator=None):
-    "Fail in seconds, with what to do, on problems that would otherwise surface hours into a run"
-    if train_dataset is None:
-        raise ValueError("`train_dataset` is required: pass the `Dataset` (or `IterableDataset`) "
-                         "to train on.")
-    if not isinstance(train_dataset, (Dataset, IterableDataset)):
-        hint = " Pick one split, e.g. `dataset['train']`." if isinstance(train_dataset, dict) else ""
-        raise TypeError("`train_dataset` must be a `Dataset` or `IterableDataset`, "
-                        f"got `{type(train_dataset).__name__}`.{hint}")
-    if _dataset_is_empty(train_dataset):
-        raise ValueError("`train_dataset` is empty: there is nothing to train on. Check the split name "
-                         "and any filtering.")
-    if args.eval_strategy != 'no' and eval_dataset is None:
-        raise ValueError(f"`eval_strategy='{args.eval_strategy.value}'` but no `eval_dataset` was given: "
-                         "pass one, or set eval_strategy='no'.")
-    if args.load_best_model_at_end and eval_dataset is None:
-        raise ValueError("`load_best_model_at_end=True` needs an `eval_dataset` to pick the best "
-                         "checkpoint.")
-    if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
-        raise ValueError("A streaming (iterable) `train_dataset` has no length: set `max_steps` so "
-                         "training knows when to stop.")
-    args.check_collator(data_collator)
-    check_packing_collator(args, data_collator)
-    if args.should_save: check_writable(args.output_dir)
-
-# %% ../nbs/08_trainer.ipynb #9cb862a5
-class GracefulExit(TrainerCallback):
-    "On SIGTERM / SIGINT: finish the step, save a checkpoint if `save_strategy` allows, stop training"
-    def __init__(self): self.signum = None
-
-    def handle(self, signum, frame):
-        if self.signum is not None: raise KeyboardInterrupt  # a second signal: stop at once
-        self.signum = signum
-        name = signal.Signals(signum).name
-        logger.warning(f"Received {name}: finishing this step, then saving and stopping.")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is None: return
-        control.should_save = args.save_strategy != 'no'
-        control.should_training_stop = True
-
-# %% ../nbs/08_trainer.ipynb #e2d05631
-@contextlib.contextmanager
-def handling_signals(graceful:GracefulExit):
-    "SIGTERM and SIGINT go to `graceful` within the block; the previous handlers come back after it"
-    # Python accepts signal handlers only in the main thread (not in a notebook runner's worker thread)
-    main = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGTERM, signal.SIGINT) if main else ()
-    old = {s: signal.signal(s, graceful.handle) for s in signals}
-    try: yield
-    finally:
-        for s, handler in old.items(): signal.signal(s, handler)
-
-# %% ../nbs/08_trainer.ipynb #495d6a32
-def exit_if_signalled(graceful:GracefulExit, step:int, args:TrainingArguments) -> None:
-    "After a signal stopped training: say where, and exit with 128 + the signal's number, as a shell does"
-    if graceful.signum is None: return
-    resume = f"; checkpoint saved in {args.output_dir}: resume with train(resume_from_checkpoint=True)."
-    if args.save_strategy == 'no': resume = "."
-    logger.warning(f"Stopped by {signal.Signals(graceful.signum).name} at step {step}{resume}")
-    raise SystemExit(128 + graceful.signum)
 
 # %% ../nbs/08_trainer.ipynb #f2a23202
 def _columns(ds):
