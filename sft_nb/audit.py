@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from .chat import chosen_turns, reasoning_fields, strip_turn_keys
 from .formats import detect_format, to_chatml
+from .nulls import unpadded_calls
+from .tokens import _template_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +162,9 @@ def _conversations(dataset, sample:int) -> tuple[list[dict], str]:
     return rows, fmt
 
 def _messages(r:dict, fmt:str) -> list:
-    if fmt == 'conversational_prompt_completion': return r['prompt'] + r['completion']
-    return to_chatml(r['messages'] if 'messages' in r else r['conversations'])
+    "The conversation as inference sees it: without Arrow's nulls in its tool calls, as it is trained"
+    if fmt == 'conversational_prompt_completion': return unpadded_calls(r['prompt'] + r['completion'])
+    return unpadded_calls(to_chatml(r['messages'] if 'messages' in r else r['conversations']))
 
 # %% ../nbs/04f_audit.ipynb #c29c8c11
 def audit_dataset(dataset, # raw rows: a `Dataset`, `IterableDataset` or list of conversational rows
@@ -185,15 +188,10 @@ def audit_dataset(dataset, # raw rows: a `Dataset`, `IterableDataset` or list of
     for i, r in enumerate(rows):
         out = t({k: [v] for k, v in r.items()}, [i])
         prepared = list(zip(out['input_ids'], out['labels']))
-        n, found = _audit_conversation(tokenizer, prepared, _messages(r, fmt), i, *_inputs(r), last)
+        n, found = _audit_conversation(tokenizer, prepared, _messages(r, fmt), i, *_template_inputs(r), last)
         report.turns += n
         report.mismatches += found
     return report
-
-def _inputs(r:dict) -> tuple:
-    import json
-    tools = r.get('tools')
-    return (json.loads(tools) if isinstance(tools, str) else tools), r.get('chat_template_kwargs') or {}
 
 # %% ../nbs/04f_audit.ipynb #bb2f5779
 def _hint(kind:str, args) -> str:

@@ -14,6 +14,7 @@ from .chat import DataFormatError, TURN_KEYS, data_error, diff_spans, strip_turn
 from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
+from .nulls import unpadded_calls, unpadded_tools
 from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 from .offsets import FlatIds, byte_offsets, flat_ids, flatten, joined
 from .labels import assemble, common_prefix_length, mask_spans, span_mask, weighted_token_spans
@@ -75,9 +76,10 @@ def check_calls_rendered(text:str, # the rendered conversation
 
 # %% ../nbs/04c_tokens.ipynb #c47ae543
 def _template_inputs(r:dict) -> tuple:
-    "A row's tools (a list, or a JSON string as TRL accepts) and its template kwargs"
+    "A row's tools (a list without Arrow's nulls, or a JSON string as TRL accepts) and its template kwargs"
     tools = r.get('tools')
-    if isinstance(tools, str): tools = json.loads(tools)
+    if isinstance(tools, str): tools = json.loads(tools)  # verbatim: its nulls were written
+    elif tools.__class__ is list: tools = unpadded_tools(tools)
     return tools, r.get('chat_template_kwargs') or {}
 
 # %% ../nbs/04c_tokens.ipynb #d36fb327
@@ -370,6 +372,10 @@ def _batch(self:Tokenize, batch:dict, idx:list[int]):
             check_row(r, i, self.fmt, self.text_field, self.assistant_only_loss)
     if 'conversations' in batch:
         for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
+    if self.render is not None and self.may_have('tool_calls'):
+        fields = ('messages',) if self.fmt == 'conversational' else ('prompt', 'completion')
+        for r in rows:
+            for f in fields: r[f] = unpadded_calls(r[f])
     ids, masks = getattr(self, self.fmt)(rows, idx)
     given = [r.get('labels') for r in rows] if self.fmt == 'tokenized' else None
     out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given,
@@ -386,7 +392,7 @@ def check_markers(t:Tokenize, # a conversational `Tokenize` with assistant_only_
                  ) -> None:
     "Raise if the template's `{% generation %}` spans and the prefix diff train different tokens"
     for i, r in enumerate(rows):
-        msgs = r['messages'] if t.fmt == 'conversational' else r['prompt'] + r['completion']
+        msgs = unpadded_calls(r['messages'] if t.fmt == 'conversational' else r['prompt'] + r['completion'])
         tools, kw = _template_inputs(r)
         text, marked = t.render(msgs, tools, kw, markers=True)
         try: _, diffed = diff_spans(t.render, msgs, i, tools, kw)

@@ -36,6 +36,14 @@ def same(a, b):
     assert a['input_ids'][:] == b['input_ids'][:]
     assert a['labels'][:] == b['labels'][:]
 
+def same_but_blanks(a, b, tok):
+    "`same`, but for labels TRL's training templates add: tokens that decode to whitespace, trained by `b` only"
+    assert a['input_ids'][:] == b['input_ids'][:]
+    for x, ya, yb in zip(a['input_ids'][:], a['labels'][:], b['labels'][:]):
+        assert any(l != -100 for l in ya)
+        for t, la, lb in zip(x, ya, yb):
+            if la != lb: assert la == -100 and tok.decode([t]).strip() == '', tok.decode([t])
+
 @pytest.mark.parametrize('kind', ['conversational', 'prompt_completion', 'conversational_prompt_completion', 'text'])
 @pytest.mark.parametrize('kw', [{}, {'max_length': 20}, {'max_length': 20, 'truncation_mode': 'keep_end'},
                                 {'completion_only_loss': False}])
@@ -124,13 +132,9 @@ def test_stock_template_matches_trl_training_template(name):
     ds = chats()
     a = ours(ds, tok, assistant_only_loss=True, max_length=None)
     b = trl_prepare(ds, tok, assistant_only_loss=True, max_length=None)
-    assert a['input_ids'][:] == b['input_ids'][:]
-    for x, ya, yb in zip(a['input_ids'][:], a['labels'][:], b['labels'][:]):
-        assert any(l != -100 for l in ya)
-        # TRL's qwen2_5_training.jinja also trains the newline after the assistant header and after <|im_end|>, which the
-        # model never generates; everything else, the end-of-turn token included, is trained by both
-        for t, la, lb in zip(x, ya, yb):
-            if la != lb: assert la == -100 and tok.decode([t]).strip() == '', (name, tok.decode([t]))
+    # TRL's qwen2_5_training.jinja also trains the newline after the assistant header and after <|im_end|>, which the
+    # model never generates; everything else, the end-of-turn token included, is trained by both
+    same_but_blanks(a, b, tok)
 
 def test_qwen3_nesting_error_and_training_template():
     qwen3 = (TEMPLATES/'qwen3.jinja').read_text()
@@ -307,3 +311,44 @@ def test_tokenize_fingerprint_is_the_same_in_every_process():
     out = [subprocess.run([sys.executable, '-c', code], env=env(s), capture_output=True, text=True) for s in (1, 2)]
     assert all(r.returncode == 0 for r in out), out[0].stderr[-2000:]
     assert out[0].stdout.split()[-1] == out[1].stdout.split()[-1]
+
+TOOLS = {'get_weather': {'city': 'string', 'unit': 'string'}, 'search': {'query': 'string', 'top_k': 'integer'},
+         'read_file': {'path': 'string', 'start_line': 'integer', 'end_line': 'integer'}}
+
+def tool_conversations(n=24, seed=0):
+    "Rows offering some of three tools whose arguments differ, each calling one or two of them"
+    import random
+    rng, rows = random.Random(seed), []
+    def schema(name):
+        props = {k: {'type': t} for k, t in TOOLS[name].items()}
+        return {'type': 'function', 'function': {'name': name, 'description': f"{name} tool",
+                                                 'parameters': {'type': 'object', 'properties': props}}}
+    def arguments(name):
+        # the first parameters, as calls leave out optional ones: a key order Arrow's structs keep (`sft_nb.nulls`)
+        params = list(TOOLS[name].items())[:rng.randint(1, len(TOOLS[name]))]
+        return {k: rng.randint(1, 99) if t == 'integer' else rng.choice(['a b', 'x']) for k, t in params}
+    for _ in range(n):
+        offered = rng.sample(sorted(TOOLS), rng.randint(1, 3))
+        calls = [rng.choice(offered) for _ in range(rng.randint(1, 2))]
+        msgs = [{'role': 'user', 'content': rng.choice(['do it', 'look it up'])},
+                {'role': 'assistant', 'content': '', 'tool_calls': [
+                    {'type': 'function', 'function': {'name': c, 'arguments': arguments(c)}} for c in calls]}]
+        msgs += [{'role': 'tool', 'content': 'done'} for _ in calls] + [{'role': 'assistant', 'content': 'Done.'}]
+        rows.append({'messages': msgs, 'tools': [schema(t) for t in offered]})
+    return rows
+
+@pytest.mark.parametrize('name', ['qwen2_5', 'qwen3', 'qwen3_instruct_2507', 'glm4moe', 'gptoss'])
+def test_tool_calls_train_as_written(name):
+    """Tool calls stored as Arrow structs (every other tool's arguments and parameters filled in as None) train as
+    the rows were written: what TRL trains on the same rows kept verbatim in `datasets.Json` columns. TRL on the
+    structs trains on the nulls"""
+    from datasets import Features, Json
+    rows = tool_conversations()
+    stored, verbatim = Dataset.from_list(rows), Dataset.from_list(rows, features=Features({k: Json() for k in rows[0]}))
+    tok = template_tokenizer(chat_template_file(name), *STOCK[name]) if name in STOCK else stock_tokenizer(name)
+    ours_stored = ours(stored, tok, assistant_only_loss=True, max_length=None)
+    same_but_blanks(ours_stored, trl_prepare(verbatim, tok, assistant_only_loss=True, max_length=None), tok)
+    same(ours_stored, ours(verbatim, tok, assistant_only_loss=True, max_length=None))
+    padded = trl_prepare(stored, tok, assistant_only_loss=True, max_length=None)
+    assert padded['input_ids'][:] != ours_stored['input_ids'][:]
+    assert all('null' not in tok.decode(ids) for ids in ours_stored['input_ids'][:])
