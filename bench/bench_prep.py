@@ -21,10 +21,11 @@ Each workload and tokenizer runs in a fresh process, as a user's run starts: in 
 later workloads ran up to 25% slower for sft_nb than alone (reasoning at 8,000 rows: 1.50x the floor after the
 others, 1.20x alone), much less for the floor, from what the earlier workloads left behind in the process.
 
-Checks that input_ids and labels agree with TRL row for row (truncation mode), measures `dataset_num_proc` 1 against 2
-on 8,000 rows (`--n-procs`: sft_nb forks only for 2 MiB of rows a process, as a fork costs more than it saves on
-fewer; TRL's `datasets.map` starts its workers however few the rows), and the peak memory of a child process
-preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
+Checks that input_ids and labels agree with TRL row for row (truncation mode; for tool calls, TRL on the rows as
+written, in a `datasets.Json` column, as it trains on Arrow's null-filled arguments otherwise), measures
+`dataset_num_proc` 1 against 2 on 8,000 rows (`--n-procs`: sft_nb forks only for 2 MiB of rows a process, as a fork
+costs more than it saves on fewer; TRL's `datasets.map` starts its workers however few the rows), and the peak
+memory of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
 anonymous memory (RssAnon, what preparing needs) is the measure, as RSS also counts the mapped Arrow files' pages,
 which belong to the page cache. `--rss-only` runs just that (`--rss 20000,100000,1000000` for the issue's 1M run).
 Writes bench/results/prep.json.
@@ -78,9 +79,10 @@ def trl(ds, tok, workload, num_proc, packing):
     return out
 
 def rendered(rows, tok, workload):
-    """The texts sft_nb tokenizes (what the floor encodes): `rows` as the dataset gives them (Arrow fills each
-    tool call's `arguments` with every tool's keys, as None), rendered with the template sft_nb (and TRL)
-    renders with (TRL's training template where TRL swaps it in)"""
+    """The texts sft_nb tokenizes (what the floor encodes): `rows` as written, rendered with the template sft_nb
+    (and TRL) renders with (TRL's training template where TRL swaps it in). The dataset stores tool calls as Arrow
+    structs, which give each call's `arguments` every other tool's keys as None; sft_nb takes them out before
+    rendering (`sft_nb.nulls`), so the text it tokenizes is the text of the rows as written"""
     from sft_nb.chat import training_template
     from sft_nb.stencil import StencilRenderer
     if workload == 'plain_text': return [r['text'] + tok.eos_token for r in rows]
@@ -120,6 +122,17 @@ def same(a, b, tok):
             if x != -100 or not blank[t]: return 'different'
     return 'whitespace'
 
+def as_written(rows):
+    "`rows` in a dataset that keeps each value verbatim (`datasets.Json`), with none of Arrow's padding"
+    from datasets import Features, Json
+    return Dataset.from_list(rows, features=Features({k: Json() for k in rows[0]}))
+
+def reference(trl_out, rows, tok, workload):
+    """What sft_nb's rows must equal: TRL's. For tool calls, TRL's on the rows as written (`as_written`): from the
+    Arrow structs both sides are timed on, TRL trains on every other tool's arguments as `null` (`sft_nb.nulls`)"""
+    if workload != 'tool_calling': return trl_out
+    return trl(as_written(rows), tok, workload, 1, False)
+
 def balanced_orders(n:int, rounds:int) -> list[list[int]]:
     """`rounds` orders of `n` contenders from a balanced Latin square (Williams design): over its rows each
     contender runs first as often as any other, and right after each other contender equally often (for odd `n`
@@ -138,7 +151,7 @@ def run_case(workload, vocab, n, repeat, configs):
     "Each (mode, num_proc) of `configs` on the same rows: best of `repeat` interleaved rounds (`balanced_orders`)"
     rows, tok = W.workload(workload, n, vocab)
     ds = Dataset.from_list(rows)
-    texts = rendered(ds.to_list(), tok, workload)  # the rows as `map` hands them to both sides
+    texts = rendered(rows, tok, workload)
     calls = floors(tok.backend_tokenizer, workload)
     warm = ds.select(range(min(50, n)))
     for packing in sorted({mode == 'packed' for mode, _ in configs}):
@@ -159,7 +172,7 @@ def run_case(workload, vocab, n, repeat, configs):
                 got, t = runs[k]()
                 best[k] = min(best[k], t)
                 if got is not None: res[k] = got
-        agree = same(res['sft_nb'], res['trl'], tok) if not packing else None
+        agree = same(res['sft_nb'], reference(res['trl'], rows, tok, workload), tok) if not packing else None
         n_tok = sum(map(len, res['sft_nb']['input_ids'][:]))
         out.append(dict(workload=workload, vocab=vocab, mode=mode, num_proc=num_proc, rows=n,
                         out_rows=len(res['sft_nb']), tokens=n_tok, agree=agree, **best))
