@@ -174,7 +174,7 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
                   pattern:re.Pattern, # from `piece_pattern(backend)`
                   texts:list[str], # the texts, encoded without adding special tokens
                   min_saving:float=0.25, # encode whole texts where new pieces save less of the characters
-                  cache:dict|None=None, # `{piece: (Encoding, ids)}` of earlier calls, updated
+                  cache:dict|None=None, # `{piece: (Encoding or None, ids)}` of earlier calls, updated
                   max_cached:int=1 << 20, # characters of the pieces kept in `cache`
                   sample:int=16, # texts scanned first: if their pieces are mostly new, the rest aren't scanned
                   offsets:bool=True, # False: the ids alone (whole texts by `encode_batch_fast`)
@@ -190,12 +190,15 @@ def encode_pieces(backend, # a `tokenizers.Tokenizer`
         # a piece: an added token and the text up to the next one
         cut = [parts[0], *map(str.__add__, parts[1::2], parts[2::2])]
         rows.append(([index.setdefault(p, len(index)) for p in cut], cut))
+    fast = not offsets and hasattr(backend, 'encode_batch_fast')  # tokenizers >= 0.21
+    encode = backend.encode_batch_fast if fast else backend.encode_batch
     if len(rows) < len(texts) or _mostly_new(index, cache, texts, min_saving):
-        fast = not offsets and hasattr(backend, 'encode_batch_fast')  # tokenizers >= 0.21
-        return (backend.encode_batch_fast if fast else backend.encode_batch)(texts, add_special_tokens=False)
-    new = [p for p in index if p not in cache]
+        return encode(texts, add_special_tokens=False)
+    # pieces cached without offsets (None) are encoded again where offsets are asked for
+    new = [p for p in index if p not in cache or (offsets and cache[p][0] is None)]
     _make_room(cache, index, sum(map(len, new)), max_cached)
-    cache.update((p, (e, e.ids)) for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False)))
+    # ids alone: no offsets worked out, no `Encoding` kept
+    cache.update((p, (None if fast else e, e.ids)) for p, e in zip(new, encode(new, add_special_tokens=False)))
     encs, ids = zip(*[cache[p] for p in index])
     sizes = [len(x) for x in ids]
     out = []
