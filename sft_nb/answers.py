@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from fastcore.basics import patch
 from transformers import TrainerCallback
-from .nulls import unpadded_calls
+from .nulls import unpadded_messages
 
 # %% auto #0
 __all__ = ['logger', 'MERGE_PROMPTS', 'ANSWER_METRICS', 'TextPrompt', 'render_prompt', 'dataset_prompts', 'generate_answers',
@@ -42,11 +42,11 @@ def _prompt_and_reference(row:dict):
         msgs = row['messages']
         last = max((i for i, m in enumerate(msgs) if m['role'] == 'assistant'), default=None)
         # the prompt as training rendered it: without Arrow's nulls in its tool calls
-        return (unpadded_calls(msgs[:last]), _content(msgs[last]['content'])) if last else (None, None)
+        return (unpadded_messages(msgs[:last]), _content(msgs[last]['content'])) if last else (None, None)
     if 'prompt' in row and 'completion' in row:
         prompt = row['prompt']
         if isinstance(prompt, str): return TextPrompt(prompt), _content(row['completion'])
-        return unpadded_calls(prompt), _content(row['completion'])
+        return unpadded_messages(prompt), _content(row['completion'])
     return None, None
 
 # %% ../nbs/07d_answers.ipynb #233a7640

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from .chat import chosen_turns, reasoning_fields, strip_turn_keys
 from .formats import detect_format, to_chatml
-from .nulls import unpadded_calls
+from .nulls import unpadded_messages
 from .tokens import _template_inputs
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,8 @@ def _conversations(dataset, sample:int) -> tuple[list[dict], str]:
 
 def _messages(r:dict, fmt:str) -> list:
     "The conversation as inference sees it: without Arrow's nulls in its tool calls, as it is trained"
-    if fmt == 'conversational_prompt_completion': return unpadded_calls(r['prompt'] + r['completion'])
-    return unpadded_calls(to_chatml(r['messages'] if 'messages' in r else r['conversations']))
+    if fmt == 'conversational_prompt_completion': return unpadded_messages(r['prompt'] + r['completion'])
+    return unpadded_messages(to_chatml(r['messages'] if 'messages' in r else r['conversations']))
 
 # %% ../nbs/04f_audit.ipynb #c29c8c11
 def audit_dataset(dataset, # raw rows: a `Dataset`, `IterableDataset` or list of conversational rows

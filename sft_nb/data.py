@@ -14,6 +14,7 @@ from .formats import (TEMPLATE_COLUMNS, check_dataset, check_row, detect_format,
                             format_columns, to_chatml)
 from .tokens import Tokenize, check_markers
 from .formats import carries_weights, message_keys
+from .nulls import may_be_padded
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +299,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     t = make_tokenize(fmt, tokenizer, args, formatting_func, packing, columns)
     t.weighted = args.assistant_only_loss and carries_weights(dataset)  # a `loss_weights` column
     t.message_keys = message_keys(dataset)
+    t.unpad = may_be_padded(dataset)  # Arrow's None keys in tool calls and content parts
     used = format_columns(fmt, columns, args.dataset_text_field) + list(TEMPLATE_COLUMNS)
     unused = [c for c in columns if c not in used]
     if unused and (formatting_func is None or fmt == 'tokenized'):

@@ -1,4 +1,4 @@
-"""Tool calls and tool schemas as they were written: the keys `datasets` fills with `None`, taken out before rendering.
+"""Tool calls, tool schemas and content parts as they were written: Arrow's `None` keys taken out before rendering.
 
 Docs: https://sft-nb.github.io/sft_nb/nulls.html.md"""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import marshal
 
 # %% auto #0
-__all__ = ['drop_nulls', 'unpadded_calls', 'unpadded_tools']
+__all__ = ['drop_nulls', 'unpadded_messages', 'may_be_padded', 'unpadded_tools']
 
 # %% ../nbs/04b1_nulls.ipynb #4b1a000b
 def drop_nulls(x):
@@ -19,16 +19,36 @@ def drop_nulls(x):
     return x
 
 # %% ../nbs/04b1_nulls.ipynb #4b1a000f
-def unpadded_calls(messages:list, # a conversation, as the dataset gives it
-                  ) -> list:
-    "`messages` with Arrow's `None`s out of their tool calls (`drop_nulls`); the same list if no message has a call"
+def unpadded_messages(messages:list, # a conversation, as the dataset gives it
+                     ) -> list:
+    "`messages` with Arrow's `None`s out of their tool calls and content parts (`drop_nulls`); the same list if none"
     out = None
     for j, m in enumerate(messages):
-        calls = m.get('tool_calls') if m.__class__ is dict else None
-        if not calls or calls.__class__ is not list: continue
+        if m.__class__ is not dict: continue
+        calls, parts = m.get('tool_calls'), m.get('content')
+        calls = calls if calls and calls.__class__ is list else None
+        parts = parts if parts and parts.__class__ is list else None
+        if calls is None and parts is None: continue
         if out is None: out = list(messages)
-        out[j] = {**m, 'tool_calls': [drop_nulls(c) for c in calls]}
+        m = out[j] = dict(m)
+        if calls is not None: m['tool_calls'] = [drop_nulls(c) for c in calls]
+        if parts is not None: m['content'] = [drop_nulls(p) for p in parts]
     return messages if out is None else out
+
+# %% ../nbs/04b1_nulls.ipynb #4b1a0023
+_MESSAGE_COLUMNS = ('messages', 'conversations', 'prompt', 'completion')
+
+def may_be_padded(dataset) -> bool:
+    "Can Arrow have filled keys into a message of `dataset` (tool calls, contents of parts)? True: can't tell"
+    from datasets import Dataset, Value
+    if not isinstance(dataset, Dataset): return True
+    for c in _MESSAGE_COLUMNS:
+        inner = getattr(dataset.features.get(c), 'feature', None)
+        # a string column or a `datasets.Json` one (kept verbatim) holds no struct
+        if not isinstance(inner, dict): continue
+        text = inner.get('content', inner.get('value'))  # ShareGPT's turns have `value`
+        if 'tool_calls' in inner or not (text is None or isinstance(text, Value)): return True
+    return False
 
 # %% ../nbs/04b1_nulls.ipynb #4b1a0012
 _SCHEMAS = {}  # a padded schema's marshal bytes -> the schema without Arrow's None keys

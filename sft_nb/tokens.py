@@ -14,7 +14,7 @@ from .chat import DataFormatError, TURN_KEYS, data_error, diff_spans, strip_turn
 from .chat import NotNested, split_turns
 from .stencil import StencilRenderer
 from .formats import check_row, to_chatml
-from .nulls import unpadded_calls, unpadded_tools
+from .nulls import unpadded_messages, unpadded_tools
 from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 from .offsets import FlatIds, byte_offsets, flat_ids, flatten, joined
 from .labels import assemble, common_prefix_length, mask_spans, span_mask, weighted_token_spans
@@ -103,6 +103,8 @@ class Tokenize:
     train_on_turns: str = 'all' # with assistant_only_loss: 'all' assistant turns, or the 'last'
     weighted: bool = False # a `loss_weights` column: some message of the dataset has a `weight`
     message_keys: tuple|None = None # every key a message can have (`message_keys`); None: unknown
+    # take the keys Arrow filled with None out of tool calls and content parts (`sft_nb.nulls.may_be_padded`)
+    unpad: bool = True
 
     def __post_init__(self):
         self.split_stats = {'conversations': 0, 'rows': 0, 'tokens': 0}  # added by `split_turns`
@@ -372,10 +374,10 @@ def _batch(self:Tokenize, batch:dict, idx:list[int]):
             check_row(r, i, self.fmt, self.text_field, self.assistant_only_loss)
     if 'conversations' in batch:
         for r in rows: r['messages'] = to_chatml(r.pop('conversations'))
-    if self.render is not None and self.may_have('tool_calls'):
+    if self.render is not None and self.unpad:
         fields = ('messages',) if self.fmt == 'conversational' else ('prompt', 'completion')
         for r in rows:
-            for f in fields: r[f] = unpadded_calls(r[f])
+            for f in fields: r[f] = unpadded_messages(r[f])
     ids, masks = getattr(self, self.fmt)(rows, idx)
     given = [r.get('labels') for r in rows] if self.fmt == 'tokenized' else None
     out = assemble(ids, masks, self.max_length, self.truncation_mode, self.drop_untrained, given,
@@ -392,7 +394,7 @@ def check_markers(t:Tokenize, # a conversational `Tokenize` with assistant_only_
                  ) -> None:
     "Raise if the template's `{% generation %}` spans and the prefix diff train different tokens"
     for i, r in enumerate(rows):
-        msgs = unpadded_calls(r['messages'] if t.fmt == 'conversational' else r['prompt'] + r['completion'])
+        msgs = unpadded_messages(r['messages'] if t.fmt == 'conversational' else r['prompt'] + r['completion'])
         tools, kw = _template_inputs(r)
         text, marked = t.render(msgs, tools, kw, markers=True)
         try: _, diffed = diff_spans(t.render, msgs, i, tools, kw)
