@@ -22,7 +22,7 @@ later workloads ran up to 25% slower for sft_nb than alone (reasoning at 8,000 r
 others, 1.20x alone), much less for the floor, from what the earlier workloads left behind in the process.
 
 Checks that input_ids and labels agree with TRL row for row (truncation mode; for tool calls, TRL on the rows as
-written, in a `datasets.Json` column, as it trains on Arrow's null-filled arguments otherwise), measures
+written, in `datasets.Json` columns, as it trains on Arrow's null-filled arguments otherwise), measures
 `dataset_num_proc` 1 against 2 on 8,000 rows (`--n-procs`: sft_nb forks only for 2 MiB of rows a process, as a fork
 costs more than it saves on fewer; TRL's `datasets.map` starts its workers however few the rows), and the peak
 memory of a child process preparing growing numbers of rows from an on-disk (memory-mapped) dataset:
@@ -127,11 +127,22 @@ def as_written(rows):
     from datasets import Features, Json
     return Dataset.from_list(rows, features=Features({k: Json() for k in rows[0]}))
 
+def exact_json():
+    """`datasets.Json` read back by `json.loads`: its ujson decoder reads some floats a last digit off (3.57 as
+    3.5700000000000003), which the template would then write"""
+    import contextlib, datasets.features.features as F
+    @contextlib.contextmanager
+    def patched():
+        old, F.ujson_loads = F.ujson_loads, json.loads
+        try: yield
+        finally: F.ujson_loads = old
+    return patched()
+
 def reference(trl_out, rows, tok, workload):
     """What sft_nb's rows must equal: TRL's. For tool calls, TRL's on the rows as written (`as_written`): from the
     Arrow structs both sides are timed on, TRL trains on every other tool's arguments as `null` (`sft_nb.nulls`)"""
     if workload != 'tool_calling': return trl_out
-    return trl(as_written(rows), tok, workload, 1, False)
+    with exact_json(): return trl(as_written(rows), tok, workload, 1, False)
 
 def balanced_orders(n:int, rounds:int) -> list[list[int]]:
     """`rounds` orders of `n` contenders from a balanced Latin square (Williams design): over its rows each
