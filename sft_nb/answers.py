@@ -41,7 +41,7 @@ def _prompt_and_reference(row:dict):
     if 'messages' in row:
         msgs = row['messages']
         last = max((i for i, m in enumerate(msgs) if m['role'] == 'assistant'), default=None)
-        # the prompt as training rendered it: without Arrow's nulls in its tool calls
+        # the prompt as training rendered it: without Arrow's nulls in tool calls and content parts
         return (unpadded_messages(msgs[:last]), _content(msgs[last]['content'])) if last else (None, None)
     if 'prompt' in row and 'completion' in row:
         prompt = row['prompt']

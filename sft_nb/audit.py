@@ -162,7 +162,7 @@ def _conversations(dataset, sample:int) -> tuple[list[dict], str]:
     return rows, fmt
 
 def _messages(r:dict, fmt:str) -> list:
-    "The conversation as inference sees it: without Arrow's nulls in its tool calls, as it is trained"
+    "The conversation as inference sees it: without Arrow's nulls (`sft_nb.nulls`), as it is trained"
     if fmt == 'conversational_prompt_completion': return unpadded_messages(r['prompt'] + r['completion'])
     return unpadded_messages(to_chatml(r['messages'] if 'messages' in r else r['conversations']))
 
