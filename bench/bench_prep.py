@@ -33,7 +33,7 @@ Writes bench/results/prep.json.
     python bench/bench_prep.py            # 1,000 rows per workload (8,000 for num_proc): ~25 minutes on 2 cores
     python bench/bench_prep.py --full     # 20,000 rows, every combination, and a 1M-conversation peak-RSS run
 """
-import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
+import argparse, contextlib, gc, json, os, platform, subprocess, sys, tempfile, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 sys.path.insert(0, os.path.dirname(__file__))
@@ -127,16 +127,14 @@ def as_written(rows):
     from datasets import Features, Json
     return Dataset.from_list(rows, features=Features({k: Json() for k in rows[0]}))
 
+@contextlib.contextmanager
 def exact_json():
     """`datasets.Json` read back by `json.loads`: its ujson decoder reads some floats a last digit off (3.57 as
     3.5700000000000003), which the template would then write"""
-    import contextlib, datasets.features.features as F
-    @contextlib.contextmanager
-    def patched():
-        old, F.ujson_loads = F.ujson_loads, json.loads
-        try: yield
-        finally: F.ujson_loads = old
-    return patched()
+    import datasets.features.features as F
+    old, F.ujson_loads = F.ujson_loads, json.loads
+    try: yield
+    finally: F.ujson_loads = old
 
 def reference(trl_out, rows, tok, workload):
     """What sft_nb's rows must equal: TRL's. For tool calls, TRL's on the rows as written (`as_written`): from the
