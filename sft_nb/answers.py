@@ -10,12 +10,15 @@ import logging
 from pathlib import Path
 from fastcore.basics import patch
 from transformers import TrainerCallback
+from .formats import to_chatml
 from .nulls import unpadded_messages
+from .tokens import _template_inputs
 
 # %% auto #0
-__all__ = ['logger', 'MERGE_PROMPTS', 'ANSWER_METRICS', 'TextPrompt', 'render_prompt', 'dataset_prompts', 'generate_answers',
-           'compare_models', 'merge_candidates', 'verified_merge', 'save_merged_model', 'exact_match', 'contains',
-           'score_answers', 'answers_table', 'EvalAnswersCallback', 'answers_from_config', 'checked_merges']
+__all__ = ['logger', 'MERGE_PROMPTS', 'ANSWER_METRICS', 'TextPrompt', 'ChatPrompt', 'render_prompt', 'dataset_prompts',
+           'generate_answers', 'compare_models', 'merge_candidates', 'verified_merge', 'save_merged_model',
+           'exact_match', 'contains', 'score_answers', 'answers_table', 'EvalAnswersCallback', 'answers_from_config',
+           'checked_merges']
 
 # %% ../nbs/07d_answers.ipynb #44b9809a
 logger = logging.getLogger(__name__)
@@ -23,30 +26,45 @@ logger = logging.getLogger(__name__)
 class TextPrompt(str):
     "A prompt continued as it stands, without the chat template"
 
+class ChatPrompt(list):
+    "A conversation to answer, with the tool schemas and template kwargs its row was trained with"
+    def __init__(self, messages=(), tools=None, kwargs=None):
+        super().__init__(messages)
+        self.tools, self.kwargs = tools, kwargs or {}
+
 def render_prompt(tokenizer, prompt) -> str:
-    "The text a model continues to answer `prompt` (a user message, a list of messages, or a `TextPrompt`)"
+    "The text a model continues to answer `prompt`: a user message, messages, a `TextPrompt` or a `ChatPrompt`"
     if isinstance(prompt, TextPrompt): return str(prompt)
     messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return '\n'.join(m['content'] for m in messages)
+    if not tokenizer.chat_template: return '\n'.join(_text(m['content']) for m in messages)
+    tools, kwargs = getattr(prompt, 'tools', None), getattr(prompt, 'kwargs', {})
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                         **kwargs)
+
 
 # %% ../nbs/07d_answers.ipynb #93910c08
+def _text(content) -> str:
+    "A message content's text: a string, or its parts' texts (an image part has none, or Arrow's None)"
+    if content is None or isinstance(content, str): return content or ''
+    return ''.join(t for p in content if isinstance(t := p.get('text'), str))
+
 def _content(x) -> str:
-    "A completion's text, whether a string or a list of messages"
+    "A completion's text: a string, or the text of its messages"
     if isinstance(x, str): return x
-    return ''.join(m.get('content') or '' for m in x)
+    return ''.join(_text(m.get('content')) for m in x)
 
 def _prompt_and_reference(row:dict):
-    if 'messages' in row:
-        msgs = row['messages']
+    "(prompt, reference answer) of a row; (None, None) where it has no prompt"
+    if 'messages' in row or 'conversations' in row:
+        msgs = row['messages'] if 'messages' in row else to_chatml(row['conversations'])
         last = max((i for i, m in enumerate(msgs) if m['role'] == 'assistant'), default=None)
-        # the prompt as training rendered it: without Arrow's nulls in tool calls and content parts
-        return (unpadded_messages(msgs[:last]), _content(msgs[last]['content'])) if last else (None, None)
+        if not last: return None, None
+        # the prompt as training rendered it: without Arrow's nulls, with the row's tools and template kwargs
+        return ChatPrompt(unpadded_messages(msgs[:last]), *_template_inputs(row)), _text(msgs[last]['content'])
     if 'prompt' in row and 'completion' in row:
         prompt = row['prompt']
         if isinstance(prompt, str): return TextPrompt(prompt), _content(row['completion'])
-        return unpadded_messages(prompt), _content(row['completion'])
+        return ChatPrompt(unpadded_messages(prompt), *_template_inputs(row)), _content(row['completion'])
     return None, None
 
 # %% ../nbs/07d_answers.ipynb #233a7640
@@ -248,7 +266,7 @@ def score_answers(answers:list[str], references:list[str], metrics:list) -> dict
 # %% ../nbs/07d_answers.ipynb #072911e5
 def _cell(x) -> str:
     "A prompt, reference or answer in one table cell"
-    text = x if isinstance(x, str) else ' / '.join(f"{m['role']}: {m['content']}" for m in x)
+    text = x if isinstance(x, str) else ' / '.join(f"{m['role']}: {_text(m.get('content'))}" for m in x)
     return text.replace('|', '\\|').replace('\n', ' ').strip() or '(empty)'
 
 def answers_table(prompts:list, answers:list[str], references:list|None=None) -> str:
