@@ -19,8 +19,8 @@ from .nulls import may_be_padded
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'FORK_HEAD', 'FORK_MIN_BYTES', 'make_tokenize', 'light_fingerprint', 'forked_map',
-           'sync_tokenizers_parallelism', 'prepare_dataset', 'TrainedText', 'show_trained']
+__all__ = ['logger', 'MAP_BATCH', 'FORK_HEAD', 'FORK_MIN_BYTES', 'make_tokenize', 'light_fingerprint', 'in_memory_map',
+           'forked_map', 'sync_tokenizers_parallelism', 'prepare_dataset', 'TrainedText', 'show_trained']
 
 # %% ../nbs/04d_data.ipynb #07c0f477
 def make_tokenize(fmt:str, # the dataset's format, from `detect_format`
@@ -98,6 +98,39 @@ def light_fingerprint(dataset, t:Tokenize) -> str:
     tok = t.tokenizer
     who = (type(tok).__name__, tok.name_or_path, len(tok), getattr(tok, 'chat_template', None))
     return Hasher.hash((dataset._fingerprint, settings, who))
+
+# %% ../nbs/04d_data.ipynb #b1e0a002
+MAP_BATCH = 1000  # rows a batch, `datasets.map`'s default
+
+def _in_memory(dataset, kw:dict) -> bool:
+    "Is `dataset` a `Dataset` held in memory, unformatted, mapped in this process under a fingerprint of ours?"
+    from datasets import Dataset
+    plain = dict(type=None, format_kwargs={}, columns=dataset.column_names, output_all_columns=False)
+    return (isinstance(dataset, Dataset) and not dataset.cache_files and not kw.get('num_proc')
+            and 'new_fingerprint' in kw and dataset.format == plain)
+
+def in_memory_map(dataset, # a `Dataset` held in memory, unformatted
+                  t:Tokenize, # returns an Arrow table a batch
+                  kw:dict, # `_map_kwargs`'s: the progress bar's `desc` and the `new_fingerprint`
+                 ):
+    "`dataset.map(t, **kw)`: the batches' Arrow tables joined as they are, not written to a buffer and read back"
+    import pyarrow as pa
+    from datasets import Dataset, Features
+    from datasets.utils import tqdm as hf_tqdm
+    n, tables = len(dataset), []
+    with hf_tqdm(unit=' examples', total=n, desc=kw.get('desc') or 'Map') as bar:
+        for a in range(0, n, MAP_BATCH):
+            b = min(a + MAP_BATCH, n)
+            tables.append(t(dataset[a:b], list(range(a, b))))
+            bar.update(b - a)
+    table = pa.concat_tables(tables)
+    info = dataset.info.copy()
+    info.features = Features.from_arrow_schema(table.schema)
+    return Dataset(table, info=info, split=dataset.split, fingerprint=kw['new_fingerprint'])
+
+def _map(dataset, t:Tokenize, kw:dict):
+    "`dataset.map(t, **kw)` in this process: `in_memory_map` where it gives the same"
+    return in_memory_map(dataset, t, kw) if _in_memory(dataset, kw) else dataset.map(t, **kw)
 
 # %% ../nbs/04d_data.ipynb #c66af126
 FORK_HEAD = 256  # rows the parent maps before forking, at most: their shapes' stencils are built once
@@ -218,7 +251,7 @@ def forked_map(dataset, # a `Dataset`
         logger.info(f"dataset_num_proc={kw['num_proc']}: {procs} process(es) prepare these {len(dataset)} rows: "
                     f"at most one a core ({_cores()} here), each with {FORK_MIN_BYTES / 2**20:g} MiB of rows at "
                     "least, as a fork costs more than it saves on fewer.")
-    if procs == 1: return dataset.map(t, **{**kw, 'num_proc': None})
+    if procs == 1: return _map(dataset, t, {**kw, 'num_proc': None})
     kw = {**kw, 'num_proc': procs}
     warm = None if t.render is not None else 0  # a head only where there are stencils to build once
     head, mine, *theirs = _ranges(len(dataset), kw['num_proc'], warm, _row_bytes(dataset))
@@ -308,7 +341,7 @@ def prepare_dataset(dataset, # `Dataset`, `IterableDataset`, `DatasetDict` or a 
     kw = _map_kwargs(dataset, t, args, formatting_func, fmt, columns, dataset_name)
     if t.render is not None and t.render.markers and args.assistant_only_loss:
         _check_head(dataset, t, fmt, args)
-    out = forked_map(dataset, t, kw) if _forks(dataset, kw) else dataset.map(t, **kw)
+    out = forked_map(dataset, t, kw) if _forks(dataset, kw) else _map(dataset, t, kw)
     sync_tokenizers_parallelism()  # `datasets`' own map(num_proc) leaves it off
     _log_split(t, dataset_name)
     if isinstance(dataset, Dataset) and len(out) == 0:
