@@ -12,7 +12,7 @@ from typing import Callable
 from .chat import DataFormatError, training_template
 from .formats import (TEMPLATE_COLUMNS, check_dataset, check_row, detect_format, first_row,
                             format_columns, to_chatml)
-from .tokens import Tokenize, check_markers
+from .tokens import Tokenize, _gc_paused, check_markers
 from .formats import carries_weights, message_keys
 from .nulls import may_be_padded
 
@@ -121,7 +121,8 @@ def in_memory_map(dataset, # a `Dataset` held in memory, unformatted
     with hf_tqdm(unit=' examples', total=n, desc=kw.get('desc') or 'Map') as bar:
         for a in range(0, n, MAP_BATCH):
             b = min(a + MAP_BATCH, n)
-            tables.append(t(dataset[a:b], list(range(a, b))))
+            # the rows decoded with collection paused too: the batch's rows are many small containers
+            with _gc_paused(): tables.append(t(dataset[a:b], list(range(a, b))))
             bar.update(b - a)
     table = pa.concat_tables(tables)
     info = dataset.info.copy()
