@@ -41,7 +41,6 @@ def render_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
                                          **kwargs)
 
-
 # %% ../nbs/07d_answers.ipynb #93910c08
 def _text(content) -> str:
     "A message content's text: a string, or its parts' texts (an image part has none, or Arrow's None)"

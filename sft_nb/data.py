@@ -103,10 +103,11 @@ def light_fingerprint(dataset, t:Tokenize) -> str:
 MAP_BATCH = 1000  # rows a batch, `datasets.map`'s default
 
 def _in_memory(dataset, kw:dict) -> bool:
-    "Is `dataset` a `Dataset` held in memory, unformatted, mapped in this process under a fingerprint of ours?"
+    "Is `dataset` a `Dataset` of rows held in memory, unformatted, mapped in this process under our fingerprint?"
     from datasets import Dataset
+    if not isinstance(dataset, Dataset) or not len(dataset): return False  # no rows: no batch tells the columns
     plain = dict(type=None, format_kwargs={}, columns=dataset.column_names, output_all_columns=False)
-    return (isinstance(dataset, Dataset) and not dataset.cache_files and not kw.get('num_proc')
+    return (not dataset.cache_files and not kw.get('num_proc')
             and 'new_fingerprint' in kw and dataset.format == plain)
 
 def in_memory_map(dataset, # a `Dataset` held in memory, unformatted
