@@ -190,7 +190,7 @@ def _cache_folder(dataset) -> str:
     return get_temporary_cache_files_directory()
 
 def _map_range(dataset, t:Tokenize, rows:range, kw:dict, k:int):
-    "`dataset.map(t)` over `rows` (a slice), `t` seeing each row's index in the whole dataset"
+    "`_map` of `t` over `rows` (a slice), `t` seeing each row's index in the whole dataset"
     import os
     def shifted(batch, idx): return t(batch, [i + rows.start for i in idx])
     # named from the whole map's name and the range; hashing `shifted`, as `datasets` would, would
@@ -198,7 +198,7 @@ def _map_range(dataset, t:Tokenize, rows:range, kw:dict, k:int):
     name = f"{kw['new_fingerprint']}-{rows.start}-{rows.stop}"
     path = os.path.join(_cache_folder(dataset), f"cache-{name}.arrow") if dataset.cache_files else None
     part = {**kw, 'num_proc': None, 'new_fingerprint': name, 'cache_file_name': path}
-    return dataset.select(rows).map(shifted, **part)
+    return _map(dataset.select(rows), shifted, part)
 
 def _child(dataset, t:Tokenize, rows:range, kw:dict, k:int, w:int):
     "In a forked child: map `rows`, write `(table, split counts)` or the error to `w`, and exit"
