@@ -111,7 +111,7 @@ def _in_memory(dataset, kw:dict) -> bool:
             and 'new_fingerprint' in kw and dataset.format == plain)
 
 def in_memory_map(dataset, # a `Dataset` held in memory, unformatted
-                  t:Tokenize, # returns an Arrow table a batch
+                  t:Callable, # (batch, row indices) -> Arrow table: a `Tokenize`, or one shifted to a range
                   kw:dict, # `_map_kwargs`'s: the progress bar's `desc` and the `new_fingerprint`
                  ):
     "`dataset.map(t, **kw)`: the batches' Arrow tables joined as they are, not written to a buffer and read back"
@@ -130,7 +130,7 @@ def in_memory_map(dataset, # a `Dataset` held in memory, unformatted
     info.features = Features.from_arrow_schema(table.schema)
     return Dataset(table, info=info, split=dataset.split, fingerprint=kw['new_fingerprint'])
 
-def _map(dataset, t:Tokenize, kw:dict):
+def _map(dataset, t:Callable, kw:dict):
     "`dataset.map(t, **kw)` in this process: `in_memory_map` where it gives the same"
     return in_memory_map(dataset, t, kw) if _in_memory(dataset, kw) else dataset.map(t, **kw)
 
