@@ -17,6 +17,7 @@ from .formats import check_row, to_chatml
 from .nulls import unpadded_messages, unpadded_tools
 from .pieces import PieceCache, PieceEncoding, encode_pieces, piece_pattern
 from .offsets import FlatIds, byte_offsets, flat_ids, flatten, joined
+from .normalizer import unnormalized
 from .labels import assemble, common_prefix_length, mask_spans, span_mask, weighted_token_spans
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Tokenize:
     def __post_init__(self):
         self.split_stats = {'conversations': 0, 'rows': 0, 'tokens': 0}  # added by `split_turns`
         self.backend = fast_backend(self.tokenizer)
+        # texts already in the normalizer's Unicode form skip it (`sft_nb.normalizer`): the same tokens
+        self.encoder = unnormalized(self.backend)
         self.eos = self.eos_token or self.tokenizer.eos_token
         conversations = self.fmt.startswith('conversational')
         self.render = StencilRenderer(self.tokenizer, self.chat_template) if conversations else None
@@ -121,8 +124,8 @@ class Tokenize:
     def encode(self, texts, special, offsets:bool=True):
         "Encodings of `texts`: conversations piece by piece where exact; without offsets where none are read"
         if not special and self.pieces is not None: return self._encode_pieces(texts, offsets)
-        fast = not offsets and hasattr(self.backend, 'encode_batch_fast')  # tokenizers >= 0.21
-        encode = self.backend.encode_batch_fast if fast else self.backend.encode_batch
+        fast = not offsets and hasattr(self.encoder, 'encode_batch_fast')  # tokenizers >= 0.21
+        encode = self.encoder.encode_batch_fast if fast else self.encoder.encode_batch
         return encode(texts, add_special_tokens=special)
     def _eos(self, t): return t if t.endswith(self.eos) else t + self.eos
 
@@ -260,7 +263,7 @@ def _count_split(self:Tokenize, groups:list[int], lengths:list[int]):
 @patch
 def _encode_pieces(self:Tokenize, texts:list[str], offsets:bool=True) -> list:
     "`encode_pieces`; if the first text joined from pieces encodes otherwise whole, whole texts from then on"
-    out = encode_pieces(self.backend, self.pieces, texts, cache=self.piece_cache, offsets=offsets)
+    out = encode_pieces(self.encoder, self.pieces, texts, cache=self.piece_cache, offsets=offsets)
     if not out or not isinstance(out[0], PieceEncoding) or self.piece_cache.checked: return out
     if out[0].ids == self.backend.encode_batch(texts[:1], add_special_tokens=False)[0].ids:
         self.piece_cache.checked = True
