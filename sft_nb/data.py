@@ -91,13 +91,15 @@ def _map_kwargs(dataset, t:Tokenize, args, formatting_func, fmt:str, columns, na
 
 # %% ../nbs/04d_data.ipynb #88f1ee3d
 def light_fingerprint(dataset, t:Tokenize) -> str:
-    "A map fingerprint from `dataset`'s, `t`'s settings and the tokenizer's name, size and template"
+    "A map fingerprint from `dataset`'s, `t`'s settings (its fields) and the tokenizer's name, size and template"
+    import dataclasses
     from datasets.fingerprint import Hasher
-    skip = ('tokenizer', 'backend', 'render', 'split_stats', 'offsets')
-    settings = {k: v for k, v in vars(t).items() if k not in skip}
+    # not what `t` builds from the tokenizer (backend, encoder, renderer, caches): hashing one hashes the vocabulary
+    settings = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != 'tokenizer'}
     tok = t.tokenizer
     who = (type(tok).__name__, tok.name_or_path, len(tok), getattr(tok, 'chat_template', None))
     return Hasher.hash((dataset._fingerprint, settings, who))
+
 
 # %% ../nbs/04d_data.ipynb #b1e0a002
 MAP_BATCH = 1000  # rows a batch, `datasets.map`'s default
