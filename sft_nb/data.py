@@ -100,7 +100,6 @@ def light_fingerprint(dataset, t:Tokenize) -> str:
     who = (type(tok).__name__, tok.name_or_path, len(tok), getattr(tok, 'chat_template', None))
     return Hasher.hash((dataset._fingerprint, settings, who))
 
-
 # %% ../nbs/04d_data.ipynb #b1e0a002
 MAP_BATCH = 1000  # rows a batch, `datasets.map`'s default
 
