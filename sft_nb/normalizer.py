@@ -75,6 +75,6 @@ class SkipNormalizer:
 # %% ../nbs/04c4_normalizer.ipynb #a0c4n011
 def unnormalized(backend):
     "A `SkipNormalizer` of `backend` where its normalizer only puts texts in a Unicode form; else `backend` itself"
+    if not hasattr(backend, 'encode_batch_fast'): return backend  # tokenizers >= 0.21
     found = normalizer_twin(backend)
-    if found is None or not hasattr(backend, 'encode_batch_fast'): return backend  # tokenizers >= 0.21
-    return SkipNormalizer(backend, *found)
+    return backend if found is None else SkipNormalizer(backend, *found)
